@@ -1,0 +1,202 @@
+"""Dataset contract shared by every dataset builder: `DatasetInfo`, `Dataset`, `DataSource`.
+
+A builder (registered in `medjax.data.datasets.DATASETS`) takes keyword arguments and returns a `Dataset`:
+static metadata (`info`) plus one random-access `DataSource` per split. `src[i]` is a dict of numpy arrays:
+
+  "id"          int64 scalar, a stable example id, unique across the dataset's splits
+  "image"       float32 (*spatial, C)
+  "label"       int32 (*spatial) for segmentation ("map"), int32 scalar for classification ("class")
+  "spacing_mm"  float32 (spatial_dims,), voxel size in mm in the spatial order (z, y, x) / (y, x)
+
+and depends only on (seed, split, i). This module imports numpy only (no jax): data code runs on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+from typing import Any, Callable, Dict, Mapping, Protocol, Tuple, runtime_checkable
+
+import numpy as np
+
+from medjax.registry import Registry
+
+# Builders register here (re-exported as medjax.data.datasets.DATASETS); defined in this leaf module so the
+# builder modules can import it without a cycle through the package __init__.
+DATASETS = Registry("dataset")
+
+TASKS = ("segmentation", "classification")
+LABEL_KINDS = {"segmentation": "map", "classification": "class"}
+# Split codes enter both the per-example seed and the example id, so ids never collide across splits.
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+ID_STRIDE = 10**9  # id = split_code * ID_STRIDE + index
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static description of a dataset, known before any example is generated or read.
+
+  Attributes:
+    task: "segmentation" or "classification".
+    spatial_dims: 2 or 3.
+    image_shape: spatial shape (z, y, x) or (y, x) of every image, in voxels.
+    num_channels: C of the image (*spatial, C).
+    num_classes: number of label classes (background included for segmentation).
+    class_names: one name per class; index 0 is "background" for segmentation.
+    label_kind: "map" (segmentation, int32 (*spatial)) or "class" (classification, int32 scalar).
+  """
+  task: str
+  spatial_dims: int
+  image_shape: Tuple[int, ...]
+  num_channels: int
+  num_classes: int
+  class_names: Tuple[str, ...]
+  label_kind: str
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"DatasetInfo.task must be one of {TASKS}, got {self.task!r}.")
+    if self.spatial_dims not in (2, 3):
+      raise ValueError(f"DatasetInfo.spatial_dims must be 2 or 3, got {self.spatial_dims!r}.")
+    object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+    object.__setattr__(self, "class_names", tuple(self.class_names))
+    if len(self.image_shape) != self.spatial_dims:
+      raise ValueError(f"DatasetInfo.image_shape {self.image_shape} has {len(self.image_shape)} axes but "
+                       f"spatial_dims={self.spatial_dims}.")
+    if len(self.class_names) != self.num_classes:
+      raise ValueError(f"DatasetInfo.class_names {self.class_names} has {len(self.class_names)} names but "
+                       f"num_classes={self.num_classes}.")
+    if self.label_kind != LABEL_KINDS[self.task]:
+      raise ValueError(f"DatasetInfo.label_kind for task {self.task!r} must be {LABEL_KINDS[self.task]!r}, "
+                       f"got {self.label_kind!r}.")
+
+
+@runtime_checkable
+class DataSource(Protocol):
+  """Random access to one split: `len(src)` examples, `src[i]` -> dict of np.ndarray (see module doc)."""
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A built dataset: `info` plus one `DataSource` per split name ("train", "val", "test", ...)."""
+  info: DatasetInfo
+  sources: Mapping[str, DataSource] = dataclasses.field(hash=False)
+
+  def __post_init__(self):
+    # A read-only view, so the frozen dataclass cannot be changed through its mapping either.
+    object.__setattr__(self, "sources", types.MappingProxyType(dict(self.sources)))
+
+  @property
+  def splits(self) -> Tuple[str, ...]:
+    return tuple(self.sources)
+
+  def source(self, split: str) -> DataSource:
+    """Returns the `DataSource` of `split`; an unknown split raises KeyError naming the known ones."""
+    try:
+      return self.sources[split]
+    except (KeyError, TypeError):
+      raise KeyError(f"Unknown split {split!r}; known splits: {', '.join(self.sources)}.") from None
+
+
+def check_index(index: Any, length: int, split: str) -> int:
+  """Normalises `index` (Python or numpy integer, negative counts from the end) into [0, length)."""
+  if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+    raise TypeError(f"Split {split!r}: example index must be an integer, got {index!r}.")
+  i = int(index)
+  if i < 0:
+    i += length
+  if not 0 <= i < length:
+    raise IndexError(f"Split {split!r}: index {int(index)} out of range for {length} examples.")
+  return i
+
+
+def _read_only(example: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  # Cached arrays are shared between calls: an in-place edit downstream must fail loudly rather than
+  # silently change what the next epoch sees.
+  for value in example.values():
+    value.setflags(write=False)
+  return example
+
+
+class GeneratedSource:
+  """A `DataSource` whose examples are generated on demand by `generate(rng, split, index)`.
+
+  Example i of `split` is generated from `np.random.default_rng([seed, split_code, i])`, so it depends only
+  on (seed, split, i), whatever order or process asks for it. The returned dict gains "id" =
+  split_code * 10**9 + i (int64). The last `cache_size` examples are kept in an LRU cache (0 disables it);
+  returned arrays are read-only because cached ones are shared.
+  """
+
+  def __init__(self, split: str, length: int, seed: int,
+               generate: Callable[[np.random.Generator, int], Dict[str, np.ndarray]], cache_size: int = 0):
+    if split not in SPLIT_CODES:
+      raise KeyError(f"Unknown split {split!r}; known splits: {', '.join(SPLIT_CODES)}.")
+    if length < 0 or length >= ID_STRIDE:
+      raise ValueError(f"Split {split!r}: length must be in [0, {ID_STRIDE}), got {length}.")
+    self.split = split
+    self.split_code = SPLIT_CODES[split]
+    self.length = int(length)
+    self.seed = int(seed)
+    self.cache_size = int(cache_size)
+    self._generate_fn = generate
+    self._make_cache()
+
+  def _make_cache(self):
+    self._get = functools.lru_cache(maxsize=self.cache_size)(self._generate) if self.cache_size > 0 \
+        else self._generate
+
+  def _generate(self, i: int) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, self.split_code, i])
+    example = dict(self._generate_fn(rng, i))
+    example["id"] = np.asarray(self.split_code * ID_STRIDE + i, dtype=np.int64)
+    return _read_only(example)
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
+    return dict(self._get(check_index(index, self.length, self.split)))
+
+  def __iter__(self):
+    for i in range(self.length):
+      yield self[i]
+
+  def cache_info(self):
+    return self._get.cache_info() if self.cache_size > 0 else None
+
+  # The lru_cache wrapper is not picklable; drop it when a worker process receives the source.
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state["_get"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._make_cache()
+
+  def __repr__(self) -> str:
+    return f"GeneratedSource(split={self.split!r}, length={self.length}, seed={self.seed})"
+
+
+def call_builder(kind: str, name: str, builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+  """Calls `builder(**kwargs)` after checking every key against its signature.
+
+  An unknown key raises ValueError naming the `kind` ("dataset"), `name`, the key and the valid keys; the
+  check happens before the call so that a TypeError raised inside the builder is never misreported.
+  """
+  params = inspect.signature(builder).parameters
+  if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    valid = [k for k, p in params.items()
+             if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for key in kwargs:
+      if key not in valid:
+        raise ValueError(f"{kind} {name!r} got unknown argument {key!r}; valid keys: {', '.join(valid)}.")
+  return builder(**dict(kwargs))

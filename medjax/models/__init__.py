@@ -1,0 +1,16 @@
+"""Model families and their registry.
+
+`build_model(name, kwargs)` instantiates a registered model from a config (`config.model_name`,
+`config.model`). Importing this package imports every model file, so the registry is complete.
+Every model's `__call__(x, *, train)` takes channels-last `(B, *spatial, C)` input and returns
+`(outputs, aux)`; see DESIGN.md.
+"""
+
+from medjax.models.base import MODELS, build_model, model_fields
+# Imported for their registrations (each file registers its models in MODELS).
+from medjax.models import resnet, unet
+from medjax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, ResNet101
+from medjax.models.unet import UNet
+
+__all__ = ["MODELS", "build_model", "model_fields", "ResNet", "ResNet18", "ResNet34", "ResNet50",
+           "ResNet101", "UNet"]

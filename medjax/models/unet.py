@@ -1,0 +1,150 @@
+"""A rank-generic U-Net in the nnU-Net / MONAI DynUNet style, for 2D and 3D segmentation.
+
+Design choices (documented here once):
+- Downsampling is a strided convolution, the first conv of each encoder stage (nnU-Net style): it learns
+  its pooling and costs no extra layer. Per-stage strides may be anisotropic, e.g. `((1, 2, 2), 2, 2)`.
+- Upsampling is `layers.Upsample` (a transposed conv with kernel == stride, computed as 1x1 conv +
+  depth-to-space because `nn.ConvTranspose` is slow in 3D on GPU), to the skip's width, then concatenation
+  with the skip and a decoder stage. When a spatial size is not divisible by the strides, the upsampled map
+  is cropped to the skip's size, so any input size works.
+- `residual=True` wraps each stage's `blocks_per_stage` convs in one residual unit (a 1x1 strided conv +
+  norm projects the skip when the shape changes), as MONAI's UnetResBlock does for two convs.
+- Dropout (rate `dropout`, "dropout" rng stream) follows every conv block when > 0.
+- Computation in `dtype`, parameters in `param_dtype`, norm statistics in float32; all logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from medjax.models import layers
+from medjax.models.base import MODELS
+
+Dtype = Any
+
+
+class ConvStage(nn.Module):
+  """`num_convs` ConvNormAct blocks, the first with `strides`; optionally one residual unit around them.
+  `(B, *spatial, C) -> (B, *spatial / strides, features)`."""
+  features: int
+  kernel_size: Tuple[int, ...]
+  strides: Tuple[int, ...]
+  num_convs: int = 2
+  residual: bool = False
+  norm: str = "instance"
+  act: str = "leaky_relu"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    skip = x
+    for i in range(self.num_convs):
+      last = i == self.num_convs - 1
+      x = layers.ConvNormAct(
+        self.features, self.kernel_size, self.strides if i == 0 else 1, norm=self.norm,
+        act="none" if (self.residual and last) else self.act,  # activation after the residual sum
+        dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{i}")(x, train)
+      if self.dropout > 0:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.residual:
+      if skip.shape[-1] != self.features or any(s != 1 for s in self.strides):
+        skip = layers.ConvNormAct(self.features, 1, self.strides, norm=self.norm, act="none", dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name="skip")(skip, train)
+      x = layers.activation(self.act)(x + skip.astype(x.dtype))
+    return x
+
+
+@MODELS.register("unet")
+class UNet(nn.Module):
+  """U-Net for `(B, *spatial, C)` images -> `(logits (B, *spatial, num_classes) float32, aux)`.
+
+  Fields:
+    spatial_dims: 2 or 3 (input rank is checked).
+    num_classes: output channels of the segmentation head.
+    features: width of each level; `len(features)` levels, the last one is the bottleneck.
+    kernel_size: int, a per-axis tuple, or one entry per level (e.g. `((1, 3, 3), 3, 3, 3)`).
+    strides: downsampling between consecutive levels: int, a per-axis tuple, or `len(features) - 1`
+      per-transition entries (e.g. `((1, 2, 2), 2, 2)`); the decoder upsamples by the same strides.
+    blocks_per_stage: conv blocks per encoder and decoder stage.
+    residual: residual unit around each stage's convs.
+    norm: "instance" | "batch" | "group" | "none".
+    act: "leaky_relu" (slope 0.01, nnU-Net) | "relu" | "gelu" | "silu".
+    deep_supervision: number of extra 1x1 heads on the decoder outputs below full resolution (at most
+      `len(features) - 2`); their logits, highest resolution first, are `aux["deep_supervision"]`.
+    head_classes: > 0 adds a classification head (global average pool of the bottleneck -> Dense), logits
+      `(B, head_classes)` in `aux["head_logits"]`, for multi-task training.
+    dropout: dropout rate after each conv block (0 = off).
+    dtype / param_dtype: compute / parameter dtypes.
+    remat: rematerialise each stage in the backward pass (saves activation memory, costs compute).
+
+  aux: "bottleneck" (deepest encoder output), "features" (last decoder feature map, `(B, *spatial,
+  features[0])`), plus "deep_supervision" / "head_logits" when enabled.
+  """
+  spatial_dims: int
+  num_classes: int
+  features: Sequence[int] = (16, 32, 64, 128)
+  kernel_size: Any = 3
+  strides: Any = 2
+  blocks_per_stage: int = 2
+  residual: bool = False
+  norm: str = "instance"
+  act: str = "leaky_relu"
+  deep_supervision: int = 0
+  head_classes: int = 0
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    layers.check_rank(x, self.spatial_dims, "UNet")
+    nd, levels = self.spatial_dims, len(self.features)
+    if levels < 2:
+      raise ValueError(f"UNet needs at least 2 levels, got features={tuple(self.features)}.")
+    if not 0 <= self.deep_supervision <= levels - 2:
+      raise ValueError(f"UNet deep_supervision={self.deep_supervision} must be in [0, {levels - 2}] for "
+                       f"{levels} levels (features={tuple(self.features)}).")
+    kernels = layers.per_stage(self.kernel_size, levels, nd, "kernel_size")
+    strides = layers.per_stage(self.strides, levels - 1, nd, "strides")
+    stage_cls = nn.remat(ConvStage, static_argnums=(2,)) if self.remat else ConvStage
+    common = dict(num_convs=self.blocks_per_stage, residual=self.residual, norm=self.norm, act=self.act,
+                  dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    x = x.astype(self.dtype)
+    skips = []
+    for i, f in enumerate(self.features):
+      s = (1,) * nd if i == 0 else strides[i - 1]
+      x = stage_cls(f, kernels[i], s, name=f"enc{i}", **common)(x, train)
+      skips.append(x)
+    aux = {"bottleneck": x}
+
+    decoder_outputs = {}
+    for i in reversed(range(levels - 1)):
+      skip = skips[i]
+      x = layers.Upsample(self.features[i], strides[i], dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=f"up{i}")(x)
+      x = x[(slice(None),) + tuple(slice(0, n) for n in skip.shape[1:-1])]  # crop to the skip's size
+      x = jnp.concatenate([x, skip], axis=-1)
+      x = stage_cls(self.features[i], kernels[i], (1,) * nd, name=f"dec{i}", **common)(x, train)
+      decoder_outputs[i] = x
+    aux["features"] = x
+
+    def head(h, n, name):
+      return layers.conv(n, (1,) * nd, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name=name)(h).astype(jnp.float32)
+
+    logits = head(x, self.num_classes, "seg_head")
+    if self.deep_supervision:
+      aux["deep_supervision"] = [head(decoder_outputs[i], self.num_classes, f"ds_head{i}")
+                                 for i in range(1, self.deep_supervision + 1)]
+    if self.head_classes:
+      pooled = layers.global_avg_pool(aux["bottleneck"])
+      aux["head_logits"] = nn.Dense(self.head_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name="cls_head")(pooled.astype(self.dtype)).astype(jnp.float32)
+    return logits, aux
