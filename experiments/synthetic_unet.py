@@ -15,11 +15,11 @@ from medjax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dims=3, size=32, steps=240, quick=False)
+  arg = config_lib.parse_arg(arg, dims=3, size=32, steps=200, quick=False)
   c = mlc.ConfigDict()
   c.seed = 0
   c.total_steps = arg.steps
-  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 60, 60
+  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 50, 50
 
   c.data = dict(name="synthetic_phantoms", spatial_dims=arg.dims, image_size=arg.size, num_classes=3,
                 num_train=480, num_val=24, num_test=24)
@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.model_name = "unet"
   c.model = dict(spatial_dims=arg.dims, num_classes=3, features=(8, 16, 32), norm="instance")
   c.compute_dtype = "float32"
-  c.loss = "dice_xent"
+  c.loss = dict(name="dice_xent", batch_dice=True)
 
   c.optim = dict(name="adamw", wd=1e-5)
   c.lr = 3e-3

@@ -187,15 +187,18 @@ class Checkpointer:
     """Saves `state` (any pytree of arrays; normally a TrainState) as step `step` if due.
 
     Args:
-      step: the training step (int); a step that already exists is an error.
+      step: the training step (int); if it is already saved nothing happens (returns False).
       state: the pytree to save; sharded jax.Arrays are written shard by shard.
       metrics: flat dict of scalars ("val/dice_mean": 0.81) stored as JSON next to the state and used for
         best-k ranking; may lack `best_metric` (such a step is never ranked "best").
       force: save even if `step` is not a multiple of `save_interval_steps` (final / preemption save).
     Returns:
-      True if a save was started; False if the step was not due (nothing was touched).
+      True if a save was started; False if the step was not due or already saved (nothing was touched,
+      so a caller may also simply not call `save` for a state it distrusts, e.g. after a NaN).
     """
     step = int(step)
+    if step in self._manager.all_steps():  # e.g. the final forced save of a step the interval already saved
+      return False
     if not force and not self._manager.should_save(step):
       return False
     return bool(self._manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(state)}),
@@ -285,6 +288,37 @@ class Checkpointer:
       raise ValueError(f"Checkpoint {self.directory} step {step} does not match the requested state: {e}") from e
     return restored[_STATE]
 
+  def restore_fields(self, fields: Sequence[str], step: Optional[int] = None,
+                     device: Optional[jax.Device] = None) -> Dict[str, PyTree]:
+    """Restores only the named top-level fields of the saved state onto one device, without a target.
+
+    Shapes and dtypes come from the checkpoint's metadata, so no model or optimizer is needed; fields that
+    are absent or empty in the checkpoint (e.g. "ema_params" when EMA was off) are left out of the result.
+
+    Args:
+      fields: top-level names of the saved state, e.g. ("params", "model_state").
+      step: default latest.
+      device: default `jax.local_devices()[0]`.
+    Returns:
+      {field: nested dicts of jax.Arrays on `device`} (containers as stored: dicts and lists).
+    """
+    self.wait()
+    step = self._check_step(step)
+    meta = self.state_metadata(step)
+    meta = getattr(meta, "tree", meta)
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    wanted = {k: meta[k] for k in fields if k in meta and meta[k]}
+    if not wanted:
+      return {}
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if hasattr(m, "shape") else m, wanted)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    try:
+      return dict(self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE])
+    except (ValueError, TypeError, KeyError) as e:
+      raise ValueError(f"Cannot read {sorted(wanted)} from checkpoint {self.directory} step {step}: {e}") from e
+
   def state_metadata(self, step: Optional[int] = None) -> PyTree:
     """Orbax metadata tree of the saved state (nested dicts of ArrayMetadata with .shape/.dtype)."""
     step = self._check_step(step)
@@ -373,25 +407,12 @@ def load(workdir: str | os.PathLike, step: Optional[int] = None, *, use_ema: boo
   ckpt = Checkpointer(os.path.join(os.fspath(workdir), CHECKPOINT_DIR), save_interval_steps=1, max_to_keep=1,
                       async_save=False, read_only=True)
   try:
-    step = ckpt._check_step(step)  # pylint: disable=protected-access
-    meta = ckpt.state_metadata(step)
-    meta = getattr(meta, "tree", meta)
-    device = jax.local_devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    wanted = {k: meta[k] for k in ("params", "model_state", "ema_params") if k in meta and meta[k]}
-    if "params" not in wanted:
-      raise ValueError(f"Checkpoint {ckpt.directory} step {step} has no 'params' in its state.")
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if hasattr(m, "shape") else m,
-        wanted)
-    args = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                                  partial_restore=True)
-    try:
-      part = ckpt._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]  # pylint: disable=protected-access
-    except (ValueError, TypeError, KeyError) as e:
-      raise ValueError(f"Cannot read checkpoint {ckpt.directory} step {step}: {e}") from e
+    step = ckpt.latest_step() if step is None else int(step)
+    part = ckpt.restore_fields(("params", "model_state", "ema_params"), step=step)
   finally:
     ckpt.close()
+  if "params" not in part:
+    raise ValueError(f"Checkpoint {ckpt.directory} step {step} has no 'params' in its state.")
   params = part["ema_params"] if use_ema and part.get("ema_params") else part["params"]
   return Loaded(config=config, model=model, variables={"params": params, **dict(part.get("model_state") or {})},
                 step=step)

@@ -66,12 +66,17 @@ def sigmoid_binary_cross_entropy(logits: Array, labels: Array, *, mask: Optional
 
 @LOSSES.register("dice")
 def soft_dice(logits: Array, labels: Array, *, mask: Optional[Array] = None, include_background: bool = False,
-              smooth: float = 1e-5) -> Array:
+              smooth: float = 1e-5, batch_dice: bool = False) -> Array:
   """1 - soft Dice per example, averaged over classes.
 
   Dice_k = (2 sum(p_k y_k) + smooth) / (sum p_k + sum y_k + smooth) with softmax probabilities p. The
   small `smooth` keeps a class that is absent from both prediction and label at Dice ~1 (no penalty) and
   avoids 0/0. Background (class 0) is left out unless `include_background`.
+
+  `batch_dice=True` pools the sums over the whole batch (nnU-Net's batch Dice) and gives every example
+  that one value. Per-example Dice punishes any false positive in a case without the class with a Dice of
+  ~0, which teaches a network to under-segment rare classes such as lesions; pooling avoids that. Under
+  gradient accumulation the pool is the micro-batch.
 
   Returns: (B,) float32.
   """
@@ -83,19 +88,24 @@ def soft_dice(logits: Array, labels: Array, *, mask: Optional[Array] = None, inc
     weight = mask.astype(jnp.float32)[..., None]
     probs, targets = probs * weight, targets * weight
   axes = _spatial_axes(logits)
+  if batch_dice:
+    axes = (0,) + axes
   intersection = jnp.sum(probs * targets, axis=axes)
   denominator = jnp.sum(probs, axis=axes) + jnp.sum(targets, axis=axes)
-  dice = (2.0 * intersection + smooth) / (denominator + smooth)  # (B, K)
+  dice = (2.0 * intersection + smooth) / (denominator + smooth)  # (B, K), or (K,) for batch Dice
   if not include_background:
-    dice = dice[:, 1:]
-  return 1.0 - jnp.mean(dice, axis=-1)
+    dice = dice[..., 1:]
+  loss = 1.0 - jnp.mean(dice, axis=-1)
+  return jnp.broadcast_to(loss, logits.shape[:1])
 
 
 @LOSSES.register("dice_xent")
 def dice_cross_entropy(logits: Array, labels: Array, *, mask: Optional[Array] = None, dice_weight: float = 1.0,
-                       xent_weight: float = 1.0, include_background: bool = False) -> Array:
+                       xent_weight: float = 1.0, include_background: bool = False,
+                       batch_dice: bool = False) -> Array:
   """Soft Dice + cross-entropy, the nnU-Net default for segmentation. Returns (B,) float32."""
-  return (dice_weight * soft_dice(logits, labels, mask=mask, include_background=include_background)
+  return (dice_weight * soft_dice(logits, labels, mask=mask, include_background=include_background,
+                                  batch_dice=batch_dice)
           + xent_weight * softmax_cross_entropy(logits, labels, mask=mask))
 
 

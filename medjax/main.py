@@ -10,6 +10,7 @@ are typed from the current value, and the result is locked. Multi-process runs c
 
 from __future__ import annotations
 
+import logging as pylogging
 import sys
 from typing import List, Sequence, Tuple
 
@@ -37,8 +38,16 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of Orbax and other libraries (kept: their warnings and medjax's own records)."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "medjax" in record.pathname
+
+
 def run(argv: Sequence[str], overrides: Sequence[str]) -> None:
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported after flag parsing: importing JAX is slow and flag errors should come back at once.
   from medjax import config_lib
   if not _CONFIG.value or not _WORKDIR.value:

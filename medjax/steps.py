@@ -90,7 +90,7 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
     grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
     loss = loss_sum / accum_steps
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params

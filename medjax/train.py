@@ -57,6 +57,19 @@ def init_state_fn(model, tx, example_image: np.ndarray, use_ema: bool):
   return init
 
 
+def jit_train_step(model, objective, tx, mesh, state_sharding, *, accum_steps: int = 1, ema_decay: float = 0.0):
+  """`steps.train_step` bound to its hyperparameters and jitted over `mesh`, the state donated.
+
+  Batches come in split over the data axis; metrics come out replicated.
+  """
+  return jax.jit(
+      functools.partial(steps.train_step, apply_fn=model.apply, objective=objective, tx=tx,
+                        accum_steps=accum_steps, ema_decay=ema_decay),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+
 def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -90,7 +103,8 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
   ckpt_options = dict(config.get("checkpoint", {}))
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_interval_steps=1,
-      max_to_keep=ckpt_options.get("max_to_keep", 2), keep_best=ckpt_options.get("keep_best", 1),
+      max_to_keep=ckpt_options.get("max_to_keep", 2),
+      keep_best=ckpt_options.get("keep_best", 1) if config.get("best_metric") else 0,
       best_metric=config.get("best_metric"), best_mode=config.get("best_mode", "max"),
       async_save=ckpt_options.get("async_save", True))
   start_step = ckpt.latest_step() or 0
@@ -105,13 +119,8 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
     checkpoint.save_config(workdir, config)
 
   # ---- 4. compiled steps
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      functools.partial(steps.train_step, apply_fn=model.apply, objective=objective, tx=tx,
-                        accum_steps=int(config.get("grad_accum_steps", 1)), ema_decay=ema_decay),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  train_step = jit_train_step(model, objective, tx, mesh, state_sharding,
+                              accum_steps=int(config.get("grad_accum_steps", 1)), ema_decay=ema_decay)
   eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=model.apply, stats_fn=evaluator.stats_fn))
   eval_batch_size = int(config.input.get("eval_batch_size", batch_size))
   sharding.check_batch_size(eval_batch_size, mesh, what="config.input.eval_batch_size")

@@ -201,7 +201,7 @@ def upsample_kernel_from_conv_transpose(kernel, flipped: bool = True):
   nd = kernel.ndim - 2
   if flipped:
     kernel = jnp.flip(kernel, axis=tuple(range(nd)))
-  c_in, f = kernel.shape[-2:]
+  c_in = kernel.shape[-2]
   # (*s, C, F) -> (C, *s, F) -> (C, prod(s) * F), offsets leading as depth_to_space expects
   kernel = jnp.moveaxis(kernel, nd, 0)
   return kernel.reshape(c_in, -1)
@@ -214,9 +214,7 @@ def global_avg_pool(x):
 
 def check_rank(x, spatial_dims: int, model: str) -> None:
   """Raises a clear ValueError when the input is not `(B, *spatial, C)` with `spatial_dims` spatial axes."""
-  if spatial_dims not in (2, 3) and spatial_dims < 1:
-    raise ValueError(f"{model}: spatial_dims must be positive, got {spatial_dims}.")
   if x.ndim != spatial_dims + 2:
-    axes = "(B, y, x, C)" if spatial_dims == 2 else "(B, z, y, x, C)" if spatial_dims == 3 else "(B, *spatial, C)"
+    axes = {2: "(B, y, x, C)", 3: "(B, z, y, x, C)"}.get(spatial_dims, "(B, *spatial, C)")
     raise ValueError(f"{model}(spatial_dims={spatial_dims}) expects input {axes} (channels-last), got shape "
                      f"{tuple(x.shape)}.")

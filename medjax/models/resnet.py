@@ -38,7 +38,8 @@ class ResidualBlock(nn.Module):
     kw = dict(use_bias=self.norm == "none", dtype=self.dtype, param_dtype=self.param_dtype)
 
     def norm(name):
-      return layers.make_norm(self.norm, train=train, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      return layers.make_norm(self.norm, train=train, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name=name)
 
     if self.bottleneck:
       y = nn.relu(norm("norm1")(layers.conv(self.width, k1, name="conv1", **kw)(x)))

@@ -53,8 +53,8 @@ class ConvStage(nn.Module):
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.residual:
       if skip.shape[-1] != self.features or any(s != 1 for s in self.strides):
-        skip = layers.ConvNormAct(self.features, 1, self.strides, norm=self.norm, act="none", dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name="skip")(skip, train)
+        skip = layers.ConvNormAct(self.features, 1, self.strides, norm=self.norm, act="none",
+                                  dtype=self.dtype, param_dtype=self.param_dtype, name="skip")(skip, train)
       x = layers.activation(self.act)(x + skip.astype(x.dtype))
     return x
 

@@ -33,7 +33,8 @@ def test_phantom_info_shapes_dtypes(dims, shape):
   ds = _phantoms(dims, shape)
   assert isinstance(ds, Dataset)
   assert ds.info == DatasetInfo(task="segmentation", spatial_dims=dims, image_shape=shape, num_channels=1,
-                                num_classes=3, class_names=("background", "organ", "lesion"), label_kind="map")
+                                num_classes=3, class_names=("background", "organ", "lesion"),
+                                label_kind="map")
   assert ds.splits == ("train", "val", "test")
   src = ds.source("train")
   assert isinstance(src, DataSource)
@@ -185,7 +186,7 @@ def test_errors():
     ds.source("val")[-5]
   with pytest.raises(TypeError, match="integer"):
     ds.source("val")[1.0]
-  with pytest.raises(KeyError, match=r"Unknown dataset 'synthetic_phantom'\. Did you mean 'synthetic_phantoms'"):
+  with pytest.raises(KeyError, match=r"Unknown dataset 'synthetic_phantom'\. Did you mean 'synthetic_phan"):
     build_dataset("synthetic_phantom", {})
   with pytest.raises(ValueError, match=r"dataset 'synthetic_phantoms' got unknown argument 'noise'; "
                                        r"valid keys: spatial_dims, image_size, .*noise_std"):
@@ -211,3 +212,6 @@ def test_dataset_is_frozen():
     ds.info = None
   with pytest.raises(TypeError):
     ds.sources["extra"] = None
+  clone = pickle.loads(pickle.dumps(ds))
+  assert clone.info == ds.info and clone.splits == ds.splits
+  np.testing.assert_array_equal(clone.source("val")[1]["label"], ds.source("val")[1]["label"])

@@ -11,15 +11,15 @@ from medjax import models
 from medjax.models import layers
 from medjax.models.unet import UNet
 
-KEY = jax.random.key(0)
+# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
+KEY = jax.random.key(0, impl="rbg")
 SHAPES = [(12, 16), (8, 12, 16)]  # non-square on purpose
 
 
-def _init_apply(model, x, train=False, **apply_kw):
-  variables = model.init({"params": KEY, "dropout": KEY}, x, train=train)
-  mutable = ["batch_stats"] if train and "batch_stats" in variables else False
-  out = model.apply(variables, x, train=train, mutable=mutable, rngs={"dropout": KEY}, **apply_kw)
-  return variables, (out[0] if mutable else out)
+def _init_apply(model, x):
+  """Shapes and dtypes of `model`'s variables and eval-mode outputs: `jax.eval_shape` traces without
+  compiling, which keeps shape tests fast on CPU (the remat tests run real numbers through the model)."""
+  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False)[::-1], x)
 
 
 @pytest.mark.parametrize("spatial", SHAPES, ids=lambda s: f"{len(s)}d")
@@ -74,20 +74,23 @@ def test_unet_bf16_compute_fp32_params():
   assert aux["features"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("spatial", SHAPES, ids=lambda s: f"{len(s)}d")
-def test_unet_remat_matches(spatial):
+def test_unet_remat_matches():
+  spatial = (4, 6, 8)  # remat is rank-independent; one small 3D case covers it
   kw = dict(spatial_dims=len(spatial), num_classes=2, features=(4, 8), residual=True, norm="batch")
   x = jax.random.normal(KEY, (2, *spatial, 1))
   plain, remat = UNet(**kw), UNet(**kw, remat=True)
-  variables = plain.init(KEY, x, train=False)
-  assert jax.tree.structure(variables) == jax.tree.structure(remat.init(KEY, x, train=False))
+  variables = jax.jit(lambda x: plain.init(KEY, x, train=False))(x)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+    jax.eval_shape(lambda x: remat.init(KEY, x, train=False), x))
 
   def loss(params, model):
     (logits, _), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
     return jnp.mean(logits ** 2), logits
 
-  (l1, y1), g1 = jax.value_and_grad(loss, has_aux=True)(variables["params"], plain)
-  (l2, y2), g2 = jax.value_and_grad(loss, has_aux=True)(variables["params"], remat)
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (_, y1), g1 = grad(variables["params"], plain)
+  (_, y2), g2 = grad(variables["params"], remat)
+  assert np.isfinite(y1).all() and np.std(y1) > 0
   np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(g1, g2, rtol=1e-4, atol=1e-5)
 
@@ -95,13 +98,11 @@ def test_unet_remat_matches(spatial):
 def test_unet_dropout_uses_dropout_stream():
   model = UNet(spatial_dims=2, num_classes=2, features=(4, 8), dropout=0.5)
   x = jax.random.normal(KEY, (1, 8, 8, 1))
-  variables = model.init(KEY, x, train=False)
-  a, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
-  b, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
-  c, _ = model.apply(variables, x, train=False)
-  d, _ = model.apply(variables, x, train=False)
-  assert not np.allclose(a, b)
-  np.testing.assert_array_equal(c, d)
+  variables = jax.jit(lambda x: model.init(KEY, x, train=False))(x)
+  train = jax.jit(lambda k: model.apply(variables, x, train=True, rngs={"dropout": k})[0])
+  a, b = train(jax.random.key(1, impl="rbg")), train(jax.random.key(2, impl="rbg"))
+  c = jax.jit(lambda v: model.apply(v, x, train=False)[0])(variables)  # eval needs no dropout rng
+  assert not np.allclose(a, b) and not np.allclose(a, c)
 
 
 def test_unet_errors():
@@ -132,29 +133,35 @@ def test_depth_to_space_known_answer():
   np.testing.assert_array_equal(y[0, ..., 0], [[0, 1, 4, 5], [2, 3, 6, 7]])
 
 
-@pytest.mark.parametrize("spatial,strides", [((3, 5), (2, 2)), ((3, 5, 4), (1, 2, 2)), ((2, 3, 2), (2, 2, 2))])
+@pytest.mark.parametrize("spatial,strides", [
+  ((3, 5), (2, 2)), ((3, 5, 4), (1, 2, 2)), ((2, 3, 2), (2, 2, 2))])
 def test_upsample_equals_transposed_conv(spatial, strides):
   x = jax.random.normal(KEY, (2, *spatial, 3))
   nd = len(spatial)
-  k_t, k_b = jax.random.split(jax.random.key(1))
+  k_t, k_b = jax.random.split(jax.random.key(1, impl="rbg"))
   kernel = jax.random.normal(k_t, (*strides, 3, 5))
   bias = jax.random.normal(k_b, (5,))
   up = layers.Upsample(5, strides)
+  dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
 
-  # Flax ConvTranspose (transpose_kernel=False): the kernel taps are read flipped.
-  ref = nn.ConvTranspose(5, strides, strides=strides, padding="VALID").apply(
-    {"params": {"kernel": kernel, "bias": bias}}, x)
-  ours = up.apply({"params": {"kernel": layers.upsample_kernel_from_conv_transpose(kernel), "bias": bias}}, x)
+  @jax.jit
+  def outputs(x, kernel, bias):
+    # Flax ConvTranspose (transpose_kernel=False) reads the kernel taps flipped.
+    ref = nn.ConvTranspose(5, strides, strides=strides, padding="VALID").apply(
+      {"params": {"kernel": kernel, "bias": bias}}, x)
+    ours = up.apply({"params": {"kernel": layers.upsample_kernel_from_conv_transpose(kernel),
+                                "bias": bias}}, x)
+    # PyTorch semantics (the gradient of a conv; lax.conv_transpose with transpose_kernel=True takes the
+    # forward conv's (*s, F, C_in) kernel): output offset o reads tap o, no flip.
+    ref_t = jax.lax.conv_transpose(x, jnp.swapaxes(kernel, -1, -2), strides, "VALID", dimension_numbers=dn,
+                                   transpose_kernel=True) + bias
+    ours_t = up.apply({"params": {"kernel": layers.upsample_kernel_from_conv_transpose(kernel, flipped=False),
+                                  "bias": bias}}, x)
+    return ref, ours, ref_t, ours_t
+
+  ref, ours, ref_t, ours_t = outputs(x, kernel, bias)
   chex.assert_shape(ours, (2, *(d * s for d, s in zip(spatial, strides)), 5))
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
-
-  # PyTorch-style gradient-of-conv semantics (lax.conv_transpose with transpose_kernel=True expects the
-  # forward conv's (*s, F, C_in) kernel): output offset o reads tap o, no flip.
-  dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
-  ref_t = jax.lax.conv_transpose(x, jnp.swapaxes(kernel, -1, -2), strides, "VALID", dimension_numbers=dn,
-                                 transpose_kernel=True) + bias
-  ours_t = up.apply({"params": {"kernel": layers.upsample_kernel_from_conv_transpose(kernel, flipped=False),
-                                "bias": bias}}, x)
   np.testing.assert_allclose(ours_t, ref_t, rtol=1e-5, atol=1e-5)
 
 
@@ -173,7 +180,8 @@ def test_instance_norm_is_per_sample_per_channel():
   y, variables = _Wrap("instance").init_with_output(KEY, x)
   chex.assert_shape(jax.tree.leaves(variables["params"]), [(3,), (3,)])  # per-channel affine
   np.testing.assert_allclose(jnp.mean(y, axis=(1, 2)), 0.0, atol=1e-5)
-  np.testing.assert_allclose(jnp.var(y, axis=(1, 2)), 1.0, atol=1e-3)
+  var = np.var(x, axis=(1, 2))
+  np.testing.assert_allclose(jnp.var(y, axis=(1, 2)), var / (var + layers.NORM_EPSILON), rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["batch", "instance", "group"])

@@ -1,7 +1,8 @@
 """Dataset builders, looked up by name in `DATASETS` (see base.py for the `Dataset` contract).
 
   ds = build_dataset("synthetic_phantoms", dict(spatial_dims=3, image_size=32))
-  ds.info.num_classes, len(ds.source("train")), ds.source("train")[0]["image"].shape  # 3, 256, (32, 32, 32, 1)
+  ds.info.num_classes, len(ds.source("train"))  # 3, 256
+  ds.source("train")[0]["image"].shape  # (32, 32, 32, 1)
 
 Importing this package imports every builder module, so the registry is full.
 """

@@ -94,6 +94,14 @@ class Dataset:
     # A read-only view, so the frozen dataclass cannot be changed through its mapping either.
     object.__setattr__(self, "sources", types.MappingProxyType(dict(self.sources)))
 
+  # mappingproxy does not pickle; ship a plain dict and re-wrap it.
+  def __getstate__(self):
+    return {"info": self.info, "sources": dict(self.sources)}
+
+  def __setstate__(self, state):
+    object.__setattr__(self, "info", state["info"])
+    object.__setattr__(self, "sources", types.MappingProxyType(state["sources"]))
+
   @property
   def splits(self) -> Tuple[str, ...]:
     return tuple(self.sources)

@@ -1,0 +1,102 @@
+"""The compiled train step: device-count invariance, gradient accumulation, EMA, the non-finite guard."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from medjax import losses, models, sharding, steps, train
+from medjax.train_state import TrainState
+
+SHAPE_2D = (12, 16)
+
+
+def _batch(batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  image = rng.normal(size=(batch_size,) + SHAPE_2D + (1,)).astype(np.float32)
+  label = (image[..., 0] > 0.5).astype(np.int32) + (image[..., 0] > 1.5).astype(np.int32)
+  return {"image": image, "label": label}
+
+
+def _setup(mesh_spec, preset, *, accum_steps=1, ema_decay=0.0, lr=1e-2):
+  model = models.build_model("unet", dict(spatial_dims=2, num_classes=3, features=(8, 16), norm="instance"))
+  tx = optax.adam(lr)
+  mesh = sharding.make_mesh(mesh_spec)
+  init_fn = train.init_state_fn(model, tx, np.zeros(SHAPE_2D + (1,), np.float32), use_ema=ema_decay > 0)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state_sharding = sharding.state_shardings(abstract, mesh, preset)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(0))
+  objective = losses.make_objective("dice_xent", {})
+  step = train.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=accum_steps,
+                              ema_decay=ema_decay)
+  return mesh, state, step
+
+
+def _run(mesh_spec, preset, batches, **kw):
+  mesh, state, step = _setup(mesh_spec, preset, **kw)
+  losses_seen = []
+  for b in batches:
+    state, metrics = step(state, sharding.host_to_global(b, mesh))
+    losses_seen.append(float(metrics["loss"]))
+  return state, np.array(losses_seen)
+
+
+@pytest.mark.parametrize("preset", ["data_parallel", "fsdp"])
+def test_eight_devices_match_one_device(preset):
+  batches = [_batch(8, seed=s) for s in range(3)]
+  state1, loss1 = _run((("data", 1),), "data_parallel", batches)
+  state8, loss8 = _run((("data", -1),), preset, batches)
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(jax.device_get(state8.params), jax.device_get(state1.params), rtol=1e-5, atol=1e-5)
+  if preset == "fsdp":
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state8.params)]
+    assert any("data" in tuple(spec) for spec in specs), "fsdp sharded no parameter"
+
+
+def test_grad_accumulation_equals_large_batch():
+  big = _batch(8, seed=3)
+  state_full, loss_full = _run((("data", 1),), "data_parallel", [big])
+  state_acc, loss_acc = _run((("data", 1),), "data_parallel", [big], accum_steps=4)
+  np.testing.assert_allclose(loss_acc, loss_full, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state_acc.params, state_full.params, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_accumulation_on_eight_devices():
+  big = _batch(16, seed=4)
+  state_full, _ = _run((("data", 1),), "data_parallel", [big])
+  state_acc, _ = _run((("data", -1),), "data_parallel", [big], accum_steps=2)
+  chex.assert_trees_all_close(jax.device_get(state_acc.params), state_full.params, rtol=1e-5, atol=1e-5)
+
+
+def test_ema_tracks_params():
+  mesh, state, step = _setup((("data", 1),), "data_parallel", ema_decay=0.5)
+  before = jax.device_get(state.params)
+  state, _ = step(state, sharding.host_to_global(_batch(2), mesh))
+  expected = jax.tree.map(lambda b, p: 0.5 * b + 0.5 * p, before, jax.device_get(state.params))
+  chex.assert_trees_all_close(state.ema_params, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_step_keeps_previous_state():
+  mesh, state, step = _setup((("data", 1),), "data_parallel")
+  state, _ = step(state, sharding.host_to_global(_batch(2), mesh))
+  good = jax.device_get(state)
+  bad = _batch(2)
+  bad["image"][0, 0, 0, 0] = np.nan
+  state, metrics = step(state, sharding.host_to_global(bad, mesh))
+  assert float(metrics["finite"]) == 0.0
+  chex.assert_trees_all_equal(jax.device_get(state.params), good.params)
+  chex.assert_trees_all_equal(jax.device_get(state.opt_state), good.opt_state)
+  assert int(state.step) == 2
+
+
+def test_dropout_rng_depends_on_step_only():
+  """The per-step key is fold_in(rng, step): two states with the same step draw the same numbers."""
+  state = TrainState(step=jnp.array(5), params={}, model_state={}, opt_state=(), ema_params=None,
+                     rng=jax.random.PRNGKey(1))
+  key = jax.random.fold_in(state.rng, state.step)
+  assert jnp.array_equal(key, jax.random.fold_in(jax.random.PRNGKey(1), 5))

@@ -1,0 +1,125 @@
+"""End to end: train.main in tmp_path, exact resume, and the non-finite stop."""
+
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from medjax import checkpoint, config_lib, metric_writer, train
+from medjax.data import datasets, pipeline
+from medjax.data.datasets.base import Dataset
+
+EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_unet.py")
+
+
+def _config(**overrides):
+  config = config_lib.load_config(f"{EXPERIMENT}:dims=2,quick=true")
+  config.mesh = (("data", 1),)
+  config.data.num_train = 8
+  config.checkpoint.async_save = True
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_end_to_end_writes_metrics_checkpoints_and_config(tmp_path):
+  result = train.main(_config(), str(tmp_path))
+  assert result["step"] == 4 and 0.0 <= result["val/dice_mean"] <= 1.0
+  records = metric_writer.read_metrics(str(tmp_path))
+  keys = set().union(*records)
+  assert {"train/loss", "train/lr", "train/grad_norm", "train/steps_per_s", "train/examples_per_s",
+          "val/dice_mean", "val/dice/organ", "val/dice/lesion", "compile_s"} <= keys
+  assert os.listdir(tmp_path / "tensorboard")
+  assert checkpoint.load_config(str(tmp_path)).to_dict() == _config().to_dict()
+  loaded = checkpoint.load(str(tmp_path))
+  assert loaded.step == 4
+  images = np.zeros((1, 16, 16, 1), np.float32)
+  logits, _ = loaded.model.apply(loaded.variables, images, train=False)
+  assert logits.shape == (1, 16, 16, 3)
+
+
+class _Preempted(Exception):
+  pass
+
+
+def _final_state(workdir):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=10,
+                                 read_only=True)
+  return ckpt.restore_fields(("params", "opt_state", "step"))
+
+
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
+  config = _config(total_steps=6, checkpoint_every_steps=3, eval_every_steps=3)
+  train.main(config, str(tmp_path / "straight"))
+
+  original_save = checkpoint.Checkpointer.save
+
+  def save_then_preempt(self, step, state, metrics=None, force=False):
+    saved = original_save(self, step, state, metrics=metrics, force=force)
+    if step == 3:
+      raise _Preempted()
+    return saved
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_preempt)
+  with pytest.raises(_Preempted):
+    train.main(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
+  assert checkpoint.Checkpointer(str(tmp_path / "resumed" / "checkpoints"), save_interval_steps=1,
+                                 max_to_keep=10, read_only=True).latest_step() == 3
+  train.main(config, str(tmp_path / "resumed"))
+
+  straight, resumed = _final_state(str(tmp_path / "straight")), _final_state(str(tmp_path / "resumed"))
+  assert int(resumed["step"]) == 6
+  chex.assert_trees_all_equal(resumed["params"], straight["params"])  # bitwise
+  chex.assert_trees_all_equal(resumed["opt_state"], straight["opt_state"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  config = _config(total_steps=6, checkpoint_every_steps=2, eval_every_steps=100, log_every_steps=100)
+  config.data.num_train = 16
+  bad_step = 5
+  batches = pipeline.TrainBatches(range(config.data.num_train), global_batch_size=config.input.batch_size,
+                                  seed=config.seed)
+  poisoned = int(batches.global_indices(bad_step - 1)[0])
+  earlier = np.concatenate([batches.global_indices(s) for s in range(bad_step - 1)])
+  assert poisoned not in earlier  # the step that first sees the example is bad_step
+
+  build = datasets.build_dataset
+
+  class Poisoned:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      example = dict(self.source[i])
+      if i == poisoned:
+        example["image"] = np.full_like(example["image"], np.nan)
+      return example
+
+  def build_poisoned(name, kwargs):
+    ds = build(name, kwargs)
+    return Dataset(info=ds.info, sources={**ds.sources, "train": Poisoned(ds.sources["train"])})
+
+  monkeypatch.setattr(datasets, "build_dataset", build_poisoned)
+  with pytest.raises(train.NonFiniteLossError, match=rf"at step {bad_step} .*last good checkpoint is step 4"):
+    train.main(config, str(tmp_path))
+  state = _final_state(str(tmp_path))
+  assert int(state["step"]) == 4
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
+
+
+def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
+  config = _config()
+  config.mesh = (("data", -1),)
+  config.input.batch_size = 6
+  with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the mesh's 'data' axis \(size 8"):
+    train.main(config, str(tmp_path))
