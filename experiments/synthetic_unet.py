@@ -15,23 +15,25 @@ from medjax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dims=3, size=32, steps=200, quick=False)
+  arg = config_lib.parse_arg(arg, dims=3, size=32, steps=400, quick=False)
   c = mlc.ConfigDict()
   c.seed = 0
   c.total_steps = arg.steps
-  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 50, 50
+  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 100, 100
 
   c.data = dict(name="synthetic_phantoms", spatial_dims=arg.dims, image_size=arg.size, num_classes=3,
-                num_train=480, num_val=24, num_test=24)
-  c.input = dict(batch_size=4 if arg.dims == 3 else 16, eval_batch_size=8 if arg.dims == 3 else 24)
+                num_train=480, num_val=24, num_test=24,
+                dark_lesion_prob=0.0)  # bright lesions only: learnable within the CPU demo's few minutes
+  c.input = dict(batch_size=2 if arg.dims == 3 else 16, eval_batch_size=8 if arg.dims == 3 else 24)
 
   c.model_name = "unet"
-  c.model = dict(spatial_dims=arg.dims, num_classes=3, features=(8, 16, 32), norm="instance")
+  c.model = dict(spatial_dims=arg.dims, num_classes=3, features=(8, 16, 32, 64), blocks_per_stage=1,
+                 norm="instance")
   c.compute_dtype = "float32"
   c.loss = dict(name="dice_xent", batch_dice=True)
 
   c.optim = dict(name="adamw", wd=1e-5)
-  c.lr = 3e-3
+  c.lr = 5e-3
   c.schedule = dict(decay="cosine", warmup_steps=20)
   c.grad_clip_norm = 1.0
   c.grad_accum_steps = 1

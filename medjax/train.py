@@ -143,6 +143,7 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
   eval_every = config.get("eval_every_steps")
   ckpt_every = config.get("checkpoint_every_steps")
   pending, last_eval = [], {}
+  best = config.get("best_metric")
   interval_start, interval_first_step = time.perf_counter(), start_step
   compiled = None
   try:
@@ -177,6 +178,9 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
         ckpt.save(step, state, metrics=last_eval if do_eval else None)
       if do_eval or do_ckpt:
         interval_start = time.perf_counter()  # keep evaluation and saving out of the step rate
+    ckpt.wait()
+    best_step = ckpt.best_step()
+    best_value = checkpoint.metric_value(ckpt.metrics(best_step), best) if best and best_step else None
   finally:
     ckpt.wait()
     ckpt.close()
@@ -185,12 +189,11 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
 
   # ---- 6. summary
   final = {"step": total_steps, **last_eval}
-  best = config.get("best_metric")
   if is_main:
-    where = f"checkpoints in {os.path.join(workdir, 'checkpoints')}, metrics in {writer.path}"
     shown = {k: v for k, v in last_eval.items() if not k.startswith("val/num_")}
-    print(f"Finished {total_steps} steps. Final {' '.join(f'{k}={v:.4f}' for k, v in shown.items())}"
-          f"{f' (model selection by {best})' if best else ''}; {where}.", flush=True)
+    best_text = f"Best {best}={best_value:.4f} at step {best_step}. " if best_value is not None else ""
+    print(f"Finished {total_steps} steps. Final {' '.join(f'{k}={v:.4f}' for k, v in shown.items())}. "
+          f"{best_text}Checkpoints: {ckpt.directory}; metrics: {writer.path}.", flush=True)
   return final
 
 

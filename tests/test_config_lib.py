@@ -114,12 +114,18 @@ def test_validate_bad_model_kwarg(demo_config):
 
 
 def test_validate_unknown_dataset_loss_optimizer(demo_config):
-  for key, value, pattern in [("loss", "dice_xnet", "Did you mean 'dice_xent'"),
-                              ("sharding", "fsdpp", "Did you mean 'fsdp'")]:
-    bad = mlc.ConfigDict(demo_config.to_dict())
-    bad[key] = value
-    with pytest.raises(config_lib.ConfigError, match=pattern):
-      config_lib.validate(bad)
+  bad = mlc.ConfigDict(demo_config.to_dict())
+  bad.sharding = "fsdpp"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.sharding: Unknown sharding preset 'fsdpp'\. Did you mean 'fsdp'"):
+    config_lib.validate(bad)
+  bad = mlc.ConfigDict(demo_config.to_dict())
+  bad.loss.name = "dice_xnet"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.loss: Unknown loss 'dice_xnet'\. Did you mean 'dice_xent'"):
+    config_lib.validate(bad)
+  bad = mlc.ConfigDict(demo_config.to_dict())
+  bad.loss.batch_dcie = True
+  with pytest.raises(config_lib.ConfigError, match=r"config\.loss: unknown key 'batch_dcie'.*Did you mean 'batch_dice'"):
+    config_lib.validate(bad)
   bad = mlc.ConfigDict(demo_config.to_dict())
   bad.data.name = "synthetic_phantom"
   with pytest.raises(config_lib.ConfigError, match="Did you mean 'synthetic_phantoms'"):

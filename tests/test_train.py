@@ -123,3 +123,17 @@ def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
   config.input.batch_size = 6
   with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the mesh's 'data' axis \(size 8"):
     train.main(config, str(tmp_path))
+
+
+def test_classification_experiment_end_to_end(tmp_path):
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_resnet.py")
+  config = config_lib.load_config(f"{path}:quick=true")
+  config.mesh = (("data", -1),)  # 8 fake devices, batch 8
+  config.compute_dtype = "bfloat16"
+  config.ema_decay = 0.9
+  result = train.main(config, str(tmp_path))
+  assert 0.0 <= result["val/accuracy"] <= 1.0 and 0.0 <= result["val/auc"] <= 1.0
+  state = _final_state(str(tmp_path))
+  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state["params"]))  # bf16 compute only
+  loaded = checkpoint.load(str(tmp_path))
+  assert "batch_stats" in loaded.variables

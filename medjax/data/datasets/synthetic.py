@@ -8,10 +8,10 @@ depends only on (seed, split, i)):
   axis-aligned ellipsoid with semi-axes U(0.38, 0.46) * n_k * s_k. Organs and lesions have fixed physical
   sizes measured against L = min(image_size) mm (the side of the image at the 1 mm reference spacing), so
   the spacing changes their size and aspect in voxels:
-    organs  (class 1): 1 or 2 randomly rotated ellipsoids, semi-axes U(0.17, 0.25) * L, centred inside the
+    organs  (class 1): 1 or 2 randomly rotated ellipsoids, semi-axes U(0.19, 0.27) * L, centred inside the
             body, clipped to it; two organs may overlap.
     lesions (class 2): none with probability `lesion_free_prob`, else 1 or 2, each in a random organ, nearly
-            spherical (radius U(0.10, 0.14) * L, +-15% per axis, randomly rotated), centred within 0.35 of
+            spherical (radius U(0.12, 0.16) * L, +-15% per axis, randomly rotated), centred within 0.35 of
             the organ's semi-axes from its centre, clipped to the organ. At 32^3 a lesion has a radius of
             2.5-4.5 voxels and ~0.15x the organ volume, so lesion voxels are the rare foreground class.
   Intensities (tissue = 1, before the bias field): air U(0, 0.1); body tissue 1; organ 1 + U(1.0, 1.4);
@@ -121,7 +121,7 @@ def make_phantom(rng: np.random.Generator, params: PhantomParams, lesion_type: i
 
   organ_masks, organ_frames = [], []
   for _ in range(int(rng.integers(1, 3))):
-    semi = rng.uniform(0.17, 0.25, d) * size
+    semi = rng.uniform(0.19, 0.27, d) * size
     center = body_center + rng.uniform(-0.45, 0.45, d) * body_semi
     rot = _rotation(rng, d)
     organ_masks.append(_radius2(coords, center, semi, rot) <= 1.0)
@@ -136,7 +136,7 @@ def make_phantom(rng: np.random.Generator, params: PhantomParams, lesion_type: i
     u = rng.standard_normal(d)
     u *= 0.35 * rng.uniform() ** (1.0 / d) / max(np.linalg.norm(u), 1e-12)
     center = o_center + o_rot @ (u * o_semi)
-    semi = rng.uniform(0.10, 0.14) * size * rng.uniform(0.85, 1.15, d)
+    semi = rng.uniform(0.12, 0.16) * size * rng.uniform(0.85, 1.15, d)
     lesion |= (_radius2(coords, center, semi, _rotation(rng, d)) <= 1.0) & organ_masks[which]
   lesion &= organ
 
