@@ -22,7 +22,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.abspath(os.path.join(workdir, "metrics.jsonl"))
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)

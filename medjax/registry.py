@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -89,6 +89,26 @@ class Registry:
         place = f"{where}: " if where else ""
         raise ValueError(f"{place}unknown key {key!r} for {self.kind} {name!r}.{hint} "
                          f"Accepted keys: {', '.join(sorted(accepted))}.")
+
+  def build(self, name: str, kwargs: Optional[Mapping[str, Any]] = None, where: str = "") -> Any:
+    """Calls the object registered as `name` with keyword arguments `kwargs` (a config sub-dict).
+
+    Keys are checked against its signature before the call, so a TypeError raised inside the object is
+    never mistaken for a config mistake. Raises KeyError for an unknown name, ValueError naming `where`,
+    the key and the accepted keys for an unknown or missing argument.
+    """
+    obj = self.get(name)
+    kwargs = dict(kwargs or {})
+    self.check_kwargs(name, kwargs, where)
+    try:
+      inspect.signature(obj).bind(**kwargs)
+    except TypeError as e:  # a required argument is missing
+      place = f"{where}: " if where else ""
+      raise ValueError(f"{place}cannot build {self.kind} {name!r} from keys {sorted(kwargs)}: {e}. "
+                       f"Accepted keys: {', '.join(sorted(self.accepted_kwargs(name) or []))}.") from None
+    except ValueError:  # no signature available: let the call itself report
+      pass
+    return obj(**kwargs)
 
   def names(self) -> List[str]:
     return sorted(self._entries)

@@ -35,3 +35,17 @@ def test_check_kwargs():
   r.check_kwargs("f", ["alpha"])
   with pytest.raises(ValueError, match=r"unknown key 'alpah' for fn 'f'\. Did you mean 'alpha'"):
     r.check_kwargs("f", ["alpah"], where="config.f")
+
+
+def test_build_checks_keys_then_calls():
+  r = Registry("thing")
+
+  @r.register("pair")
+  def pair(a, *, b=2):
+    return (a, b)
+
+  assert r.build("pair", {"a": 1, "b": 3}) == (1, 3)
+  with pytest.raises(ValueError, match=r"config\.x: unknown key 'c' for thing 'pair'"):
+    r.build("pair", {"a": 1, "c": 3}, where="config.x")
+  with pytest.raises(ValueError, match=r"cannot build thing 'pair' from keys \['b'\].*missing a required argument: 'a'"):
+    r.build("pair", {"b": 3})

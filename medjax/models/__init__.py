@@ -6,11 +6,11 @@ Every model's `__call__(x, *, train)` takes channels-last `(B, *spatial, C)` inp
 `(outputs, aux)`; see DESIGN.md.
 """
 
-from medjax.models.base import MODELS, build_model, model_fields
+from medjax.models.base import MODELS, build_model
 # Imported for their registrations (each file registers its models in MODELS).
 from medjax.models import resnet, unet
 from medjax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, ResNet101
 from medjax.models.unet import UNet
 
-__all__ = ["MODELS", "build_model", "model_fields", "ResNet", "ResNet18", "ResNet34", "ResNet50",
+__all__ = ["MODELS", "build_model", "ResNet", "ResNet18", "ResNet34", "ResNet50",
            "ResNet101", "UNet"]

@@ -188,8 +188,8 @@ def test_errors():
     ds.source("val")[1.0]
   with pytest.raises(KeyError, match=r"Unknown dataset 'synthetic_phantom'\. Did you mean 'synthetic_phan"):
     build_dataset("synthetic_phantom", {})
-  with pytest.raises(ValueError, match=r"dataset 'synthetic_phantoms' got unknown argument 'noise'; "
-                                       r"valid keys: spatial_dims, image_size, .*noise_std"):
+  with pytest.raises(ValueError, match=r"config\.data: unknown key 'noise' for dataset 'synthetic_phantoms'\. "
+                                       r"Did you mean 'noise_std'.*Accepted keys: .*image_size"):
     build_dataset("synthetic_phantoms", dict(noise=0.1))
   with pytest.raises(ValueError, match=r"'synthetic_lesions': num_classes must be 2 or 3, got 4"):
     build_dataset("synthetic_lesions", dict(num_classes=4))

@@ -86,7 +86,7 @@ def test_resnet_rank_error():
 
 
 def test_build_resnet_bad_kwarg_lists_fields():
-  with pytest.raises(ValueError, match=r"Model 'resnet50' has no field\(s\) 'depth'.*small_input"):
+  with pytest.raises(ValueError, match=r"unknown key 'depth' for model 'resnet50'.*small_input"):
     models.build_model("resnet50", dict(num_classes=2, depth=50))
   with pytest.raises(KeyError, match="Did you mean 'resnet50'"):
     models.build_model("resnet05", dict(num_classes=2))

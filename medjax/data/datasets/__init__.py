@@ -9,8 +9,7 @@ Importing this package imports every builder module, so the registry is full.
 
 from typing import Any, Mapping, Optional
 
-from medjax.data.datasets.base import (DATASETS, Dataset, DataSource, DatasetInfo, GeneratedSource,
-                                       call_builder)
+from medjax.data.datasets.base import DATASETS, Dataset, DataSource, DatasetInfo, GeneratedSource
 from medjax.data.datasets import synthetic  # noqa: F401  (registers synthetic_phantoms, synthetic_lesions)
 
 __all__ = ["DATASETS", "Dataset", "DataSource", "DatasetInfo", "GeneratedSource", "build_dataset"]
@@ -22,5 +21,4 @@ def build_dataset(name: str, kwargs: Optional[Mapping[str, Any]] = None) -> Data
   Raises KeyError (with did-you-mean and the known names) for an unknown name, and ValueError naming the
   dataset, the key and the valid keys for an unknown argument (or a bad value).
   """
-  builder = DATASETS.get(name)
-  return call_builder("dataset", name, builder, kwargs or {})
+  return DATASETS.build(name, kwargs, where="config.data")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import types
 from typing import Any, Callable, Dict, Mapping, Protocol, Tuple, runtime_checkable
 
@@ -192,19 +191,3 @@ class GeneratedSource:
 
   def __repr__(self) -> str:
     return f"GeneratedSource(split={self.split!r}, length={self.length}, seed={self.seed})"
-
-
-def call_builder(kind: str, name: str, builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
-  """Calls `builder(**kwargs)` after checking every key against its signature.
-
-  An unknown key raises ValueError naming the `kind` ("dataset"), `name`, the key and the valid keys; the
-  check happens before the call so that a TypeError raised inside the builder is never misreported.
-  """
-  params = inspect.signature(builder).parameters
-  if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-    valid = [k for k, p in params.items()
-             if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    for key in kwargs:
-      if key not in valid:
-        raise ValueError(f"{kind} {name!r} got unknown argument {key!r}; valid keys: {', '.join(valid)}.")
-  return builder(**dict(kwargs))
