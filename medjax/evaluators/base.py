@@ -13,6 +13,14 @@ from medjax.typing import Batch, Metrics
 EVALUATORS = Registry("evaluator")
 
 
+def _gather_to_host(tree):
+  """Global (possibly multi-host) arrays -> numpy on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def evaluate(evaluator, eval_fn: Callable[[Batch], Dict[str, jax.Array]], batches: Iterable[Batch]) -> Metrics:
   """Runs `eval_fn` (compiled forward + `evaluator.stats_fn`) over `batches` and summarises.
 
@@ -28,7 +36,7 @@ def evaluate(evaluator, eval_fn: Callable[[Batch], Dict[str, jax.Array]], batche
     pending.append((eval_fn(batch), batch["weight"]))
   if not pending:
     raise ValueError("evaluate: the split has no examples.")
-  host = jax.device_get(pending)
+  host = _gather_to_host(pending)
   keep = np.concatenate([np.asarray(weight) > 0 for _, weight in host])
   stats = {key: np.concatenate([np.asarray(s[key]) for s, _ in host])[keep] for key in host[0][0]}
   return evaluator.summarize(stats)
