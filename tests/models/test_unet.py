@@ -224,3 +224,15 @@ def test_build_model_bad_kwarg():
     models.build_model("unet", dict(spatial_dims=2, num_classes=3, featurs=(4, 8)))
   with pytest.raises(ValueError, match="cannot build model 'unet'.*num_classes"):
     models.build_model("unet", dict(spatial_dims=2))
+
+
+def test_nnunet_style_parameter_count_matches_monai_dynunet():
+  """MONAI DynUNet, filters 32..320, 6 levels, 3 classes, instance norm, 1 input channel: 31,181,763.
+
+  Ours has 31,190,243 (+0.03%); part of the gap is the bias our upsampling layers carry (800 parameters).
+  """
+  model = models.build_model("unet", dict(spatial_dims=3, num_classes=3, features=(32, 64, 128, 256, 320, 320)))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 128, 1)),
+                                                train=False))
+  count = sum(x.size for x in jax.tree.leaves(variables["params"]))
+  assert abs(count - 31_181_763) / 31_181_763 < 0.01, count
