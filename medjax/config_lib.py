@@ -84,6 +84,23 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> mlc.ConfigDict:
   return result
 
 
+def parse_kwargs(text: Optional[str]) -> dict:
+  """Parses `"features=(8,16),norm=batch,dropout=0.1"` into a dict of Python literals (strings as is).
+
+  For command-line tools that take constructor keywords without defaults to type them from.
+  """
+  result = {}
+  for item in _split_top_level(text or ""):
+    if "=" not in item:
+      raise ConfigError(f"Keyword argument {item!r} is not of the form key=value.")
+    key, value = (s.strip() for s in item.split("=", 1))
+    try:
+      result[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      result[key] = value
+  return result
+
+
 def _split_top_level(text: str) -> List[str]:
   """Splits on commas that are not inside (), [] or {}."""
   parts, depth, current = [], 0, []
