@@ -59,6 +59,31 @@ class ConvStage(nn.Module):
     return x
 
 
+class AttentionGate(nn.Module):
+  """Additive attention gate (Oktay et al. 2018): weights a skip connection by a map in [0, 1] computed
+  from the skip `x` and the gating signal `g` (the decoder's upsampled features, same spatial size, as
+  MONAI's AttentionUnet does).
+
+  `psi = sigmoid(conv1x1(relu(norm(W_x x) + norm(W_g g))))`, returns `(x * psi, psi)` with psi of shape
+  `(B, *spatial, 1)` in float32.
+  """
+  inter_features: int
+  norm: str = "batch"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, g, train: bool):
+    nd = x.ndim - 2
+    project = lambda name: layers.ConvNormAct(self.inter_features, 1, 1, norm=self.norm, act="none",
+                                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q = nn.relu(project("theta_x")(x, train) + project("phi_g")(g, train))
+    logits = layers.conv(1, (1,) * nd, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="psi")(q)
+    psi = nn.sigmoid(logits.astype(jnp.float32))
+    return x * psi.astype(x.dtype), psi
+
+
 @MODELS.register("unet")
 class UNet(nn.Module):
   """U-Net for `(B, *spatial, C)` images -> `(logits (B, *spatial, num_classes) float32, aux)`.
@@ -79,11 +104,13 @@ class UNet(nn.Module):
     head_classes: > 0 adds a classification head (global average pool of the bottleneck -> Dense), logits
       `(B, head_classes)` in `aux["head_logits"]`, for multi-task training.
     dropout: dropout rate after each conv block (0 = off).
+    attention_gates: gate every skip connection with an `AttentionGate` (Attention U-Net); the gate maps,
+      highest resolution first, are `aux["attention"]`, each `(B, *spatial_i, 1)` float32.
     dtype / param_dtype: compute / parameter dtypes.
     remat: rematerialise each stage in the backward pass (saves activation memory, costs compute).
 
   aux: "bottleneck" (deepest encoder output), "features" (last decoder feature map, `(B, *spatial,
-  features[0])`), plus "deep_supervision" / "head_logits" when enabled.
+  features[0])`), plus "deep_supervision" / "head_logits" / "attention" when enabled.
   """
   spatial_dims: int
   num_classes: int
@@ -97,6 +124,7 @@ class UNet(nn.Module):
   deep_supervision: int = 0
   head_classes: int = 0
   dropout: float = 0.0
+  attention_gates: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
@@ -124,16 +152,22 @@ class UNet(nn.Module):
       skips.append(x)
     aux = {"bottleneck": x}
 
-    decoder_outputs = {}
+    decoder_outputs, gates = {}, {}
     for i in reversed(range(levels - 1)):
       skip = skips[i]
       x = layers.Upsample(self.features[i], strides[i], dtype=self.dtype, param_dtype=self.param_dtype,
                           name=f"up{i}")(x)
       x = x[(slice(None),) + tuple(slice(0, n) for n in skip.shape[1:-1])]  # crop to the skip's size
+      if self.attention_gates:
+        skip, gate = AttentionGate(max(self.features[i] // 2, 1), norm=self.norm, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name=f"gate{i}")(skip, x, train)
+        gates[i] = gate
       x = jnp.concatenate([x, skip], axis=-1)
       x = stage_cls(self.features[i], kernels[i], (1,) * nd, name=f"dec{i}", **common)(x, train)
       decoder_outputs[i] = x
     aux["features"] = x
+    if self.attention_gates:
+      aux["attention"] = [gates[i] for i in range(levels - 1)]
 
     def head(h, n, name):
       return layers.conv(n, (1,) * nd, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -148,3 +182,9 @@ class UNet(nn.Module):
       aux["head_logits"] = nn.Dense(self.head_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                                     name="cls_head")(pooled.astype(self.dtype)).astype(jnp.float32)
     return logits, aux
+
+
+@MODELS.register("attention_unet")
+class AttentionUNet(UNet):
+  """U-Net with attention gates on every skip connection (Oktay et al. 2018); gate maps in aux["attention"]."""
+  attention_gates: bool = True

@@ -236,3 +236,24 @@ def test_nnunet_style_parameter_count_matches_monai_dynunet():
                                                 train=False))
   count = sum(x.size for x in jax.tree.leaves(variables["params"]))
   assert abs(count - 31_181_763) / 31_181_763 < 0.01, count
+
+
+@pytest.mark.parametrize("shape", [(12, 16), (8, 12, 16)])
+def test_attention_unet_exposes_gate_maps(shape):
+  model = models.build_model("attention_unet", dict(spatial_dims=len(shape), num_classes=2, features=(4, 8, 16)))
+  x = jnp.ones((2,) + shape + (1,))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0, impl="rbg"), x, train=False))
+  (logits, aux) = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  assert logits.shape == (2,) + shape + (2,)
+  assert [a.shape for a in aux["attention"]] == [(2,) + shape + (1,),
+                                                 (2,) + tuple(n // 2 for n in shape) + (1,)]
+  assert "gate0" in variables["params"] and "gate1" in variables["params"]
+
+
+def test_attention_gate_values_in_unit_interval():
+  model = models.build_model("attention_unet", dict(spatial_dims=2, num_classes=2, features=(4, 8), norm="instance"))
+  x = jax.random.normal(jax.random.key(1, impl="rbg"), (1, 8, 12, 1))
+  variables = jax.jit(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
+  _, aux = model.apply(variables, x, train=False)
+  gate = np.asarray(aux["attention"][0])
+  assert gate.shape == (1, 8, 12, 1) and gate.min() >= 0.0 and gate.max() <= 1.0
