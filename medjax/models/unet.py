@@ -59,6 +59,24 @@ class ConvStage(nn.Module):
     return x
 
 
+def _check_min_size(spatial: Sequence[int], strides: Sequence[Tuple[int, ...]], model: str) -> None:
+  """Every downsampling must have at least one stride's worth of voxels to pool on each axis."""
+  minimum = [1] * len(spatial)
+  for i, stride in enumerate(strides):
+    minimum = [m * s for m, s in zip(minimum, stride)]
+    if any(n < m for n, m in zip(spatial, minimum)):
+      raise ValueError(f"{model}: input spatial size {tuple(spatial)} is too small for encoder stage enc{i + 1} "
+                       f"(strides {tuple(strides)}); the input must be at least {tuple(minimum)} per axis "
+                       f"for this stage, {tuple(_total_strides(strides))} for the whole network.")
+
+
+def _total_strides(strides: Sequence[Tuple[int, ...]]) -> Tuple[int, ...]:
+  total = [1] * len(strides[0])
+  for stride in strides:
+    total = [t * s for t, s in zip(total, stride)]
+  return tuple(total)
+
+
 class AttentionGate(nn.Module):
   """Additive attention gate (Oktay et al. 2018): weights a skip connection by a map in [0, 1] computed
   from the skip `x` and the gating signal `g` (the decoder's upsampled features, same spatial size, as
@@ -140,6 +158,7 @@ class UNet(nn.Module):
                        f"{levels} levels (features={tuple(self.features)}).")
     kernels = layers.per_stage(self.kernel_size, levels, nd, "kernel_size")
     strides = layers.per_stage(self.strides, levels - 1, nd, "strides")
+    _check_min_size(x.shape[1:-1], strides, "UNet")
     stage_cls = nn.remat(ConvStage, static_argnums=(2,)) if self.remat else ConvStage
     common = dict(num_convs=self.blocks_per_stage, residual=self.residual, norm=self.norm, act=self.act,
                   dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -257,3 +257,11 @@ def test_attention_gate_values_in_unit_interval():
   _, aux = model.apply(variables, x, train=False)
   gate = np.asarray(aux["attention"][0])
   assert gate.shape == (1, 8, 12, 1) and gate.min() >= 0.0 and gate.max() <= 1.0
+
+
+def test_input_too_small_names_stage_and_minimum():
+  model = models.build_model("unet", dict(spatial_dims=3, num_classes=2, features=(4, 8, 16, 32),
+                                          strides=((1, 2, 2), 2, 2)))
+  x = jnp.ones((1, 2, 16, 16, 1))
+  with pytest.raises(ValueError, match=r"too small for encoder stage enc3.*at least \(4, 8, 8\) per axis"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0, impl="rbg"), x, train=False))
