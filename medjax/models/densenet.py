@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from medjax.models import layers
 from medjax.models.base import MODELS
-from medjax.models.vgg import check_min_size, pool_out_size
 
 Dtype = Any
 
@@ -107,10 +106,10 @@ class DenseNet(nn.Module):
     name = type(self).__name__
     layers.check_rank(x, self.spatial_dims, name)
     nd = self.spatial_dims
-    steps = [] if self.small_input else [("stem conv", lambda n: pool_out_size(n, 7, 2, 3)),
-                                          ("stem max-pool", lambda n: pool_out_size(n, 3, 2, 1))]
+    steps = [] if self.small_input else [("stem conv", lambda n: layers.pool_out_size(n, 7, 2, 3)),
+                                          ("stem max-pool", lambda n: layers.pool_out_size(n, 3, 2, 1))]
     steps += [(f"transition {i + 1}", lambda n: n // 2) for i in range(len(self.block_config) - 1)]
-    check_min_size(x.shape, steps, name)
+    layers.check_min_size(x.shape, steps, name)
 
     def norm(name):
       return layers.make_norm(self.norm, train=train, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from medjax.models import layers
 from medjax.models.base import MODELS
-from medjax.models.vgg import adaptive_avg_pool, check_min_size, pool_out_size
 
 Dtype = Any
 
@@ -38,15 +37,6 @@ INCEPTION_CONFIG = (
   ("inception5b", 384, 192, 384, 48, 128, 128),
 )
 AUX_AFTER = ("inception4a", "inception4d")  # where the two auxiliary heads branch off
-
-
-def max_pool_ceil(x, kernel: int, stride: int):
-  """PyTorch `MaxPool(kernel, stride, ceil_mode=True)` on `(B, *s, C)`: floor pooling plus one more window
-  where the input does not tile exactly (padded with -inf on the far side)."""
-  extra = [max(0, (pool_out_size(n, kernel, stride, ceil_mode=True) - 1) * stride + kernel - n)
-           for n in x.shape[1:-1]]
-  nd = x.ndim - 2
-  return nn.max_pool(x, (kernel,) * nd, strides=(stride,) * nd, padding=[(0, e) for e in extra])
 
 
 class ConvBN(nn.Module):
@@ -105,7 +95,7 @@ class AuxHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = adaptive_avg_pool(x, 4)
+    x = layers.adaptive_avg_pool(x, 4)
     x = ConvBN(128, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x, train)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(1024, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x))
@@ -150,21 +140,21 @@ class GoogLeNet(nn.Module):
   def __call__(self, x, *, train: bool):
     name = type(self).__name__
     layers.check_rank(x, self.spatial_dims, name)
-    check_min_size(x.shape, [
-      ("stem conv", lambda n: pool_out_size(n, 7, 2, 3)),
-      ("stem max-pool 1", lambda n: pool_out_size(n, 3, 2, ceil_mode=True)),
-      ("stem max-pool 2", lambda n: pool_out_size(n, 3, 2, ceil_mode=True)),
-      ("max-pool 3", lambda n: pool_out_size(n, 3, 2, ceil_mode=True)),
-      ("max-pool 4", lambda n: pool_out_size(n, 2, 2, ceil_mode=True)),
+    layers.check_min_size(x.shape, [
+      ("stem conv", lambda n: layers.pool_out_size(n, 7, 2, 3)),
+      ("stem max-pool 1", lambda n: layers.pool_out_size(n, 3, 2, ceil_mode=True)),
+      ("stem max-pool 2", lambda n: layers.pool_out_size(n, 3, 2, ceil_mode=True)),
+      ("max-pool 3", lambda n: layers.pool_out_size(n, 3, 2, ceil_mode=True)),
+      ("max-pool 4", lambda n: layers.pool_out_size(n, 2, 2, ceil_mode=True)),
     ], name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.astype(self.dtype)
     x = ConvBN(64, 7, 2, name="conv1", **kw)(x, train)
-    x = max_pool_ceil(x, 3, 2)
+    x = layers.max_pool_ceil(x, 3, 2)
     x = ConvBN(64, 1, name="conv2", **kw)(x, train)
     x = ConvBN(192, 3, name="conv3", **kw)(x, train)
     stages = [x]
-    x = max_pool_ceil(x, 3, 2)
+    x = layers.max_pool_ceil(x, 3, 2)
 
     block_cls = nn.remat(Inception, static_argnums=(2,)) if self.remat else Inception
     run_aux = self.aux_heads and (train or self.is_initializing())
@@ -173,7 +163,7 @@ class GoogLeNet(nn.Module):
     for entry in INCEPTION_CONFIG:
       if entry is None:
         stages.append(x)
-        x = max_pool_ceil(x, *next(pools))
+        x = layers.max_pool_ceil(x, *next(pools))
         continue
       block_name, *widths = entry
       x = block_cls(*widths, **kw, name=block_name)(x, train)

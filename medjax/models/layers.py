@@ -218,3 +218,86 @@ def check_rank(x, spatial_dims: int, model: str) -> None:
     axes = {2: "(B, y, x, C)", 3: "(B, z, y, x, C)"}.get(spatial_dims, "(B, *spatial, C)")
     raise ValueError(f"{model}(spatial_dims={spatial_dims}) expects input {axes} (channels-last), got shape "
                      f"{tuple(x.shape)}.")
+
+
+# ------------------------------------------------------------------------------------------- pooling and sizes
+
+SizeStep = Tuple[str, Callable[[int], int]]  # (stage name, spatial length in -> spatial length out)
+
+
+def pool_out_size(n: int, kernel: int, stride: int, pad: int = 0, ceil_mode: bool = False) -> int:
+  """Output length of a PyTorch pooling window; with `ceil_mode` the last window must start inside the
+  input or its left padding (PyTorch's rule), so a ceil-mode pool never adds a window of padding only."""
+  span = n + 2 * pad - kernel
+  out = (-(-span // stride) if ceil_mode else span // stride) + 1
+  if ceil_mode and (out - 1) * stride >= n + pad:
+    out -= 1
+  return out
+
+
+def check_min_size(x_shape: Sequence[int], steps: Sequence[SizeStep], model: str) -> None:
+  """Raises a ValueError naming `model`, the first stage that would shrink a spatial axis below 1 voxel and
+  the smallest input length (per axis) that every stage accepts.
+
+  steps: `(stage, fn)` pairs in network order; `fn` maps a spatial length to the stage's output length.
+  Axes shrink independently, so each axis is followed on its own; the check is static (shapes only).
+  """
+  def first_failure(n):
+    for stage, fn in steps:
+      n = fn(n)
+      if n < 1:
+        return stage
+    return None
+
+  spatial = tuple(x_shape[1:-1])
+  for axis, n in enumerate(spatial):
+    stage = first_failure(n)
+    if stage is not None:
+      minimum = next(m for m in range(1, 1 << 16) if first_failure(m) is None)
+      raise ValueError(f"{model}: input spatial size {spatial} is too small: {stage} would shrink spatial "
+                       f"axis {axis} (length {n}) below 1 voxel; {model} needs at least {minimum} voxels "
+                       f"per spatial axis.")
+
+
+def _adaptive_weights(n: int, m: int) -> np.ndarray:
+  """`(m, n)` averaging matrix: output i averages inputs floor(i n / m) .. ceil((i + 1) n / m) - 1."""
+  w = np.zeros((m, n), np.float32)
+  for i in range(m):
+    start, end = (i * n) // m, -(-((i + 1) * n) // m)
+    w[i, start:end] = 1.0 / (end - start)
+  return w
+
+
+def adaptive_avg_pool(x, output_size: IntOrTuple):
+  """PyTorch-style adaptive average pooling: `(B, *spatial, C) -> (B, *output_size, C)`, any rank.
+
+  Output index i along an axis of length n pooled to m averages the inputs from floor(i n / m) to
+  ceil((i + 1) n / m) - 1 (windows overlap or repeat when m does not divide n, also when m > n). A box mean
+  is separable, so the axes are pooled one after another: a reshape-mean where m divides n, otherwise a
+  small static averaging matrix. Accumulates in float32 and returns `x.dtype`.
+  """
+  nd = x.ndim - 2
+  out = to_tuple(output_size, nd, "output_size")
+  y = x.astype(jnp.float32)
+  for axis, (n, m) in enumerate(zip(x.shape[1:-1], out), start=1):
+    if n == m:
+      continue
+    if n % m == 0:
+      y = y.reshape(y.shape[:axis] + (m, n // m) + y.shape[axis + 1:]).mean(axis=axis + 1)
+    else:
+      # tensordot puts the pooled axis last; move it back into place.
+      y = jnp.moveaxis(jnp.tensordot(y, _adaptive_weights(n, m), axes=[[axis], [1]]), -1, axis)
+  return y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VGG
+
+
+def max_pool_ceil(x, kernel: int, stride: int):
+  """PyTorch `MaxPool(kernel, stride, ceil_mode=True)` on `(B, *s, C)`: floor pooling plus one more window
+  where the input does not tile exactly (padded with -inf on the far side)."""
+  extra = [max(0, (pool_out_size(n, kernel, stride, ceil_mode=True) - 1) * stride + kernel - n)
+           for n in x.shape[1:-1]]
+  nd = x.ndim - 2
+  return nn.max_pool(x, (kernel,) * nd, strides=(stride,) * nd, padding=[(0, e) for e in extra])

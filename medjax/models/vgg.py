@@ -2,98 +2,19 @@
 
 The layer structure and parameter counts match torchvision (vgg16 with 3 input channels and 1000 classes has
 138,357,544 parameters, vgg16_bn 138,365,992). Registered as "vgg11", "vgg11_bn", "vgg16" and "vgg16_bn".
-
-This file also holds two rank-generic helpers that the other classifier families reuse:
-`adaptive_avg_pool` (PyTorch's `AdaptiveAvgPool` index rule for any number of spatial axes) and
-`check_min_size` (a static too-small-input check that names the model, the stage and the minimum size).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from medjax.models import layers
 from medjax.models.base import MODELS
 
 Dtype = Any
-SizeStep = Tuple[str, Callable[[int], int]]  # (stage name, spatial length in -> spatial length out)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared helpers (candidates for layers.py).
-
-
-def pool_out_size(n: int, kernel: int, stride: int, pad: int = 0, ceil_mode: bool = False) -> int:
-  """Output length of a PyTorch pooling window; with `ceil_mode` the last window must start inside the
-  input or its left padding (PyTorch's rule), so a ceil-mode pool never adds a window of padding only."""
-  span = n + 2 * pad - kernel
-  out = (-(-span // stride) if ceil_mode else span // stride) + 1
-  if ceil_mode and (out - 1) * stride >= n + pad:
-    out -= 1
-  return out
-
-
-def check_min_size(x_shape: Sequence[int], steps: Sequence[SizeStep], model: str) -> None:
-  """Raises a ValueError naming `model`, the first stage that would shrink a spatial axis below 1 voxel and
-  the smallest input length (per axis) that every stage accepts.
-
-  steps: `(stage, fn)` pairs in network order; `fn` maps a spatial length to the stage's output length.
-  Axes shrink independently, so each axis is followed on its own; the check is static (shapes only).
-  """
-  def first_failure(n):
-    for stage, fn in steps:
-      n = fn(n)
-      if n < 1:
-        return stage
-    return None
-
-  spatial = tuple(x_shape[1:-1])
-  for axis, n in enumerate(spatial):
-    stage = first_failure(n)
-    if stage is not None:
-      minimum = next(m for m in range(1, 1 << 16) if first_failure(m) is None)
-      raise ValueError(f"{model}: input spatial size {spatial} is too small: {stage} would shrink spatial "
-                       f"axis {axis} (length {n}) below 1 voxel; {model} needs at least {minimum} voxels "
-                       f"per spatial axis.")
-
-
-def _adaptive_weights(n: int, m: int) -> np.ndarray:
-  """`(m, n)` averaging matrix: output i averages inputs floor(i n / m) .. ceil((i + 1) n / m) - 1."""
-  w = np.zeros((m, n), np.float32)
-  for i in range(m):
-    start, end = (i * n) // m, -(-((i + 1) * n) // m)
-    w[i, start:end] = 1.0 / (end - start)
-  return w
-
-
-def adaptive_avg_pool(x, output_size: layers.IntOrTuple):
-  """PyTorch-style adaptive average pooling: `(B, *spatial, C) -> (B, *output_size, C)`, any rank.
-
-  Output index i along an axis of length n pooled to m averages the inputs from floor(i n / m) to
-  ceil((i + 1) n / m) - 1 (windows overlap or repeat when m does not divide n, also when m > n). A box mean
-  is separable, so the axes are pooled one after another: a reshape-mean where m divides n, otherwise a
-  small static averaging matrix. Accumulates in float32 and returns `x.dtype`.
-  """
-  nd = x.ndim - 2
-  out = layers.to_tuple(output_size, nd, "output_size")
-  y = x.astype(jnp.float32)
-  for axis, (n, m) in enumerate(zip(x.shape[1:-1], out), start=1):
-    if n == m:
-      continue
-    if n % m == 0:
-      y = y.reshape(y.shape[:axis] + (m, n // m) + y.shape[axis + 1:]).mean(axis=axis + 1)
-    else:
-      # tensordot puts the pooled axis last; move it back into place.
-      y = jnp.moveaxis(jnp.tensordot(y, _adaptive_weights(n, m), axes=[[axis], [1]]), -1, axis)
-  return y.astype(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# VGG
 
 
 class VGGStage(nn.Module):
@@ -162,7 +83,7 @@ class VGG(nn.Module):
     name = type(self).__name__
     layers.check_rank(x, self.spatial_dims, name)
     nd = self.spatial_dims
-    check_min_size(x.shape, [(f"stage {i + 1} max-pool", lambda n: n // 2)
+    layers.check_min_size(x.shape, [(f"stage {i + 1} max-pool", lambda n: n // 2)
                              for i in range(len(self.stage_sizes))], name)
     x = x.astype(self.dtype)
     stage_cls = nn.remat(VGGStage, static_argnums=(2,)) if self.remat else VGGStage
@@ -173,7 +94,7 @@ class VGG(nn.Module):
       stages.append(x)
       x = nn.max_pool(x, (2,) * nd, strides=(2,) * nd)
     features = layers.global_avg_pool(stages[-1])
-    y = adaptive_avg_pool(x, self.pool_size)
+    y = layers.adaptive_avg_pool(x, self.pool_size)
     y = y.reshape(y.shape[0], -1)
     for j, width in enumerate(self.head_features):
       y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=f"fc{j + 1}")(y)

@@ -19,7 +19,7 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
 
 from medjax.models import layers
 from medjax.models.base import MODELS

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from medjax.models import base
-from medjax.models.inception import GoogLeNet, max_pool_ceil
+from medjax.models.inception import GoogLeNet
+from medjax.models.layers import max_pool_ceil
 
 # RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
 KEY = jax.random.key(0, impl="rbg")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from medjax.models import base
-from medjax.models.vgg import VGG11, VGG16, adaptive_avg_pool, check_min_size, pool_out_size
+from medjax.models.layers import adaptive_avg_pool, check_min_size, pool_out_size
+from medjax.models.vgg import VGG11, VGG16
 
 # RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
 KEY = jax.random.key(0, impl="rbg")
