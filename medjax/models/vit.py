@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
 from medjax.models import layers
 from medjax.models.base import MODELS
 from medjax.models.resnet import ResidualBlock
