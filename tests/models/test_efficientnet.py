@@ -77,6 +77,13 @@ def test_b3_3d_bf16_keeps_float32_params():
   assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
 
 
+def test_group_norm_3d_has_no_batch_stats():
+  model = EfficientNetB0(num_classes=2, spatial_dims=3, norm="group", width_mult=0.5)
+  (logits, _), variables = _init_shapes(model, jnp.zeros((1, 17, 18, 19, 1)))
+  chex.assert_shape(logits, (1, 2))
+  assert set(variables) == {"params"}
+
+
 def test_stochastic_depth_rates_increase_linearly():
   rates = []
 

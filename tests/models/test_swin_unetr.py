@@ -83,24 +83,49 @@ def test_bf16_compute_keeps_fp32_params():
   assert aux["features"].dtype == jnp.bfloat16 and aux["hidden_states"][2].dtype == jnp.bfloat16
 
 
+def _fill(shapes, seed=0):
+  """Real parameters for `shapes` without compiling `init` (on this CPU, jitting the initialisers costs as
+  much as the forward/backward program): kernels ~ N(0, 1 / fan_in), norm scales 1, biases 0."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = path[-1].key
+    if name in ("scale", "bias"):
+      return jnp.full(s.shape, 1.0 if name == "scale" else 0.0)
+    return jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 def test_forward_and_grad_3d_train_mode():
-  # 32^3 with window 4: stage 1 (16^3) runs a shifted block with the attention mask; stage 3 (4^3) has a
-  # window equal to the map (no shift) and stage 4 (2^3) a window shrunk to the map.
-  model = SwinUNETR(num_classes=2, dropout=0.1, drop_path=0.2, remat=True, **TINY)
-  x = jax.random.normal(KEY, (1, 32, 32, 32, 1))
-  params = jax.jit(lambda x: model.init(KEY, x, train=False))(x)["params"]
+  # Two stages at 16^3, window 4 (the smallest 3D case that compiles in seconds here): stage 1 (8^3) runs a
+  # plain and a shifted block, the latter with the attention mask; stage 2 (4^3) fits one window, no shift.
+  model = SwinUNETR(num_classes=2, feature_size=12, depths=(2, 1), num_heads=(3, 6), window_size=4,
+                    dropout=0.1, drop_path=0.2)
+  x = jax.random.normal(KEY, (1, 16, 16, 16, 1))
+  params = _fill(jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)["params"])
 
   def loss(params):
-    logits, aux = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
-    return jnp.mean(logits ** 2) + jnp.mean(aux["bottleneck"].astype(jnp.float32) ** 2), logits
+    logits, aux = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1, impl="rbg")})
+    return jnp.mean(logits ** 2) + jnp.mean(aux["bottleneck"] ** 2), logits
 
   (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-  chex.assert_shape(logits, (1, 32, 32, 32, 2))
-  assert np.isfinite(value) and np.isfinite(np.asarray(logits)).all()
+  chex.assert_shape(logits, (1, 16, 16, 16, 2))
+  assert np.isfinite(value) and np.std(logits) > 0
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-  shifted_table = grads["stage1_block1"]["attn"]["relative_position_bias_table"]
-  assert np.abs(shifted_table).sum() > 0
+  for table in (grads["stage1_block1"]["attn"]["relative_position_bias_table"],  # shifted, masked
+                grads["stage2_block0"]["attn"]["relative_position_bias_table"]):
+    assert np.abs(table).sum() > 0
   assert np.abs(grads["head"]["kernel"]).sum() > 0
+
+
+def test_remat_traces_same_gradient_structure():
+  model = SwinUNETR(num_classes=2, remat=True, dropout=0.1, drop_path=0.1, **TINY)
+  x = jnp.ones((1, 32, 32, 32, 1))
+  params = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)["params"]
+  grads = jax.eval_shape(jax.grad(lambda p: jnp.mean(model.apply(
+    {"params": p}, x, train=True, rngs={"dropout": KEY})[0])), params)
+  chex.assert_trees_all_equal_shapes(grads, params)
 
 
 def _reference_window_attention(x, p, heads, window, shifted):
