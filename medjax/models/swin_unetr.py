@@ -33,7 +33,8 @@ from medjax.models.base import MODELS
 
 Dtype = Any
 LN_EPSILON = 1e-5  # PyTorch's LayerNorm default, so ported weights agree
-MASK_VALUE = -100.0  # added to logits of token pairs from different regions of a shifted window (Swin's value)
+# Added to the logits of token pairs from different regions of a shifted window (Swin's value).
+MASK_VALUE = -100.0
 _dense_init = nn.initializers.truncated_normal(0.02)
 
 
@@ -83,13 +84,14 @@ def relative_position_index(ws: Sequence[int], table_window: Sequence[int]) -> n
   rel = coords[:, None, :] - coords[None, :, :] + (np.asarray(table_window) - 1)
   extent = 2 * np.asarray(table_window) - 1
   strides = np.concatenate([np.cumprod(extent[::-1])[::-1][1:], [1]])
-  return (rel * strides).sum(-1)
+  return (rel * strides).sum(-1).astype(np.int32)
 
 
-def shift_mask(padded: Sequence[int], ws: Sequence[int], ss: Sequence[int]) -> Optional[np.ndarray]:
-  """`(num_windows, N, N)` additive mask for shifted windows (None without shift): after the cyclic shift, a
-  window at the far edge holds tokens from up to 2 regions per axis that were not neighbours in the image;
-  pairs from different regions get `MASK_VALUE`."""
+def shift_regions(padded: Sequence[int], ws: Sequence[int], ss: Sequence[int]) -> Optional[np.ndarray]:
+  """`(num_windows, N)` region label of every token of every shifted window (None without shift): after the
+  cyclic shift, a window at the far edge holds tokens from up to 2 regions per axis that were not
+  neighbours in the image, and attention between different regions is masked. Labels rather than the
+  `(num_windows, N, N)` mask keep the constant baked into the program small (343^3 floats at 96^3)."""
   if not any(ss):
     return None
   label = np.zeros(tuple(padded), np.int32)
@@ -102,12 +104,11 @@ def shift_mask(padded: Sequence[int], ws: Sequence[int], ss: Sequence[int]) -> O
     shape = [1] * len(padded)
     shape[axis] = n
     label = label * 3 + lab.reshape(shape)
-  windows = window_partition(label[None, ..., None], ws)[0, ..., 0]  # (num_windows, N)
-  return np.where(windows[:, :, None] != windows[:, None, :], MASK_VALUE, 0.0).astype(np.float32)
+  return window_partition(label[None, ..., None], ws)[0, ..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transformer pieces (TODO: merge Mlp / drop_path with medjax/models/vit.py once it lands)
+# Transformer pieces (Mlp and drop_path could move to layers.py and serve vit.EncoderBlock too)
 
 
 def drop_path(module: nn.Module, x, rate: float, train: bool):
@@ -175,10 +176,11 @@ class WindowAttention(nn.Module):
     index = relative_position_index(ws, self.window)
     bias = table.astype(jnp.float32)[index.reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
     logits = logits + bias
-    mask = shift_mask(padded, ws, ss)
-    if mask is not None:
-      logits = logits + mask[None, :, None]  # (1, nW, 1, N, N)
-    # Softmax in float32 whatever the compute dtype (bf16 logits lose the -100 mask's effect otherwise).
+    regions = shift_regions(padded, ws, ss)
+    if regions is not None:  # pairs from different regions of a shifted window: (nW, N, N) -> broadcast
+      mask = jnp.where(regions[:, :, None] != regions[:, None, :], MASK_VALUE, 0.0)
+      logits = logits + mask[None, :, None]
+    # Softmax in float32 whatever the compute dtype: a bf16 exp-sum over hundreds of keys loses precision.
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     attn = nn.Dropout(self.attn_dropout, deterministic=not train)(attn)
     y = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(*windows.shape[:3], c)
@@ -188,7 +190,7 @@ class WindowAttention(nn.Module):
     y = window_merge(y, ws, padded)
     if any(ss):
       y = jnp.roll(y, ss, axis=axes)
-    return y[(slice(None),) + tuple(slice(0, n) for n in dims)]
+    return y[(slice(None),) + tuple(slice(0, d) for d in dims)]
 
 
 class SwinBlock(nn.Module):

@@ -12,7 +12,8 @@ The defaults are the paper's R50-ViT-B/16 (hidden 768, 12 layers, 12 heads, MLP 
 64, 16, GroupNorm in the ResNet, BatchNorm in the decoder). Differences from the reference code: no weight
 standardisation in the ResNet convs; the max-pool pads by 1 so every size halves exactly (the reference
 pads its 1/4 skip instead); linear upsampling uses half-pixel centres (`jax.image.resize`) rather than
-`align_corners=True`; the upsampler resizes to each skip's size, so no divisibility is required.
+`align_corners=True`; the upsampler resizes to each skip's size, so no divisibility is required; the ViT
+blocks are `vit.EncoderBlock` (fused QKV, dropout also after attention, where the reference has none).
 """
 
 from __future__ import annotations
@@ -26,34 +27,10 @@ import jax.numpy as jnp
 from medjax.models import layers
 from medjax.models.base import MODELS
 from medjax.models.resnet import ResidualBlock
-from medjax.models.swin_unetr import Mlp
+from medjax.models.vit import EncoderBlock
 
 Dtype = Any
 LN_EPSILON = 1e-6  # the ViT / TransUNet LayerNorm epsilon
-
-
-class TransformerBlock(nn.Module):
-  """Pre-norm ViT encoder block: `x + MHSA(LN(x))`, then `x + MLP(LN(x))`. `(B, T, D) -> (B, T, D)`.
-
-  TODO: replace with medjax/models/vit.py's encoder block once it lands (kept local to avoid a dependency
-  on a file being written in parallel).
-  """
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.LayerNorm(epsilon=LN_EPSILON, name="norm1", **kw)(x)
-    y = nn.MultiHeadDotProductAttention(self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-                                        deterministic=True, name="attn", **kw)(y)
-    x = x + y
-    y = nn.LayerNorm(epsilon=LN_EPSILON, name="norm2", **kw)(x)
-    return x + Mlp(self.mlp_dim, dropout=self.dropout, kernel_init=nn.initializers.xavier_uniform(),
-                   name="mlp", **kw)(y, train)
 
 
 @MODELS.register("transunet")
@@ -114,8 +91,8 @@ class TransUNet(nn.Module):
     spatial = tuple(x.shape[1:-1])
     if min(spatial) < factor:
       raise ValueError(f"{name}: input spatial shape {spatial} is too small: CNN stage "
-                       f"{len(self.stage_sizes)} reaches 1/{factor} resolution, so every spatial size must be "
-                       f"at least {factor}.")
+                       f"{len(self.stage_sizes)} reaches 1/{factor} resolution, so every spatial size must "
+                       f"be at least {factor}.")
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -152,9 +129,10 @@ class TransUNet(nn.Module):
                        self.param_dtype)
     tokens = (tokens + pos.astype(self.dtype)).reshape(b, -1, self.hidden_size)
     tokens = nn.Dropout(self.dropout, deterministic=not train)(tokens)
-    vit_cls = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
+    vit_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
     for i in range(self.num_layers):
-      tokens = vit_cls(self.num_heads, self.mlp_dim, self.dropout, name=f"vit_block{i}", **kw)(tokens, train)
+      tokens = vit_cls(self.num_heads, self.mlp_dim, dropout=self.dropout, layer_norm_epsilon=LN_EPSILON,
+                       name=f"vit_block{i}", **kw)(tokens, train)
     tokens = nn.LayerNorm(epsilon=LN_EPSILON, name="vit_norm", **kw)(tokens)
     y = tokens.reshape(b, *grid, self.hidden_size)
     aux = {"stages": stages, "bottleneck": y}

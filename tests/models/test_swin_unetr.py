@@ -101,16 +101,17 @@ def test_forward_and_grad_3d_train_mode():
   # Two stages at 16^3, window 4 (the smallest 3D case that compiles in seconds here): stage 1 (8^3) runs a
   # plain and a shifted block, the latter with the attention mask; stage 2 (4^3) fits one window, no shift.
   model = SwinUNETR(num_classes=2, feature_size=12, depths=(2, 1), num_heads=(3, 6), window_size=4,
-                    dropout=0.1, drop_path=0.2)
-  x = jax.random.normal(KEY, (1, 16, 16, 16, 1))
+                    dropout=0.1, drop_path=0.1)
+  x = jax.random.normal(KEY, (2, 16, 16, 16, 1))
   params = _fill(jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)["params"])
 
   def loss(params):
-    logits, aux = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1, impl="rbg")})
+    logits, aux = model.apply({"params": params}, x, train=True,
+                              rngs={"dropout": jax.random.key(1, impl="rbg")})
     return jnp.mean(logits ** 2) + jnp.mean(aux["bottleneck"] ** 2), logits
 
   (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-  chex.assert_shape(logits, (1, 16, 16, 16, 2))
+  chex.assert_shape(logits, (2, 16, 16, 16, 2))
   assert np.isfinite(value) and np.std(logits) > 0
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   for table in (grads["stage1_block1"]["attn"]["relative_position_bias_table"],  # shifted, masked
@@ -143,8 +144,8 @@ def _reference_window_attention(x, p, heads, window, shifted):
   r = (coords - np.array(ss)) % np.array(padded)  # position in the shifted map
   window_id = [tuple(v) for v in r // np.array(ws)]
   inner = r % np.array(ws)
-  region = np.where(np.array(ss) == 0, 0,
-                    (r >= np.array(padded) - np.array(ws)).astype(int) + (r >= np.array(padded) - np.array(ss)))
+  far = np.array(padded)  # regions along each axis of the shifted map: [0, P-w), [P-w, P-s), [P-s, P)
+  region = np.where(np.array(ss) == 0, 0, (r >= far - np.array(ws)).astype(int) + (r >= far - np.array(ss)))
   qkv = tokens @ np.asarray(p["qkv"]["kernel"], np.float64) + np.asarray(p["qkv"]["bias"])
   qkv = qkv.reshape(b, -1, 3, heads, c // heads)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -177,7 +178,8 @@ def test_window_attention_matches_pairwise_reference(dims, window, shifted):
   variables = module.init(KEY, x, train=False)
   # Random bias tables, so a wrong bias index shows.
   p = jax.tree.map(np.asarray, variables["params"])
-  p["relative_position_bias_table"] = np.asarray(jax.random.normal(KEY, p["relative_position_bias_table"].shape))
+  table_shape = p["relative_position_bias_table"].shape
+  p["relative_position_bias_table"] = np.asarray(jax.random.normal(KEY, table_shape))
   y = module.apply({"params": p}, x, train=False)
   np.testing.assert_allclose(y, _reference_window_attention(np.asarray(x), p, heads, window, shifted),
                              rtol=1e-4, atol=1e-4)
