@@ -8,19 +8,9 @@ import pytest
 
 from medjax.models import base
 from medjax.models.densenet import DenseNet121
+from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 TINY = dict(growth_rate=4, init_features=8, bn_size=2)
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_apply(model, x):
-  """Variables and eval-mode outputs as shapes only: eval_shape traces without compiling."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False)[::-1], x)
 
 
 def test_param_count_matches_torchvision():

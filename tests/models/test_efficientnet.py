@@ -10,35 +10,7 @@ import pytest
 from medjax import models
 from medjax.models import efficientnet, mobile  # noqa: F401  (registers the models)
 from medjax.models.efficientnet import EfficientNetB0, EfficientNetB3
-
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_shapes(model, x):
-  """(outputs, variables) as shapes and dtypes: eval_shape traces the model without compiling."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
-
-
-def _numpy_variables(model, x):
-  """He-normal kernels, unit scales / variances, zero biases / means, drawn with numpy: a jitted init
-  costs ~8 s of compilation on a loaded 2-core machine, this costs nothing (init is traced by the shape
-  tests)."""
-  rng = np.random.default_rng(0)
-
-  def make(path, leaf):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    if name in ("bias", "mean"):
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(make, _init_shapes(model, x)[1])
+from zoo_testing import KEY, num_params as _num_params, init_shapes as _init_shapes, host_variables_for as _numpy_variables
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -9,19 +9,9 @@ import pytest
 from medjax import models
 from medjax.models import graph  # noqa: F401  (registers "cnn_gnn")
 from medjax.models.graph import CNNGNN, GCNLayer, GraphNetwork, grid_adjacency, knn_adjacency
+from zoo_testing import KEY, num_params as _num_params, init_shapes as _init_apply
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 TINY = dict(features=(4, 8), graph_features=8, num_heads=2)
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_apply(model, x):
-  """Shapes/dtypes of eval-mode outputs and variables without compiling (`jax.eval_shape`)."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
 
 
 @pytest.mark.parametrize("spatial,kw,grid", [

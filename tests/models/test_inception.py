@@ -9,13 +9,7 @@ import pytest
 from medjax.models import base
 from medjax.models.inception import GoogLeNet
 from medjax.models.layers import max_pool_ceil
-
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+from zoo_testing import KEY, num_params as _num_params, host_variables as _host_init
 
 
 @pytest.mark.parametrize("aux_heads,expected", [(False, 6_624_904), (True, 13_004_888)])
@@ -57,20 +51,6 @@ def test_googlenet_bf16_compute_keeps_fp32_params():
   assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   assert logits.dtype == jnp.float32 and aux["features"].dtype == jnp.float32
   assert aux["stages"][-1].dtype == jnp.bfloat16
-
-
-def _host_init(shapes):
-  """Fan-in-scaled random kernels, unit norm scales, zero biases, built on the host from `eval_shape`:
-  compiling GoogLeNet's real `init` would double this test's compile time on a 2-core CPU."""
-  rng = np.random.default_rng(0)
-
-  def leaf(path, s):
-    name = path[-1].key
-    if name == "kernel":
-      return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-    return (jnp.ones if name in ("scale", "var") else jnp.zeros)(s.shape, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def test_googlenet_train_step_finite_grads_with_aux_heads():

@@ -8,13 +8,7 @@ import pytest
 
 from medjax import models
 from medjax.models.resnet import ResNet18, ResNet50
-
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+from zoo_testing import KEY, num_params as _num_params
 
 
 @pytest.mark.parametrize("name,expected", [

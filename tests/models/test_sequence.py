@@ -10,19 +10,9 @@ from medjax import models
 from medjax.models import sequence  # noqa: F401  (registers "cnn_lstm")
 from medjax.models.resnet import ResNet18
 from medjax.models.sequence import CNNLSTM
+from zoo_testing import KEY, num_params as _num_params, init_shapes as _init_apply
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 TINY = dict(features=(4, 8), hidden_size=6)
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_apply(model, x, **kw):
-  """Shapes/dtypes of eval-mode outputs and variables without compiling (`jax.eval_shape`)."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False, **kw), x)
 
 
 def _lstm_params(d_in, hidden):

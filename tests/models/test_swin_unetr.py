@@ -12,19 +12,9 @@ from medjax.models import layers
 from medjax.models.base import build_model
 from medjax.models.swin_unetr import (SwinUNETR, WindowAttention, space_to_depth, window_merge,
                                       window_partition)
+from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply, host_variables as _fill
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 TINY = dict(feature_size=12, depths=(2, 1, 1, 1), window_size=4)  # stage 1 alternates plain / shifted
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_apply(model, x):
-  """Variables and eval-mode outputs as shapes only (eval_shape traces without compiling)."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False)[::-1], x)
 
 
 def test_param_count_matches_monai_3d():
@@ -81,20 +71,6 @@ def test_bf16_compute_keeps_fp32_params():
   assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
   assert logits.dtype == jnp.float32
   assert aux["features"].dtype == jnp.bfloat16 and aux["hidden_states"][2].dtype == jnp.bfloat16
-
-
-def _fill(shapes, seed=0):
-  """Real parameters for `shapes` without compiling `init` (on this CPU, jitting the initialisers costs as
-  much as the forward/backward program): kernels ~ N(0, 1 / fan_in), norm scales 1, biases 0."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = path[-1].key
-    if name in ("scale", "bias"):
-      return jnp.full(s.shape, 1.0 if name == "scale" else 0.0)
-    return jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def test_forward_and_grad_3d_train_mode():

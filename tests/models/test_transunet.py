@@ -8,20 +8,10 @@ import pytest
 
 from medjax.models.base import build_model
 from medjax.models.transunet import TransUNet
+from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply, host_variables as _fill
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 TINY = dict(width=4, stage_sizes=(1, 1, 1), hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
             head_features=16, decoder_features=(16, 8, 8, 4))
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_apply(model, x):
-  """Variables and eval-mode outputs as shapes only (eval_shape traces without compiling)."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False)[::-1], x)
 
 
 def test_defaults_are_r50_vit_b16():
@@ -55,21 +45,6 @@ def test_bf16_compute_keeps_fp32_params():
   assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   assert logits.dtype == jnp.float32
   assert aux["features"].dtype == jnp.bfloat16 and aux["bottleneck"].dtype == jnp.bfloat16
-
-
-def _fill(shapes, seed=0):
-  """Real variables for `shapes` without compiling `init` (on this CPU, jitting the initialisers costs as
-  much as the forward/backward program): kernels ~ N(0, 1 / fan_in), scales and variances 1, biases and
-  means 0."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = path[-1].key
-    if name in ("scale", "var", "bias", "mean"):
-      return jnp.full(s.shape, 1.0 if name in ("scale", "var") else 0.0)
-    return jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def test_forward_and_grad_2d_train_mode():

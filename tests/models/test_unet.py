@@ -10,16 +10,9 @@ import pytest
 from medjax import models
 from medjax.models import layers
 from medjax.models.unet import UNet
+from zoo_testing import KEY, variables_and_outputs as _init_apply
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 SHAPES = [(12, 16), (8, 12, 16)]  # non-square on purpose
-
-
-def _init_apply(model, x):
-  """Shapes and dtypes of `model`'s variables and eval-mode outputs: `jax.eval_shape` traces without
-  compiling, which keeps shape tests fast on CPU (the remat tests run real numbers through the model)."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False)[::-1], x)
 
 
 @pytest.mark.parametrize("spatial", SHAPES, ids=lambda s: f"{len(s)}d")

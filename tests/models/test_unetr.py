@@ -9,23 +9,13 @@ import pytest
 from medjax import models
 from medjax.models import unetr  # noqa: F401  (registers "unetr")
 from medjax.models.unetr import UNETR
+from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, feature_size=4)
 MONAI_UNETR_96 = 92_802_478  # MONAI 1.6.1 UNETR(1, 14, 96, feature_size=16), sum of p.numel()
 # MONAI's TransformerBlock builds a `norm_cross_attn` LayerNorm (weight + bias) even without cross-attention;
 # it is never used, and UNETR here does not create it.
 MONAI_UNUSED = 12 * 2 * 768
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_apply(model, x):
-  """Variables and eval-mode outputs as shapes/dtypes: `jax.eval_shape` traces without compiling."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)[::-1]
 
 
 def test_param_count_matches_monai():

@@ -9,19 +9,9 @@ import pytest
 from medjax.models import base
 from medjax.models.layers import adaptive_avg_pool, check_min_size, pool_out_size
 from medjax.models.vgg import VGG11, VGG16
+from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 TINY = dict(width=4, head_features=(8, 8), pool_size=1)
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_apply(model, x):
-  """Variables and eval-mode outputs as shapes only: eval_shape traces without compiling."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False)[::-1], x)
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -9,21 +9,11 @@ import pytest
 from medjax import models
 from medjax.models import layers, vit
 from medjax.models.vit import PatchEmbed, ViT, ViTHybrid
+from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
 
-# RBG keys: threefry's random.normal takes seconds to compile on a 2-core CPU, and init draws one per layer.
-KEY = jax.random.key(0, impl="rbg")
 TINY = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
 # 2D and 3D, non-square, with per-axis patches; (image_size, patch_size, token grid)
 CASES = [((8, 12), 4, (2, 3)), ((4, 8, 12), (2, 4, 4), (2, 2, 3))]
-
-
-def _num_params(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
-def _init_apply(model, x):
-  """Variables and eval-mode outputs as shapes/dtypes: `jax.eval_shape` traces without compiling."""
-  return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)[::-1]
 
 
 @pytest.mark.parametrize("name,expected", [
