@@ -178,6 +178,8 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
         ckpt.save(step, state, metrics=last_eval if do_eval else None)
       if do_eval or do_ckpt:
         interval_start = time.perf_counter()  # keep evaluation and saving out of the step rate
+    if not last_eval:  # nothing to train (a finished run started again) or no evaluation was due
+      last_eval = run_evaluation(state)
     ckpt.wait()
     best_step = ckpt.best_step()
     best_value = checkpoint.metric_value(ckpt.metrics(best_step), best) if best and best_step else None

@@ -137,3 +137,12 @@ def test_classification_experiment_end_to_end(tmp_path):
   assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state["params"]))  # bf16 compute only
   loaded = checkpoint.load(str(tmp_path))
   assert "batch_stats" in loaded.variables
+
+
+def test_restarting_a_finished_run_trains_nothing_and_reports(tmp_path):
+  config = _config()
+  first = train.main(config, str(tmp_path))
+  records = len(metric_writer.read_metrics(str(tmp_path)))
+  again = train.main(config, str(tmp_path))
+  assert again["val/dice_mean"] == pytest.approx(first["val/dice_mean"])
+  assert not any("train/loss" in r for r in metric_writer.read_metrics(str(tmp_path))[records:])
