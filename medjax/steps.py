@@ -7,7 +7,7 @@ same function runs on one CPU or many accelerators.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from medjax.typing import Array, Batch, PyTree
 
 ApplyFn = Callable[..., Any]
 StatsFn = Callable[[Array, Mapping[str, PyTree], Batch], Dict[str, Array]]
+AugmentFn = Callable[[Array, Batch], Batch]
 
 
 def _split_micro_batches(batch: Batch, accum_steps: int) -> Batch:
@@ -51,8 +52,8 @@ def _loss_and_grads(params: PyTree, model_state: PyTree, batch: Batch, rng: Arra
 
 
 def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective: Objective,
-               tx: optax.GradientTransformation, accum_steps: int = 1,
-               ema_decay: float = 0.0) -> Tuple[TrainState, Dict[str, Array]]:
+               tx: optax.GradientTransformation, accum_steps: int = 1, ema_decay: float = 0.0,
+               augment_fn: Optional[AugmentFn] = None) -> Tuple[TrainState, Dict[str, Array]]:
   """One optimizer update.
 
   Args:
@@ -64,12 +65,17 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
     accum_steps: number of micro-batches whose gradients are averaged before the update; equals one
       update on the whole batch (for models without batch statistics).
     ema_decay: decay of the parameter EMA (ignored when the state carries none).
+    augment_fn: `augment_fn(rng, batch) -> batch`, random augmentation applied on device inside this
+      compiled step (before micro-batching), with a key derived from the step so resume stays exact.
   Returns:
     (new_state, metrics) with scalar metrics "loss", "grad_norm" and "finite" (1.0 when the loss and the
     gradients are finite). A non-finite step leaves params, optimizer state and EMA unchanged (only the
     step counter advances) so the caller can stop and keep the last good state.
   """
   rng = jax.random.fold_in(state.rng, state.step)
+  if augment_fn is not None:
+    rng, augment_rng = jax.random.split(rng)
+    batch = augment_fn(augment_rng, batch)
   bound = dict(apply_fn=apply_fn, objective=objective)
   if accum_steps == 1:
     loss, grads, model_state = _loss_and_grads(state.params, state.model_state, batch, rng, **bound)

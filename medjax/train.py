@@ -57,14 +57,15 @@ def init_state_fn(model, tx, example_image: np.ndarray, use_ema: bool):
   return init
 
 
-def jit_train_step(model, objective, tx, mesh, state_sharding, *, accum_steps: int = 1, ema_decay: float = 0.0):
+def jit_train_step(model, objective, tx, mesh, state_sharding, *, accum_steps: int = 1, ema_decay: float = 0.0,
+                   augment_fn=None):
   """`steps.train_step` bound to its hyperparameters and jitted over `mesh`, the state donated.
 
   Batches come in split over the data axis; metrics come out replicated.
   """
   return jax.jit(
       functools.partial(steps.train_step, apply_fn=model.apply, objective=objective, tx=tx,
-                        accum_steps=accum_steps, ema_decay=ema_decay),
+                        accum_steps=accum_steps, ema_decay=ema_decay, augment_fn=augment_fn),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))

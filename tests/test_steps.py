@@ -100,3 +100,20 @@ def test_dropout_rng_depends_on_step_only():
                      rng=jax.random.PRNGKey(1))
   key = jax.random.fold_in(state.rng, state.step)
   assert jnp.array_equal(key, jax.random.fold_in(jax.random.PRNGKey(1), 5))
+
+
+def test_augment_fn_runs_inside_the_step_with_a_step_derived_key():
+  seen = []
+
+  def augment(rng, batch):
+    seen.append(rng.shape)  # traced once: the step is compiled once
+    flipped = jnp.where(jax.random.bernoulli(rng), batch["image"][:, ::-1], batch["image"])
+    return {**batch, "image": flipped}
+
+  mesh, state, _ = _setup((("data", 1),), "data_parallel")
+  model = models.build_model("unet", dict(spatial_dims=2, num_classes=3, features=(8, 16), norm="instance"))
+  step = train.jit_train_step(model, losses.make_objective("dice_xent", {}), optax.adam(1e-2), mesh,
+                              jax.tree.map(lambda a: a.sharding, state), augment_fn=augment)
+  state, metrics = step(state, sharding.host_to_global(_batch(2), mesh))
+  state, metrics = step(state, sharding.host_to_global(_batch(2), mesh))
+  assert len(seen) == 1 and np.isfinite(float(metrics["loss"]))
