@@ -10,6 +10,7 @@ Importing this package imports every builder module, so the registry is full.
 from typing import Any, Mapping, Optional
 
 from medjax.data.datasets.base import DATASETS, Dataset, DataSource, DatasetInfo, GeneratedSource
+from medjax.data.datasets import medmnist  # noqa: F401  (registers medmnist)
 from medjax.data.datasets import synthetic  # noqa: F401  (registers synthetic_phantoms, synthetic_lesions)
 
 __all__ = ["DATASETS", "Dataset", "DataSource", "DatasetInfo", "GeneratedSource", "build_dataset"]

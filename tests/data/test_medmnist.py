@@ -1,0 +1,201 @@
+"""MedMNIST builder on small fake .npz files of the official layout (never the real files)."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from medjax.data.datasets import DATASETS
+from medjax.data.datasets import medmnist as mm
+
+
+def write_fake(data_dir, subset, size=28, sizes=(6, 3, 4), seed=0, compressed=True, labels=None):
+  """Writes `{subset}[_{size}].npz` with uint8 images/labels of the official structure; returns arrays."""
+  info = mm.SUBSETS[subset]
+  rng = np.random.default_rng(seed)
+  shape = (size,) * info.spatial_dims + ((3,) if info.num_channels == 3 else ())
+  arrays = {}
+  for split, n in zip(mm.SPLITS, sizes):
+    arrays[f"{split}_images"] = rng.integers(0, 256, (n,) + shape, dtype=np.uint8)
+    if info.task == mm.MULTI_LABEL:
+      arrays[f"{split}_labels"] = rng.integers(0, 2, (n, len(info.class_names)), dtype=np.uint8)
+    else:
+      arrays[f"{split}_labels"] = rng.integers(0, len(info.class_names), (n, 1), dtype=np.uint8)
+  if labels is not None:
+    arrays.update(labels)
+  save = np.savez_compressed if compressed else np.savez
+  save(os.path.join(data_dir, mm.file_name(subset, size)), **arrays)
+  return arrays
+
+
+def test_registered_and_tables_consistent():
+  assert DATASETS.get("medmnist") is mm.medmnist
+  assert len(mm.SUBSETS) == 18
+  for name, info in mm.SUBSETS.items():
+    assert mm.task_type(name) == mm.TASKS[name] == info.task
+    assert info.spatial_dims == (3 if name.endswith("3d") else 2)
+    assert all(n > 0 for n in info.split_sizes) and len(set(info.class_names)) == len(info.class_names)
+  assert mm.TASKS["chestmnist"] == "multi-label" and mm.TASKS["retinamnist"] == "ordinal-regression"
+  assert len(mm.SUBSETS["chestmnist"].class_names) == 14
+  assert mm.SUBSETS["breastmnist"].class_names == ("malignant", "normal, benign")
+  assert mm.SUBSETS["pneumoniamnist"].class_names == ("normal", "pneumonia")
+  assert mm.SUBSETS["adrenalmnist3d"].class_names == ("normal", "hyperplasia")
+  assert mm.SUBSETS["organmnist3d"].class_names == mm.SUBSETS["organamnist"].class_names
+  assert mm.file_name("pathmnist") == "pathmnist.npz"
+  assert mm.file_name("pathmnist", 224) == "pathmnist_224.npz"
+  assert mm.file_name("vesselmnist3d", 64) == "vesselmnist3d_64.npz"
+  with pytest.raises(ValueError, match="must be one of"):
+    mm.file_name("vesselmnist3d", 128)
+
+
+def test_official_split_sizes_and_label_names(tmp_path):
+  sizes = mm.SUBSETS["breastmnist"].split_sizes  # (546, 78, 156): small enough to fake at full size
+  fake = write_fake(tmp_path, "breastmnist", sizes=sizes)
+  ds = mm.medmnist(subset="breastmnist", data_dir=str(tmp_path), verify_md5=False)
+  assert tuple(len(ds.source(s)) for s in ("train", "val", "test")) == (546, 78, 156)
+  assert ds.info.task == "classification" and ds.info.label_kind == "class"
+  assert ds.info.spatial_dims == 2 and ds.info.image_shape == (28, 28) and ds.info.num_channels == 1
+  assert ds.info.num_classes == 2 and ds.info.class_names == ("malignant", "normal, benign")
+  ex = ds.source("val")[7]
+  assert ex["label"].dtype == np.int32 and ex["label"].shape == () and ex["label"] == fake["val_labels"][7, 0]
+  assert ex["id"].dtype == np.int64 and ex["id"] == 1 * 10**9 + 7
+  np.testing.assert_array_equal(ex["spacing_mm"], np.ones(2, np.float32))
+  np.testing.assert_array_equal(ds.source("test").labels(), fake["test_labels"][:, 0])
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_value_scaling_and_three_channels(tmp_path, compressed):
+  fake = write_fake(tmp_path, "pneumoniamnist", compressed=compressed)
+  fake["train_images"][0, 0, :3] = (0, 255, 51)  # known pixels: -1, 1, -0.6
+  write_fake(tmp_path, "pneumoniamnist", compressed=compressed,
+             labels={"train_images": fake["train_images"]})
+  ds = mm.medmnist(subset="pneumoniamnist", data_dir=str(tmp_path), verify_md5=False)
+  image = ds.source("train")[0]["image"]
+  assert image.dtype == np.float32 and image.shape == (28, 28, 1)
+  np.testing.assert_allclose(image[0, :3, 0], [-1.0, 1.0, -0.6], atol=1e-6)
+  expected = (fake["train_images"].astype(np.float64) / 255 - 0.5) / 0.5
+  np.testing.assert_allclose(image[..., 0], expected[0], atol=1e-6)
+  ds3 = mm.medmnist(subset="pneumoniamnist", data_dir=str(tmp_path), channels=3, verify_md5=False)
+  assert ds3.info.num_channels == 3
+  image3 = ds3.source("train")[0]["image"]
+  assert image3.shape == (28, 28, 3)
+  for c in range(3):
+    np.testing.assert_array_equal(image3[..., c], image[..., 0])
+
+
+def test_rgb_subset_and_larger_size(tmp_path):
+  fake = write_fake(tmp_path, "dermamnist", size=64, sizes=(2, 1, 1))
+  ds = mm.medmnist(subset="dermamnist", data_dir=str(tmp_path), size=64, verify_md5=False)
+  assert ds.info.num_channels == 3 and ds.info.num_classes == 7 and ds.info.image_shape == (64, 64)
+  image = ds.source("train")[1]["image"]
+  np.testing.assert_allclose(image, fake["train_images"][1] / 127.5 - 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="channels"):
+    mm.medmnist(subset="dermamnist", data_dir=str(tmp_path), size=64, channels=1, verify_md5=False)
+
+
+def test_chest_multi_label(tmp_path):
+  fake = write_fake(tmp_path, "chestmnist", sizes=(5, 2, 3))
+  ds = mm.medmnist(subset="chestmnist", data_dir=str(tmp_path), verify_md5=False)
+  assert mm.task_type("chestmnist") == "multi-label" and ds.info.num_classes == 14
+  assert ds.info.class_names[0] == "atelectasis" and ds.info.class_names[-1] == "hernia"
+  ex = ds.source("test")[2]
+  assert ex["label"].dtype == np.int32 and ex["label"].shape == (14,)
+  np.testing.assert_array_equal(ex["label"], fake["test_labels"][2])
+
+
+@pytest.mark.parametrize("subset,size", [("adrenalmnist3d", 28), ("organmnist3d", 64)])
+def test_3d_shapes(tmp_path, subset, size):
+  fake = write_fake(tmp_path, subset, size=size, sizes=(3, 1, 2))
+  ds = mm.medmnist(subset=subset, data_dir=str(tmp_path), size=size, verify_md5=False)
+  assert ds.info.spatial_dims == 3 and ds.info.image_shape == (size,) * 3
+  assert ds.info.num_classes == len(mm.SUBSETS[subset].class_names)
+  ex = ds.source("test")[-1]
+  assert ex["image"].shape == (size, size, size, 1) and ex["spacing_mm"].shape == (3,)
+  assert ex["id"] == 2 * 10**9 + 1 and ex["label"] == fake["test_labels"][1, 0]
+  np.testing.assert_allclose(ex["image"][..., 0], fake["test_images"][1] / 127.5 - 1.0, atol=1e-6)
+
+
+def test_lazy_shared_loading_and_pickle(tmp_path):
+  write_fake(tmp_path, "bloodmnist", compressed=False)
+  ds = mm.medmnist(subset="bloodmnist", data_dir=str(tmp_path), verify_md5=False)
+  train, val = ds.source("train"), ds.source("val")
+  assert train.arrays is val.arrays and not train.arrays._arrays  # nothing loaded at build time
+  train[0]
+  assert isinstance(train.arrays.get("train_images"), np.memmap)  # stored member: memory-mapped
+  assert "val_images" not in train.arrays._arrays
+  clone = pickle.loads(pickle.dumps(ds))
+  assert not clone.source("train").arrays._arrays
+  np.testing.assert_array_equal(clone.source("train")[3]["image"], train[3]["image"])
+
+
+def test_missing_file_message(tmp_path):
+  with pytest.raises(FileNotFoundError) as err:
+    mm.medmnist(subset="octmnist", data_dir=str(tmp_path), size=128)
+  message = str(err.value)
+  assert str(tmp_path / "octmnist_128.npz") in message and "zenodo" in message
+
+
+def test_md5_mismatch_and_cache(tmp_path):
+  write_fake(tmp_path, "breastmnist")
+  path = str(tmp_path / "breastmnist.npz")
+  with pytest.raises(ValueError) as err:
+    mm.medmnist(subset="breastmnist", data_dir=str(tmp_path), verify_md5=True)
+  actual = mm.file_md5(path)
+  for part in (path, "750601b1f35ba3300ea97c75c52ff8f6", actual):
+    assert part in str(err.value)
+  assert mm.medmnist(subset="breastmnist", data_dir=str(tmp_path), verify_md5=False)
+  # Unknown official MD5 (no entry): verify_md5=True builds without checking.
+  write_fake(tmp_path, "retinamnist")
+  assert mm.medmnist(subset="retinamnist", data_dir=str(tmp_path)).info.num_classes == 5
+  # Cached per path + mtime: a rewritten file is hashed again.
+  key_count = len(mm._MD5_CACHE)
+  assert mm.file_md5(path) == actual and len(mm._MD5_CACHE) == key_count
+  write_fake(tmp_path, "breastmnist", seed=1)
+  os.utime(path, ns=(1, 1))
+  assert mm.file_md5(path) != actual
+
+
+def test_unknown_subset_and_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="Did you mean 'breastmnist'"):
+    mm.medmnist(subset="breastmnst", data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="size"):
+    mm.medmnist(subset="nodulemnist3d", data_dir=str(tmp_path), size=224)
+
+
+def test_bad_file_contents(tmp_path):
+  write_fake(tmp_path, "breastmnist", size=64, labels={"val_labels": np.full((3, 1), 7, np.uint8)})
+  ds = mm.medmnist(subset="breastmnist", data_dir=str(tmp_path), size=64, verify_md5=False)
+  with pytest.raises(ValueError, match=r"val_labels\[0\] = 7 is outside \[0, 2\)"):
+    ds.source("val")[0]
+  write_fake(tmp_path, "breastmnist", size=28, labels={"test_images": np.zeros((4, 32, 32), np.uint8)})
+  with pytest.raises(ValueError, match="test_images"):
+    mm.medmnist(subset="breastmnist", data_dir=str(tmp_path), verify_md5=False)
+  np.savez(tmp_path / "vesselmnist3d.npz", train_images=np.zeros((1, 28, 28, 28), np.uint8))
+  with pytest.raises(ValueError, match="no array 'train_labels'"):
+    mm.medmnist(subset="vesselmnist3d", data_dir=str(tmp_path))
+  (tmp_path / "synapsemnist3d.npz").write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match="synapsemnist3d.npz"):
+    mm.medmnist(subset="synapsemnist3d", data_dir=str(tmp_path))
+
+
+def test_tfds_array_record_without_tensorflow(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("array_record")
+  fake = write_fake(tmp_path, "chestmnist", sizes=(5, 2, 3))
+  ds = mm.tfds_sources(subset="chestmnist", data_dir=str(tmp_path), tfds_dir=str(tmp_path / "tfds"),
+                       verify_md5=False)
+  direct = mm.medmnist(subset="chestmnist", data_dir=str(tmp_path), verify_md5=False)
+  assert ds.info == direct.info
+  for split, n in zip(mm.SPLITS, (5, 2, 3)):
+    src = ds.source(split)
+    assert len(src) == n
+    by_id = {int(src[i]["id"]): src[i] for i in range(n)}
+    assert sorted(by_id) == [mm.SPLIT_CODES[split] * 10**9 + i for i in range(n)]
+    for i in range(n):
+      want = direct.source(split)[i]
+      got = by_id[int(want["id"])]
+      for key in ("image", "label", "spacing_mm"):
+        np.testing.assert_array_equal(got[key], want[key])
+        assert got[key].dtype == want[key].dtype
+  np.testing.assert_array_equal(direct.source("train")[0]["label"], fake["train_labels"][0])
