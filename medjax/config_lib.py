@@ -301,6 +301,12 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
   if "evaluator" in config:
     eval_name, eval_kwargs = named(config.evaluator, "evaluator")
     resolve_with_kwargs(evaluators.EVALUATORS, eval_name, eval_kwargs, "evaluator.name", "evaluator")
+  if config.get("augment"):
+    from medjax import augment  # pylint: disable=import-outside-toplevel
+    try:
+      augment.make_augment(config.augment.to_dict() if hasattr(config.augment, "to_dict") else config.augment)
+    except ValueError as e:
+      raise ConfigError(f"config.augment: {e}") from None
   if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
     raise ConfigError(f"config.compute_dtype must be one of {COMPUTE_DTYPES}, got {config.compute_dtype!r}.")
   if config.get("best_mode", "max") not in ("max", "min"):

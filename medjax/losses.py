@@ -41,14 +41,18 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, mask: Optional[Array]
 
   Args:
     logits: (B, *spatial, K) or (B, K).
-    labels: (B, *spatial) or (B,) integer classes in [0, K).
+    labels: (B, *spatial) or (B,) integer classes in [0, K), or float soft targets with the logits' shape
+      (e.g. mixup / cutmix targets from `medjax.augment`).
     mask: optional (B, *spatial) weights, 0 to ignore a voxel.
     label_smoothing: mass moved uniformly to all classes (0 = none).
   Returns: (B,) float32.
   """
   logits = logits.astype(jnp.float32)
   num_classes = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if labels.ndim == logits.ndim:  # soft targets
+    targets = labels.astype(jnp.float32)
+  else:
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if label_smoothing:
     targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
   per_voxel = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)

@@ -22,7 +22,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from medjax import checkpoint, config_lib, evaluators, losses, models, optim, sharding, steps
+from medjax import augment, checkpoint, config_lib, evaluators, losses, models, optim, sharding, steps
 from medjax.data import datasets, pipeline
 from medjax.metric_writer import MetricWriter, Progress
 from medjax.train_state import TrainState
@@ -120,8 +120,10 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
     checkpoint.save_config(workdir, config)
 
   # ---- 4. compiled steps
+  augment_config = config.get("augment") or {}
   train_step = jit_train_step(model, objective, tx, mesh, state_sharding,
-                              accum_steps=int(config.get("grad_accum_steps", 1)), ema_decay=ema_decay)
+                              accum_steps=int(config.get("grad_accum_steps", 1)), ema_decay=ema_decay,
+                              augment_fn=augment.make_augment(augment_config) if augment_config else None)
   eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=model.apply, stats_fn=evaluator.stats_fn))
   eval_batch_size = int(config.input.get("eval_batch_size", batch_size))
   sharding.check_batch_size(eval_batch_size, mesh, what="config.input.eval_batch_size")

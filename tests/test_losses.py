@@ -76,3 +76,12 @@ def test_make_objective_reads_batch():
   batch = {"label": jnp.array([1, 0])}
   out = objective(jnp.array([[0.0, 5.0], [5.0, 0.0]]), {}, batch)
   assert out.shape == (2,) and float(out.max()) < 0.01
+
+
+def test_cross_entropy_accepts_soft_targets():
+  logits = np.array([[2.0, 0.0], [0.0, 1.0]], np.float32)
+  soft = np.array([[0.7, 0.3], [0.0, 1.0]], np.float32)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(losses.softmax_cross_entropy(logits, soft), -(soft * logp).sum(-1), rtol=1e-6)
+  hard = losses.softmax_cross_entropy(logits, np.array([0, 1]))
+  np.testing.assert_allclose(losses.softmax_cross_entropy(logits, np.eye(2, dtype=np.float32)), hard, rtol=1e-6)

@@ -146,3 +146,26 @@ def test_restarting_a_finished_run_trains_nothing_and_reports(tmp_path):
   again = train.main(config, str(tmp_path))
   assert again["val/dice_mean"] == pytest.approx(first["val/dice_mean"])
   assert not any("train/loss" in r for r in metric_writer.read_metrics(str(tmp_path))[records:])
+
+
+def test_training_with_on_device_augmentation(tmp_path):
+  config = _config()
+  config.augment = dict(flip=dict(p=0.5, axes=(0, 1)), affine=dict(p=0.5, rotate_deg=10.0, scale=(0.9, 1.1)),
+                        gamma=dict(p=0.3, range=(0.8, 1.25)), noise=dict(p=0.3, std=(0.0, 0.05)))
+  result = train.main(config, str(tmp_path))
+  assert np.isfinite(result["val/dice_mean"])
+
+
+def test_classification_with_mixup_soft_targets(tmp_path):
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_resnet.py")
+  config = config_lib.load_config(f"{path}:quick=true")
+  config.mesh = (("data", 1),)
+  config.augment = dict(mixup=dict(p=1.0, alpha=0.4), num_classes=3)
+  assert np.isfinite(train.main(config, str(tmp_path))["val/auc"])
+
+
+def test_bad_augment_key_fails_validation():
+  config = _config()
+  config.augment = dict(flp=dict(p=0.5))
+  with pytest.raises(config_lib.ConfigError, match=r"config\.augment: .*'flp'.*Did you mean 'flip'"):
+    config_lib.validate(config)
