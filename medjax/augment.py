@@ -357,6 +357,16 @@ def _box(u: Array, shape, frac: Array) -> Array:
   return inside
 
 
+# A segmentation chain in the spirit of nnU-Net's default 3D augmentation (probabilities and ranges
+# chosen here, not copied): what the throughput benchmarks run ("the full chain").
+SEGMENTATION_CHAIN = dict(
+    flip=dict(p=0.5), affine=dict(p=0.2, rotate_deg=30.0, scale=(0.7, 1.4)),
+    elastic=dict(p=0.2, sigma=8.0, magnitude=(0.0, 2.0)), noise=dict(p=0.1, std=(0.0, 0.1)),
+    blur=dict(p=0.2, sigma=(0.5, 1.0)), brightness=dict(p=0.15, range=(0.75, 1.25)),
+    contrast=dict(p=0.15, range=(0.75, 1.25)), low_res=dict(p=0.25, factor=(1.0, 2.0)),
+    gamma=dict(p=0.3, range=(0.7, 1.5)))
+
+
 def make_augment(config: Mapping) -> Callable[[Array, Batch], Batch]:
   """Validate `config` (see the module docstring) and return a pure `augment(rng, batch) -> batch`.
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from medjax import config_lib, losses, sharding, train
+from medjax import augment, config_lib, losses, sharding, train
 from medjax.tools import model_info
 
 _MODEL = flags.DEFINE_string("model", None, "Registered model name.", required=True)
@@ -32,7 +32,10 @@ _INPUT_SHAPE = flags.DEFINE_list("input_shape", None, "Input shape without batch
                                  required=True)
 _BATCH = flags.DEFINE_integer("batch_size", 2, "Global batch size (split over all local devices).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
-_MODES = flags.DEFINE_list("modes", ["forward", "train"], "Which of forward, train to time.")
+_MODES = flags.DEFINE_list("modes", ["forward", "train"],
+                           "Which of forward, train, augment (the chain alone) to time.")
+_AUGMENT = flags.DEFINE_bool("augment", False, "Run augment.SEGMENTATION_CHAIN inside the train step "
+                             "(and in the augment mode).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results to this JSON file.")
@@ -63,7 +66,7 @@ def _result(mode: str, compile_s: float, times: Sequence[float], batch_size: int
 
 def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int], batch_size: int,
               dtype: str = "float32", modes: Sequence[str] = ("forward", "train"), steps: int = 20,
-              warmup: int = 3) -> Dict[str, Any]:
+              warmup: int = 3, augment_config: Dict[str, Any] = None) -> Dict[str, Any]:
   """Times the modes; returns {"model", "device", ..., "results": [per-mode dicts]}."""
   model = model_info.build(model_name, kwargs, dtype)
   mesh = sharding.make_mesh((("data", -1),))
@@ -76,8 +79,9 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   state_sharding = sharding.state_shardings(abstract, mesh, "data_parallel")
   state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(0))
+  augment_fn = augment.make_augment(augment_config) if augment_config else None
   report = {"model": model_name, "kwargs": kwargs, "input_shape": [batch_size] + list(input_shape),
-            "dtype": dtype, "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
+            "augment": augment_config or {}, "dtype": dtype, "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
             "results": []}
 
   if "forward" in modes:
@@ -96,7 +100,7 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
     labels = jax.jit(lambda key: jax.random.randint(key, label_shape, 0, out_shape[-1]),
                      out_shardings=batch_sharding)(jax.random.PRNGKey(1))
     objective = losses.make_objective("dice_xent" if dense else "xent", {})
-    step = train.jit_train_step(model, objective, tx, mesh, state_sharding)
+    step = train.jit_train_step(model, objective, tx, mesh, state_sharding, augment_fn=augment_fn)
     batch = {"image": image, "label": labels}
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -109,13 +113,28 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
 
     times = _time_calls(call, steps, warmup)
     report["results"].append(_result("train", compile_s, times, batch_size, model_info.compiled_flops(compiled)))
+
+  if "augment" in modes:
+    if augment_fn is None:
+      raise ValueError("The augment mode needs an augmentation config (--augment).")
+    out_shape = jax.eval_shape(lambda v, x: model.apply(v, x, train=False)[0], state.variables(), image).shape
+    labels = jnp.zeros(out_shape[:-1], jnp.int32)
+    chain = jax.jit(augment_fn)
+    key = jax.random.PRNGKey(2)
+    batch = {"image": image, "label": labels}
+    start = time.perf_counter()
+    compiled = chain.lower(key, batch).compile()
+    compile_s = time.perf_counter() - start
+    times = _time_calls(lambda: compiled(key, batch)["image"], steps, warmup)
+    report["results"].append(_result("augment", compile_s, times, batch_size, model_info.compiled_flops(compiled)))
   return report
 
 
 def main(argv):
   del argv
   report = benchmark(_MODEL.value, config_lib.parse_kwargs(_KWARGS.value), [int(s) for s in _INPUT_SHAPE.value],
-                     _BATCH.value, _DTYPE.value, _MODES.value, _STEPS.value, _WARMUP.value)
+                     _BATCH.value, _DTYPE.value, _MODES.value, _STEPS.value, _WARMUP.value,
+                     augment.SEGMENTATION_CHAIN if _AUGMENT.value else None)
   text = json.dumps(report, indent=2)
   print(text)
   if _JSON_OUT.value:

@@ -47,3 +47,11 @@ def test_benchmark_classifier_and_bad_batch():
   assert report["results"][0]["mode"] == "train"
   with pytest.raises(ValueError, match="--batch_size=3 is not divisible"):
     benchmark.benchmark("unet", UNET, (8, 8, 8, 1), batch_size=3, steps=1)
+
+
+def test_benchmark_with_the_augmentation_chain():
+  from medjax import augment
+  report = benchmark.benchmark("unet", UNET, (8, 8, 8, 1), batch_size=8, modes=("train", "augment"), steps=1,
+                               warmup=0, augment_config=augment.SEGMENTATION_CHAIN)
+  assert [r["mode"] for r in report["results"]] == ["train", "augment"]
+  assert all(r["median_ms"] > 0 for r in report["results"])
