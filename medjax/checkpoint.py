@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from medjax import atomic
 from medjax.typing import PyTree
 
 CHECKPOINT_DIR = "checkpoints"
@@ -353,17 +353,7 @@ def save_config(workdir: str | os.PathLike, config: Any) -> str:
   if jax.process_index() != 0:
     return path
   os.makedirs(os.fspath(workdir), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=os.fspath(workdir))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write_text_atomically(path, text)
   return path
 
 

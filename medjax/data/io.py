@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from medjax import atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -179,23 +180,6 @@ def read_nifti(path: PathLike, allow_channels: bool = False) -> Volume:
   return Volume(_from_nibabel_order(data), spacing_from_affine(affine), affine)
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Calls write(tmp) with a temporary path in the same folder and renames it over `path` on success."""
-  folder = os.path.dirname(os.path.abspath(path))
-  name = os.path.basename(path)
-  # nibabel and PIL pick the format from the suffix, so the temp file keeps the full extension.
-  suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=folder)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_nifti(path: PathLike, volume: Volume, nifti2: Optional[bool] = None) -> None:
   """Writes a Volume to .nii or .nii.gz atomically (a temp file in the same folder, then os.replace).
 
@@ -236,7 +220,7 @@ def write_nifti(path: PathLike, volume: Volume, nifti2: Optional[bool] = None) -
   except Exception as e:
     raise ValueError(f"cannot write {volume.array.dtype} volume of shape {volume.array.shape} as NIfTI "
                      f"{path}: {e}") from e
-  _atomic_write(path, lambda tmp: nib.save(img, tmp))
+  atomic.write_atomically(path, lambda tmp: nib.save(img, tmp))
 
 
 # ------------------------------------------------------------------------------------------- orientation

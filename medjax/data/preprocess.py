@@ -19,11 +19,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.ndimage as ndi
+
+from medjax import atomic
 
 ANISOTROPY_THRESHOLD = 3.0
 
@@ -443,13 +444,5 @@ def cached(fn_config: Mapping, case_id: str, compute: Callable[[], Mapping[str, 
                        f"got dtype {value.dtype}.")
     arrays[name] = value
   os.makedirs(os.fspath(cache_dir), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(cache_dir), prefix=".tmp_", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
   return arrays

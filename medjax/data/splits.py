@@ -27,11 +27,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from medjax import atomic
 
 SPLIT_NAMES = ("train", "val", "test")
 JSON_FORMAT = "medjax.splits"
@@ -446,17 +447,7 @@ def splits_to_json(path, splits: Union[Mapping[str, Any], Folds], *, patient_ids
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"splits_to_json: directory {directory} does not exist (writing {path}).")
-  fd, tmp = tempfile.mkstemp(prefix=".splits-", suffix=".json.tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as fh:
-      fh.write(text)
-      fh.flush()
-      os.fsync(fh.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write_text_atomically(path, text)
   return path
 
 
