@@ -9,7 +9,8 @@ import pytest
 from medjax import models
 from medjax.models import mobile, mobilenet  # noqa: F401  (registers the models)
 from medjax.models.mobilenet import MobileNetV2, MobileNetV3Large, MobileNetV3Small
-from zoo_testing import KEY, num_params as _num_params, init_shapes as _init_shapes, host_variables_for as _numpy_variables
+from zoo_testing import (KEY, host_variables_for as _numpy_variables, init_shapes as _init_shapes,
+                         num_params as _num_params, train_mode_gradients)
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -70,12 +71,7 @@ def test_train_step_gradients_are_finite():
   x = jax.random.normal(KEY, (2, 20, 17, 1))
   variables = _numpy_variables(model, x)
 
-  def loss(params):
-    (logits, _), new_state = model.apply({**variables, "params": params}, x, train=True,
-                                         mutable=["batch_stats"], rngs={"dropout": KEY})
-    return jnp.mean(logits ** 2), (logits, new_state)
-
-  (value, (logits, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  value, logits, state, grads = train_mode_gradients(model, variables, x)
   assert np.isfinite(value) and np.std(logits) > 0
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert np.abs(grads["stem"]["conv"]["kernel"]).sum() > 0

@@ -47,3 +47,18 @@ def host_variables(shapes, seed: int = 0):
 def host_variables_for(model, x, seed: int = 0):
   """`host_variables` for `model` at input `x`."""
   return host_variables(init_shapes(model, x)[1], seed)
+
+
+def train_mode_gradients(model, variables, x):
+  """One jitted train-mode forward/backward with the batch statistics mutable and dropout on.
+
+  Loss mean(logits^2). Returns (loss, logits, new model state, grads w.r.t. params).
+  """
+
+  def loss(params):
+    (logits, _), new_state = model.apply({**variables, "params": params}, x, train=True,
+                                         mutable=["batch_stats"], rngs={"dropout": KEY})
+    return jnp.mean(logits ** 2), (logits, new_state)
+
+  (value, (logits, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  return value, logits, state, grads
