@@ -11,6 +11,7 @@ put on the devices while the current step runs.
 from __future__ import annotations
 
 import collections
+import difflib
 import concurrent.futures
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
 
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from medjax import sharding
+from medjax.data import sampling
 from medjax.typing import HostBatch
 
 # Keys that travel to the devices; everything else (ids, metadata) stays on the host.
@@ -53,14 +55,26 @@ class TrainBatches:
     process_index, process_count: this process's place (defaults from jax).
     num_threads: host threads loading examples ahead of the step.
     prefetch: host batches prepared ahead.
+    sampler: "shuffle" (every example once per epoch) or "balanced" (class-balanced draws with replacement,
+      classification only; see `sampling`).
+    balance_power: exponent of the inverse class frequency for "balanced" (1 = equal class shares).
+
+  A source with a `sample(index, rng)` method (e.g. `sampling.PatchSampler`) is asked for a random draw of
+  each example, with a generator seeded by (seed, stream position), instead of `source[index]`.
   """
 
   def __init__(self, source, *, global_batch_size: int, seed: int, process_index: Optional[int] = None,
-               process_count: Optional[int] = None, num_threads: int = 2, prefetch: int = 2):
+               process_count: Optional[int] = None, num_threads: int = 2, prefetch: int = 2,
+               sampler: str = "shuffle", balance_power: float = 1.0):
     self.source = source
     self.num_examples = len(source)
     if self.num_examples == 0:
       raise ValueError("TrainBatches: the training split is empty.")
+    if sampler not in sampling.SAMPLERS:
+      raise ValueError(f"TrainBatches: sampler must be one of {sampling.SAMPLERS}, got {sampler!r}.")
+    self.sampler = sampler
+    self._probabilities = (sampling.balanced_probabilities(sampling.class_counts_of(source), balance_power)
+                           if sampler == "balanced" else None)
     self.global_batch_size = global_batch_size
     self.seed = seed
     self.process_index = jax.process_index() if process_index is None else process_index
@@ -78,14 +92,44 @@ class TrainBatches:
     result = np.empty_like(positions)
     for epoch in np.unique(epochs):
       chosen = epochs == epoch
-      result[chosen] = epoch_permutation(self.seed, int(epoch), self.num_examples)[offsets[chosen]]
+      result[chosen] = self.epoch_order(int(epoch))[offsets[chosen]]
     return result
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """The examples of `epoch` in order, (num_examples,)."""
+    if self._probabilities is not None:
+      return sampling.balanced_epoch(self.seed, epoch, self._probabilities)
+    return epoch_permutation(self.seed, epoch, self.num_examples)
+
+  def local_draws(self, step: int):
+    """(source index, stream position) of each example of this process's slice of the batch at `step`."""
+    mine = _process_slice(self.global_batch_size, self.process_index, self.process_count)
+    positions = step * self.global_batch_size + np.arange(self.global_batch_size)
+    return list(zip(self.global_indices(step)[mine].tolist(), positions[mine].tolist()))
+
+  def example(self, index: int, position: int):
+    """Example `index` as drawn at stream `position` (a random patch for sources that sample)."""
+    if hasattr(self.source, "sample"):
+      return self.source.sample(index, sampling.position_rng(self.seed, position))
+    return self.source[index]
 
   def host_batch(self, step: int) -> Dict[str, np.ndarray]:
     """This process's slice of the batch at `step`."""
-    indices = self.global_indices(step)[_process_slice(self.global_batch_size, self.process_index,
-                                                       self.process_count)]
-    return collate([self.source[int(i)] for i in indices])
+    return collate([self.example(i, p) for i, p in self.local_draws(step)])
+
+  def grain_iterate(self, start_step: int, num_workers: int) -> Iterator[Dict[str, np.ndarray]]:
+    """As `iterate`, with the host batches built by `num_workers` Grain worker processes.
+
+    Grain maps step -> host batch one to one, so the stream is the same whatever the worker count, and a
+    resumed run starts at `start_step` with no iterator state to restore.
+    """
+    import grain  # pylint: disable=import-outside-toplevel  (worker processes are optional)
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside an absl app take their defaults
+      flags.FLAGS.mark_as_parsed()
+    steps = grain.MapDataset.range(start_step, start_step + 2**40).map(_HostBatchAt(self))
+    stream = steps.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(stream)
 
   def iterate(self, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
     """Host batches for steps start_step, start_step + 1, ... prepared ahead in a thread pool."""
@@ -97,6 +141,16 @@ class TrainBatches:
           queue.append(pool.submit(self.host_batch, step))
           step += 1
         yield queue.popleft().result()
+
+
+class _HostBatchAt:
+  """Picklable step -> host batch function for Grain workers."""
+
+  def __init__(self, batches: TrainBatches):
+    self.batches = batches
+
+  def __call__(self, step: int) -> Dict[str, np.ndarray]:
+    return self.batches.host_batch(int(step))
 
 
 def eval_batches(source, *, global_batch_size: int, process_index: Optional[int] = None,
@@ -138,3 +192,145 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Number of steps that see each training example once on average (ceil)."""
   return max(1, -(-num_examples // global_batch_size))
 
+
+
+class DeviceCrops:
+  """Training patches cut on the devices from a copy of every training case kept in accelerator memory.
+
+  For datasets that fit on the device (a few hundred small volumes), only the case index and start corner
+  of each patch travel per step, and `lax.dynamic_slice` cuts the patch on device: no host crop, no
+  host-to-device copy of the patch. Cases are padded as `PatchSampler.crop` pads them, then at the far end
+  to a common shape, and replicated over the mesh. The patches equal the host path's patches exactly
+  (same `PatchSampler.location` draws), so switching paths changes speed, not results.
+
+  Args:
+    batches: the `TrainBatches` whose order and positions are followed; its source is a `PatchSampler`.
+    mesh: the device mesh.
+    max_bytes: refuse to cache more than this many bytes (a clear error suggests the host path instead).
+  """
+
+  def __init__(self, batches: TrainBatches, mesh, *, max_bytes: Optional[float] = None):
+    sampler = batches.source
+    if not isinstance(sampler, sampling.PatchSampler):
+      raise TypeError("DeviceCrops needs TrainBatches over a sampling.PatchSampler (set input.patch_size).")
+    self.batches, self.sampler, self.mesh = batches, sampler, mesh
+    cases = [sampler.source[i] for i in range(len(sampler))]
+    self._host_cases = cases
+    padded = [sampling.pad_to_patch(np.asarray(c["image"]), np.asarray(c["label"]), sampler.patch_size,
+                                    sampler.pad_value) for c in cases]
+    common = np.max([label.shape for _, label in padded], axis=0)
+    num_classes_bound = max(int(label.max()) for _, label in padded) + 1
+    label_dtype = np.uint8 if num_classes_bound <= 255 else np.int32
+    channels = padded[0][0].shape[-1]
+    nbytes = len(cases) * int(np.prod(common)) * (channels * 4 + np.dtype(label_dtype).itemsize)
+    if max_bytes is not None and nbytes > max_bytes:
+      raise ValueError(f"DeviceCrops: caching {len(cases)} training cases padded to {tuple(common)} needs "
+                       f"{nbytes / 2**30:.2f} GiB, more than input.device_cache_max_gib allows "
+                       f"({max_bytes / 2**30:.2f} GiB). Set input.device_crop=False to crop on the host.")
+    images = np.zeros((len(cases), *common, channels), np.float32)
+    labels = np.zeros((len(cases), *common), label_dtype)
+    for i, (image, label) in enumerate(padded):
+      window = tuple(slice(0, s) for s in label.shape)
+      images[(i,) + window] = image
+      labels[(i,) + window] = label
+    replicated = sharding.replicated(mesh)
+    self.images = jax.device_put(images, replicated)
+    self.labels = jax.device_put(labels, replicated)
+    patch = sampler.patch_size
+
+    def cut(images, labels, case, start):
+      def one(c, s):
+        image = jax.lax.dynamic_slice(images[c], (*s, 0), (*patch, channels))
+        label = jax.lax.dynamic_slice(labels[c], tuple(s), patch)
+        return image, label.astype(np.int32)
+      return jax.vmap(one)(case, start)
+
+    batch_spec = sharding.batch_sharding(mesh)
+    self._cut = jax.jit(cut, in_shardings=(replicated, replicated, batch_spec, batch_spec),
+                        out_shardings=(batch_spec, batch_spec))
+
+  def host_locations(self, step: int) -> Dict[str, np.ndarray]:
+    """This process's case indices (b,) int32, start corners (b, d) int32 and small per-example keys."""
+    cases, starts, extra = [], [], []
+    for index, position in self.batches.local_draws(step):
+      example = self._host_cases[index]
+      start = self.sampler.location(index, sampling.position_rng(self.batches.seed, position), example)
+      cases.append(index)
+      starts.append(start)
+      extra.append({k: v for k, v in example.items() if k in ("spacing_mm", "mask", "weight", "id")})
+    batch = collate(extra) if extra and extra[0] else {}
+    batch["case"] = np.asarray(cases, np.int32)
+    batch["start"] = np.asarray(starts, np.int32)
+    return batch
+
+  def iterate(self, start_step: int) -> Iterator[Dict[str, jax.Array]]:
+    """Device batches ("image", "label", plus "spacing_mm"/"mask" when the cases have them) from `start_step`."""
+    step = start_step
+    while True:
+      host = self.host_locations(step)
+      device = sharding.host_to_global({k: v for k, v in host.items() if k in DEVICE_KEYS + ("case", "start")},
+                                       self.mesh)
+      image, label = self._cut(self.images, self.labels, device.pop("case"), device.pop("start"))
+      yield {"image": image, "label": label, **device}
+      step += 1
+
+
+# config.input keys and their defaults (batch_size and eval_batch_size are read by train.main itself).
+INPUT_OPTIONS = dict(
+    batch_size=None, eval_batch_size=None,
+    patch_size=None,            # spatial patch (voxels) cut from whole cases; None = examples are used whole
+    foreground_fraction=0.33,   # share of training patches centred on foreground (nnU-Net's 1/3)
+    pad_value=0.0,              # image value padding cases smaller than the patch
+    sampler="shuffle",          # or "balanced" (classification)
+    balance_power=1.0,          # inverse class frequency exponent of the balanced sampler
+    loader="threads",           # or "grain": host batches built in Grain worker processes
+    num_workers=2,              # threads or Grain processes preparing host batches
+    device_crop=False,          # cut patches on device from cases cached in accelerator memory
+    device_cache_max_gib=None,  # refuse a device cache larger than this
+)
+
+
+def input_options(input_config: Mapping[str, Any]) -> Dict[str, Any]:
+  """`config.input` merged over `INPUT_OPTIONS`; an unknown key raises ValueError with a did-you-mean."""
+  options = dict(INPUT_OPTIONS)
+  for key, value in dict(input_config).items():
+    if key not in INPUT_OPTIONS:
+      close = difflib.get_close_matches(key, INPUT_OPTIONS, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"config.input: unknown key {key!r}.{hint} Known keys: {', '.join(INPUT_OPTIONS)}.")
+    options[key] = value
+  if options["loader"] not in ("threads", "grain"):
+    raise ValueError(f"config.input.loader must be 'threads' or 'grain', got {options['loader']!r}.")
+  if options["sampler"] not in sampling.SAMPLERS:
+    raise ValueError(f"config.input.sampler must be one of {sampling.SAMPLERS}, got {options['sampler']!r}.")
+  if options["device_crop"] and options["patch_size"] is None:
+    raise ValueError("config.input.device_crop=True needs config.input.patch_size.")
+  return options
+
+
+def patch_source(source, input_config: Mapping[str, Any], seed: int):
+  """`source` wrapped in a `PatchSampler` when config.input sets a patch_size, else `source` itself."""
+  options = input_options(input_config)
+  if options["patch_size"] is None:
+    return source
+  return sampling.PatchSampler(source, options["patch_size"], foreground_fraction=options["foreground_fraction"],
+                               seed=seed, pad_value=options["pad_value"])
+
+
+def train_stream(source, input_config: Mapping[str, Any], *, seed: int, start_step: int,
+                 mesh) -> Iterator[Dict[str, jax.Array]]:
+  """Global device batches for steps start_step, start_step + 1, ... as config.input describes them.
+
+  `source` is the training split (already wrapped by `patch_source` when patches are used).
+  """
+  options = input_options(input_config)
+  batches = TrainBatches(source, global_batch_size=int(options["batch_size"]), seed=seed,
+                         num_threads=max(1, int(options["num_workers"])), sampler=options["sampler"],
+                         balance_power=float(options["balance_power"]))
+  if options["device_crop"]:
+    max_gib = options["device_cache_max_gib"]
+    return DeviceCrops(batches, mesh, max_bytes=None if max_gib is None else float(max_gib) * 2**30
+                       ).iterate(start_step)
+  if options["loader"] == "grain" and int(options["num_workers"]) > 0:
+    return device_batches(batches.grain_iterate(start_step, int(options["num_workers"])), mesh)
+  return device_batches(batches.iterate(start_step), mesh)
