@@ -5,6 +5,13 @@ Run:
   python -m medjax.main --config experiments/synthetic_unet.py:dims=2 --workdir runs/demo2d
   python -m medjax.main --config experiments/synthetic_unet.py:quick=true --workdir /tmp/quick  # smoke test
   python -m medjax.main --config experiments/synthetic_unet.py:aug=true --workdir runs/demo_aug  # + on-device augmentation
+  python -m medjax.tools.sweep --config experiments/synthetic_unet.py:dims=2 --workdir runs/sweep2d --parallel 2  # get_sweep
+  python -m medjax.main --config experiments/synthetic_unet.py:size=48,patch=32 --workdir runs/patches
+      # 32^3 training patches cut from 48^3 cases, 1/3 centred on foreground (add device_crop=true to cut
+      # them on the accelerator from cached cases); validation on one fixed foreground patch per case
+  python -m medjax.data.plan --dataset synthetic_phantoms --kwargs "spatial_dims=3,image_size=48" --out runs/plan
+  python -m medjax.main --config experiments/synthetic_unet.py:size=48,plan=runs/plan/plan.json --workdir runs/planned
+      # patch size, batch size and U-Net kernels / strides / widths from the plan
 
 The default 3D run is sized for a 2-core CPU (32^3 patches, a 3-level U-Net): a few minutes, reaching a
 validation mean foreground Dice above 0.85. On a GPU, raise `size`, `features` and `steps`.
@@ -16,7 +23,8 @@ from medjax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dims=3, size=32, steps=400, aug=False, quick=False)
+  arg = config_lib.parse_arg(arg, dims=3, size=32, steps=400, aug=False, patch=0, device_crop=False, plan="",
+                             quick=False)
   c = mlc.ConfigDict()
   c.seed = 0
   c.total_steps = arg.steps
@@ -44,6 +52,12 @@ def get_config(arg=None):
   c.augment = dict(flip=dict(p=0.5), affine=dict(p=0.3, rotate_deg=15.0, scale=(0.85, 1.2)),
                    gamma=dict(p=0.3, range=(0.7, 1.5)), noise=dict(p=0.2, std=(0.0, 0.1))) if arg.aug else {}
 
+  if arg.patch:
+    c.input.patch_size = (arg.patch,) * arg.dims
+    c.input.device_crop = arg.device_crop
+  if arg.plan:
+    config_lib.apply_plan(c, config_lib.read_plan(arg.plan))
+
   c.mesh = (("data", -1),)
   c.sharding = "data_parallel"
   c.evaluator = dict(name="segmentation")
@@ -55,6 +69,17 @@ def get_config(arg=None):
     c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 4, 2
     c.data.image_size, c.data.num_train, c.data.num_val = 16, 8, 4
     c.input.batch_size, c.input.eval_batch_size = 2, 2
-    c.model.features = (4, 8)
+    # A plan fixes the number of levels (kernel_size / strides); keep them and only narrow the widths.
+    c.model.features = tuple(max(2, f // 8) for f in c.model.features) if arg.plan else (4, 8)
+    if arg.patch:
+      c.input.patch_size = (8,) * arg.dims
     c.schedule.warmup_steps = 1
   return c
+
+
+def get_sweep(arg=None):
+  """Learning rate x network width: a 2 x 2 grid around this config's values (see medjax/sweep)."""
+  from medjax import sweep  # pylint: disable=import-outside-toplevel  # only sweeps need it
+  c = get_config(arg)
+  widths = [tuple(c.model.features), tuple(2 * f for f in c.model.features)]
+  return sweep.product(lr=[c.lr, c.lr / 5], **{"model.features": widths})

@@ -212,6 +212,43 @@ def from_json(text: str) -> mlc.ConfigDict:
 
 # ------------------------------------------------------------------------------------------ validation
 
+PLAN_KEYS = ("patch_size", "batch_size", "features", "kernel_size", "strides", "target_spacing_mm")
+
+
+def read_plan(path: str) -> dict:
+  """Reads a `plan.json` written by `python -m medjax.data.plan` (plain JSON; no JAX or numpy needed).
+
+  Raises ConfigError naming the file when it is missing, not JSON, or lacks a planned key.
+  """
+  try:
+    with open(path) as f:
+      plan = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"Plan file {path!r} not found; write one with `python -m medjax.data.plan "
+                      "--dataset NAME --kwargs ... --out DIR` and pass DIR/plan.json.") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"Plan file {path!r} could not be read as JSON: {e}") from None
+  missing = [k for k in PLAN_KEYS if k not in plan]
+  if missing:
+    raise ConfigError(f"Plan file {path!r} lacks keys {missing}.")
+  return plan
+
+
+def apply_plan(config: mlc.ConfigDict, plan: Mapping[str, Any], *, batch_size: bool = True) -> mlc.ConfigDict:
+  """Copies a plan into a U-Net experiment config, in place: the patch size (config.input.patch_size), the
+  batch size (unless `batch_size=False`), and the network's per-level `features`, `kernel_size` and
+  `strides` (config.model). The target spacing is a dataset setting; experiments pass
+  `plan["target_spacing_mm"]` to their dataset themselves. Returns the config for chaining.
+  """
+  config.input.patch_size = tuple(int(p) for p in plan["patch_size"])
+  if batch_size:
+    config.input.batch_size = int(plan["batch_size"])
+  config.model.features = tuple(int(f) for f in plan["features"])
+  config.model.kernel_size = tuple(tuple(int(v) for v in k) for k in plan["kernel_size"])
+  config.model.strides = tuple(tuple(int(v) for v in s) for s in plan["strides"])
+  return config
+
+
 _REQUIRED: Tuple[Tuple[str, type], ...] = (
     ("seed", int), ("total_steps", int), ("model_name", str), ("data.name", str),
     ("input.batch_size", int), ("lr", float),
@@ -220,6 +257,7 @@ _OPTIONAL_TYPES: Tuple[Tuple[str, Any], ...] = (
     ("log_every_steps", int), ("eval_every_steps", int), ("checkpoint_every_steps", int),
     ("grad_accum_steps", int), ("ema_decay", float), ("grad_clip_norm", (float, type(None))),
     ("compute_dtype", str), ("sharding", str), ("best_metric", str), ("best_mode", str),
+    ("test_split", str),
 )
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -241,6 +279,36 @@ def _check_type(dotted: str, value: Any, expected: Any) -> None:
   if not ok:
     names = " or ".join(t.__name__ for t in expected)
     raise ConfigError(f"config.{dotted} must be {names}, got {value!r} ({type(value).__name__}).")
+
+
+_EARLY_STOPPING_KEYS = ("metric", "mode", "patience", "min_delta")
+
+
+def _check_early_stopping(config: mlc.ConfigDict) -> None:
+  """config.early_stopping: dict(metric="val/...", mode="max"|"min", patience>=1, min_delta>=0), all optional
+  but the metric, which defaults to config.best_metric; evaluations must be periodic for patience to count."""
+  options = config.get("early_stopping")
+  if not options:
+    return
+  if not isinstance(options, (mlc.ConfigDict, Mapping)):
+    raise ConfigError(f"config.early_stopping must be a dict({', '.join(_EARLY_STOPPING_KEYS)}), got {options!r}.")
+  for key in options.keys():
+    if key not in _EARLY_STOPPING_KEYS:
+      raise ConfigError(f"Unknown key config.early_stopping.{key}.{_suggest(key, _EARLY_STOPPING_KEYS)} "
+                        f"Known keys: {', '.join(_EARLY_STOPPING_KEYS)}.")
+  metric = options.get("metric", config.get("best_metric"))
+  if not isinstance(metric, str) or not metric.startswith("val/"):
+    raise ConfigError(f"config.early_stopping.metric must be a validation metric key 'val/...' (or set "
+                      f"config.best_metric), got {metric!r}.")
+  for key, expected in (("patience", int), ("min_delta", float), ("mode", str)):
+    if key in options:
+      _check_type(f"early_stopping.{key}", options[key], expected)
+  if options.get("mode", "max") not in ("max", "min"):
+    raise ConfigError(f"config.early_stopping.mode must be 'max' or 'min', got {options['mode']!r}.")
+  if options.get("patience", 1) < 1 or options.get("min_delta", 0.0) < 0:
+    raise ConfigError(f"config.early_stopping needs patience >= 1 and min_delta >= 0, got {dict(options)}.")
+  if not config.get("eval_every_steps"):
+    raise ConfigError("config.early_stopping counts evaluations: set config.eval_every_steps.")
 
 
 def named(value: Any, where: str) -> Tuple[str, dict]:
@@ -292,7 +360,17 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
 
   resolve_with_kwargs(models.MODELS, config.model_name, config.get("model", {}).keys(), "model_name", "model")
   data_name, data_kwargs = named(config.data, "data")
+  resolve(datasets.DATASETS, data_name, "data.name")
+  try:
+    data_kwargs, _ = datasets.split_fold_keys(data_name, data_kwargs)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   resolve_with_kwargs(datasets.DATASETS, data_name, data_kwargs, "data.name", "data")
+  try:
+    from medjax.data import pipeline  # pylint: disable=import-outside-toplevel
+    pipeline.input_options(config.input)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   loss_name, loss_kwargs = named(config.get("loss", "xent"), "loss")
   resolve_with_kwargs(losses.LOSSES, loss_name, loss_kwargs, "loss", "loss")
   optim.validate_optim_config(config)
@@ -309,6 +387,7 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
       raise ConfigError(f"config.augment: {e}") from None
   if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
     raise ConfigError(f"config.compute_dtype must be one of {COMPUTE_DTYPES}, got {config.compute_dtype!r}.")
+  _check_early_stopping(config)
   if config.get("best_mode", "max") not in ("max", "min"):
     raise ConfigError(f"config.best_mode must be 'max' or 'min', got {config.best_mode!r}.")
   accum = config.get("grad_accum_steps", 1)

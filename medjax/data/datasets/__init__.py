@@ -11,7 +11,9 @@ from typing import Any, Mapping, Optional
 
 from medjax.data.datasets.base import DATASETS, Dataset, DataSource, DatasetInfo, GeneratedSource
 from medjax.data.datasets import medmnist  # noqa: F401  (registers medmnist)
+from medjax.data.datasets import msd, nifti_folder  # noqa: F401  (registers msd, nifti_folder)
 from medjax.data.datasets import synthetic  # noqa: F401  (registers synthetic_phantoms, synthetic_lesions)
+from medjax.data.datasets import folds
 
 __all__ = ["DATASETS", "Dataset", "DataSource", "DatasetInfo", "GeneratedSource", "build_dataset"]
 
@@ -19,7 +21,15 @@ __all__ = ["DATASETS", "Dataset", "DataSource", "DatasetInfo", "GeneratedSource"
 def build_dataset(name: str, kwargs: Optional[Mapping[str, Any]] = None) -> Dataset:
   """Builds the dataset registered as `name` with keyword arguments `kwargs`.
 
+  `fold`, `num_folds` (and `fold_seed`) select a cross-validation fold of any dataset (see `folds`).
   Raises KeyError (with did-you-mean and the known names) for an unknown name, and ValueError naming the
   dataset, the key and the valid keys for an unknown argument (or a bad value).
   """
-  return DATASETS.build(name, kwargs, where="config.data")
+  builder_kwargs, fold = split_fold_keys(name, kwargs or {})
+  dataset = DATASETS.build(name, builder_kwargs, where="config.data")
+  return folds.cross_validation(dataset, **fold) if fold else dataset
+
+
+def split_fold_keys(name: str, kwargs: Mapping[str, Any]):
+  """(builder kwargs, cross-validation settings or None) for dataset `name`."""
+  return folds.split_fold_keys(tuple(DATASETS.accepted_kwargs(name) or ()), kwargs)
