@@ -1,38 +1,222 @@
-"""Classification metrics on host arrays (numpy)."""
+"""Classification metrics on host arrays (numpy).
+
+Thresholded metrics come from the confusion matrix (rows = reference, columns = prediction). Per class,
+a ratio whose denominator is zero is undefined and returned as NaN (e.g. precision of a class that is never
+predicted, sensitivity of a class absent from the reference); macro averages are means over the classes
+where the metric is defined. F1 = 2TP / (2TP + FP + FN) is 0, not NaN, for a class that is present in the
+reference or predicted but never hit, so a classifier that never predicts a class is still penalised.
+Binary tasks (two classes) report the positive class, index 1.
+"""
 
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import numpy as np
-import scipy.stats
+
+from medjax.metrics import _checks, calibration, ranking
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
   """Top-1 accuracy: probs (N, K), labels (N,) ints. Binary tasks use argmax, i.e. threshold 0.5."""
-  return float(np.mean(np.argmax(probs, axis=-1) == np.asarray(labels)))
+  probs = _checks.as_scores(probs, "probs", ndim=2)
+  labels = _checks.as_labels(labels, "labels", probs.shape[1])
+  _checks.same_length(probs=probs, labels=labels)
+  return float(np.mean(np.argmax(probs, axis=-1) == labels))
 
 
-def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
-  """Binary ROC-AUC by the Mann-Whitney statistic with average ranks for ties.
+def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
+  """(K, K) int64 counts; entry [i, j] counts cases of reference class i predicted as class j.
 
   Args:
-    scores: (N,) higher means more likely positive.
-    positives: (N,) bool or {0, 1}.
-  Returns: AUC in [0, 1], NaN when only one class is present.
+    labels, preds: (N,) class indices in [0, num_classes).
   """
-  scores = np.asarray(scores, np.float64)
-  positives = np.asarray(positives).astype(bool)
-  n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  ranks = scipy.stats.rankdata(scores)
-  return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+  labels = _checks.as_labels(labels, "labels", num_classes)
+  preds = _checks.as_labels(preds, "preds", num_classes)
+  _checks.same_shape(labels=labels, preds=preds)
+  flat = labels.ravel() * num_classes + preds.ravel()
+  return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def roc_auc_ovr(probs: np.ndarray, labels: np.ndarray) -> float:
-  """ROC-AUC for (N, K) class probabilities: the positive-class AUC for K = 2, else the macro mean of
-  one-vs-rest AUCs over classes present (as MedMNIST reports it)."""
-  probs, labels = np.asarray(probs), np.asarray(labels)
+def _safe_ratio(numerator, denominator) -> np.ndarray:
+  numerator, denominator = np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(denominator > 0, numerator / denominator, np.nan)
+
+
+def per_class_metrics(cm: np.ndarray) -> Dict[str, np.ndarray]:
+  """One-vs-rest sensitivity, specificity, precision and F1 per class from a (K, K) confusion matrix.
+
+  Returns: dict of (K,) float64 arrays, NaN where undefined (see the module docstring).
+  """
+  cm = np.asarray(cm, np.float64)
+  tp = np.diag(cm)
+  fn, fp = cm.sum(axis=1) - tp, cm.sum(axis=0) - tp
+  tn = cm.sum() - tp - fn - fp
+  return {"sensitivity": _safe_ratio(tp, tp + fn), "specificity": _safe_ratio(tn, tn + fp),
+          "precision": _safe_ratio(tp, tp + fp), "f1": _safe_ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def _nanmean(values: np.ndarray) -> float:
+  defined = values[~np.isnan(values)]
+  return float(defined.mean()) if defined.size else float("nan")
+
+
+def _summary(name: str, labels, preds, num_classes: int) -> float:
+  values = per_class_metrics(confusion_matrix(labels, preds, num_classes))[name]
+  return float(values[1]) if num_classes == 2 else _nanmean(values)
+
+
+def sensitivity(labels, preds, num_classes: int = 2) -> float:
+  """Sensitivity (recall, TP / (TP + FN)): of the positive class when num_classes is 2, else the macro mean.
+  labels, preds: (N,) class indices."""
+  return _summary("sensitivity", labels, preds, num_classes)
+
+
+recall = sensitivity
+
+
+def specificity(labels, preds, num_classes: int = 2) -> float:
+  """Specificity TN / (TN + FP); positive class when num_classes is 2, else the macro one-vs-rest mean."""
+  return _summary("specificity", labels, preds, num_classes)
+
+
+def precision(labels, preds, num_classes: int = 2) -> float:
+  """Precision (PPV, TP / (TP + FP)); positive class when num_classes is 2, else the macro mean."""
+  return _summary("precision", labels, preds, num_classes)
+
+
+def f1(labels, preds, num_classes: int = 2) -> float:
+  """F1 = 2TP / (2TP + FP + FN); positive class when num_classes is 2, else the macro mean."""
+  return _summary("f1", labels, preds, num_classes)
+
+
+def balanced_accuracy(labels, preds, num_classes: int) -> float:
+  """Mean per-class sensitivity over the classes present in the reference (Brodersen et al., ICPR 2010)."""
+  return _nanmean(per_class_metrics(confusion_matrix(labels, preds, num_classes))["sensitivity"])
+
+
+def cohen_kappa(labels, preds, num_classes: int, weights: Optional[str] = None) -> float:
+  """Cohen's kappa, 1 - sum(W * O) / sum(W * E), with O the observed confusion matrix and E the one expected
+  from its marginals by chance (Cohen 1960; weighted form Cohen 1968).
+
+  Args:
+    labels, preds: (N,) class indices.
+    weights: None (disagreement 1 off the diagonal), "linear" (|i - j|) or "quadratic" ((i - j)^2), with
+      class indices taken as ordinal.
+  Returns: kappa in [-1, 1]; NaN when chance disagreement is zero (e.g. a single class everywhere).
+  """
+  observed = confusion_matrix(labels, preds, num_classes).astype(np.float64)
+  expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
+  distance = np.abs(np.subtract.outer(np.arange(num_classes), np.arange(num_classes))).astype(np.float64)
+  if weights is None:
+    w = (distance > 0).astype(np.float64)
+  elif weights == "linear":
+    w = distance
+  elif weights == "quadratic":
+    w = distance**2
+  else:
+    raise ValueError(f"weights must be None, 'linear' or 'quadratic', got {weights!r}.")
+  chance = np.sum(w * expected)
+  return float(1.0 - np.sum(w * observed) / chance) if chance > 0 else float("nan")
+
+
+def roc_auc_ovr(probs: np.ndarray, labels: np.ndarray, average: str = "macro") -> float:
+  """ROC-AUC for (N, K) class probabilities and (N,) labels: the positive-class AUC for K = 2; else
+  one-vs-rest, "macro" (mean of per-class AUCs over classes present, as MedMNIST reports it) or "micro"
+  (all one-vs-rest decisions pooled)."""
+  probs = _checks.as_scores(probs, "probs", ndim=2)
+  labels = _checks.as_labels(labels, "labels", probs.shape[1])
+  _checks.same_length(probs=probs, labels=labels)
   if probs.shape[-1] == 2:
-    return roc_auc(probs[:, 1], labels == 1)
-  aucs = [roc_auc(probs[:, k], labels == k) for k in range(probs.shape[-1])]
-  return float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
+    return ranking.roc_auc(probs[:, 1], labels == 1)
+  return ranking.averaged(ranking.roc_auc, probs, np.eye(probs.shape[1], dtype=bool)[labels], average)
+
+
+def _binary_metrics(scores, positives, threshold) -> Dict[str, float]:
+  preds = (scores >= threshold).astype(np.int64)
+  labels = positives.astype(np.int64)
+  per_class = per_class_metrics(confusion_matrix(labels, preds, 2))
+  result = {name: float(values[1]) for name, values in per_class.items()}
+  result.update(
+      accuracy=float(np.mean(preds == labels)),
+      balanced_accuracy=_nanmean(per_class["sensitivity"]),
+      auc=ranking.roc_auc(scores, positives), pr_auc=ranking.average_precision(scores, positives),
+      kappa=cohen_kappa(labels, preds, 2), ece=calibration.expected_calibration_error(scores, positives))
+  return result
+
+
+def _multiclass_metrics(probs, labels) -> Dict[str, float]:
+  num_classes = probs.shape[1]
+  preds = probs.argmax(axis=1)
+  per_class = per_class_metrics(confusion_matrix(labels, preds, num_classes))
+  one_hot = np.eye(num_classes, dtype=bool)[labels]
+  result = {name: _nanmean(values) for name, values in per_class.items()}
+  result.update(
+      accuracy=float(np.mean(preds == labels)), balanced_accuracy=result["sensitivity"],
+      auc=ranking.averaged(ranking.roc_auc, probs, one_hot, "macro"),
+      auc_micro=ranking.averaged(ranking.roc_auc, probs, one_hot, "micro"),
+      pr_auc=ranking.averaged(ranking.average_precision, probs, one_hot, "macro"),
+      pr_auc_micro=ranking.averaged(ranking.average_precision, probs, one_hot, "micro"),
+      kappa=cohen_kappa(labels, preds, num_classes),
+      kappa_linear=cohen_kappa(labels, preds, num_classes, "linear"),
+      kappa_quadratic=cohen_kappa(labels, preds, num_classes, "quadratic"),
+      ece=calibration.expected_calibration_error(probs, labels))
+  return result
+
+
+def _multilabel_metrics(probs, positives, threshold) -> Dict[str, float]:
+  preds = probs >= threshold
+  per_label = [per_class_metrics(confusion_matrix(positives[:, k], preds[:, k], 2))
+               for k in range(probs.shape[1])]
+  result = {name: _nanmean(np.array([values[name][1] for values in per_label]))
+            for name in ("sensitivity", "specificity", "precision", "f1")}
+  # Per label, balanced accuracy is (sensitivity + specificity) / 2; NaN for a label with a single class.
+  balanced = np.array([(values["sensitivity"][1] + values["specificity"][1]) / 2 for values in per_label])
+  result.update(
+      accuracy=float(np.mean(preds == positives)), subset_accuracy=float(np.mean(np.all(preds == positives, 1))),
+      balanced_accuracy=_nanmean(balanced),
+      auc=ranking.averaged(ranking.roc_auc, probs, positives, "macro"),
+      auc_micro=ranking.averaged(ranking.roc_auc, probs, positives, "micro"),
+      pr_auc=ranking.averaged(ranking.average_precision, probs, positives, "macro"),
+      pr_auc_micro=ranking.averaged(ranking.average_precision, probs, positives, "micro"),
+      ece=calibration.expected_calibration_error(probs.ravel(), positives.ravel()))
+  return result
+
+
+def classification_metrics(probs, labels, *, task: str = "multi-class", threshold: float = 0.5) -> Dict[str, float]:
+  """Every summary metric of one split, as plain floats.
+
+  Args:
+    probs: "binary": (N,) positive-class probabilities or (N, 2); "multi-class": (N, K); "multi-label":
+      (N, K) independent per-label probabilities.
+    labels: (N,) {0, 1} for binary, (N,) class indices for multi-class, (N, K) {0, 1} for multi-label.
+    task: "binary", "multi-class" or "multi-label".
+    threshold: decision threshold on the positive probability (binary, multi-label); multi-class uses argmax.
+  Returns: accuracy, balanced_accuracy, sensitivity, specificity, precision, f1 (positive class, or macro),
+    auc, pr_auc (ROC-AUC and average precision; macro one-vs-rest for multi-class/-label), ece and
+    num_cases; binary and multi-class add kappa; multi-class adds kappa_linear, kappa_quadratic, auc_micro and
+    pr_auc_micro; multi-label adds subset_accuracy (all labels right), auc_micro and pr_auc_micro.
+  """
+  probs = _checks.as_scores(probs, "probs", ndim=(1, 2))
+  num_cases = _checks.same_length(probs=probs, labels=labels)
+  if task == "binary":
+    if probs.ndim == 2:
+      if probs.shape[1] != 2:
+        raise ValueError(f"binary task: probs must be (N,) or (N, 2), got {probs.shape}.")
+      probs = probs[:, 1]
+    result = _binary_metrics(probs, _checks.as_binary(labels, "labels"), threshold)
+  elif task == "multi-class":
+    if probs.ndim != 2:
+      raise ValueError(f"multi-class task: probs must be (N, K), got {probs.shape}.")
+    result = _multiclass_metrics(probs, _checks.as_labels(labels, "labels", probs.shape[1]))
+  elif task == "multi-label":
+    positives = _checks.as_binary(labels, "labels")
+    _checks.same_shape(probs=probs, labels=positives)
+    if probs.ndim != 2:
+      raise ValueError(f"multi-label task: probs and labels must be (N, K), got {probs.shape}.")
+    result = _multilabel_metrics(probs, positives, threshold)
+  else:
+    raise ValueError(f"task must be 'binary', 'multi-class' or 'multi-label', got {task!r}.")
+  result["num_cases"] = float(num_cases)
+  return result
