@@ -1,0 +1,177 @@
+"""Label maps for NIfTI cases from a trained run, or a sliding-window benchmark.
+
+  python -m medjax.tools.predict --workdir runs/x --input case.nii.gz|folder --output out/ \
+      [--checkpoint best|latest] [--overlap 0.5] [--tta] [--lcc [--lcc_classes 1,2]]
+  python -m medjax.tools.predict --benchmark --size 256 --roi 128 --overlap 0.5 [--window_batch 4]
+
+Prediction restores the run's best checkpoint by its `best_metric` (or the latest, or `--step`), builds the
+model as training did (`train.build_model`: the configured compute dtype), and writes `<output>/<case>.nii.gz`
+for every input, on the input's grid (`medjax.inference.Predictor`). The window is the training patch
+(`config.input.patch_size`, else `config.data.patch_size`, else `--roi`); preprocessing comes from
+`config.data` (`PreprocessSpec.from_data_config`), and the flags `--target_spacing`, `--normalization`,
+`--crop_nonzero` override it.
+
+The benchmark times `sliding_window_inference` of a randomly initialised 3D U-Net (no checkpoint) on one
+random `size^3` volume and prints one JSON object: compile seconds, median seconds per volume over `--steps`
+runs (after `--warmup`) and voxels/s, for comparison with MONAI's `sliding_window_inference` on one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Dict, Optional, Sequence
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json + checkpoints/).")
+_INPUT = flags.DEFINE_string("input", None, "A .nii/.nii.gz case or a folder of them.")
+_OUTPUT = flags.DEFINE_string("output", None, "Folder for the predicted label maps (<case>.nii.gz).")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                                "Which checkpoint: best by config.best_metric (latest when unset), or latest.")
+_STEP = flags.DEFINE_integer("step", None, "Restore this checkpoint step (overrides --checkpoint).")
+_USE_EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
+_OVERLAP = flags.DEFINE_float("overlap", 0.5, "Fraction of a window shared with its neighbour, in [0, 1).")
+_MODE = flags.DEFINE_enum("mode", "gaussian", ["gaussian", "constant"], "Window blending.")
+_WINDOW_BATCH = flags.DEFINE_integer("window_batch", 4, "Windows per network call.")
+_TTA = flags.DEFINE_bool("tta", False, "Average over all 8 mirrorings of each window.")
+_LCC = flags.DEFINE_bool("lcc", False, "Keep only the largest connected component of each class.")
+_LCC_CLASSES = flags.DEFINE_list("lcc_classes", None, "Classes for --lcc (default: every foreground class).")
+_LABEL_RESAMPLE = flags.DEFINE_enum("label_resample", "linear", ["linear", "nearest"],
+                                    "Back to the input grid: resample probabilities linearly, or labels nearest.")
+_ROI = flags.DEFINE_list("roi", None, "Window size z,y,x (or one int for all axes) when the config has none; "
+                         "in --benchmark the window (default 128).")
+_TARGET_SPACING = flags.DEFINE_list("target_spacing", None, "Override: resample to z,y,x mm.")
+_NORMALIZATION = flags.DEFINE_list("normalization", None, "Override: scheme(s), one or one per channel.")
+_CROP = flags.DEFINE_bool("crop_nonzero", None, "Override: crop to the nonzero bounding box.")
+_SHARD = flags.DEFINE_bool("shard", False, "Split each window batch over all local devices.")
+_BENCHMARK = flags.DEFINE_bool("benchmark", False, "Time the sliding window on a random volume instead.")
+_SIZE = flags.DEFINE_integer("size", 256, "--benchmark: volume side in voxels.")
+_FEATURES = flags.DEFINE_list("features", ["16", "32", "64", "128"], "--benchmark: U-Net widths per level.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 3, "--benchmark: output classes.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--benchmark: compute dtype.")
+_STEPS = flags.DEFINE_integer("steps", 5, "--benchmark: timed volumes (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "--benchmark: untimed volumes after compilation.")
+
+
+def _roi(values: Optional[Sequence[str]], default: Optional[Sequence[int]] = None):
+  if not values:
+    return None if default is None else tuple(int(v) for v in default)
+  roi = tuple(int(v) for v in values)
+  return roi * 3 if len(roi) == 1 else roi
+
+
+def _mesh(shard: bool):
+  import jax  # pylint: disable=import-outside-toplevel
+  from medjax import sharding  # pylint: disable=import-outside-toplevel
+  return sharding.make_mesh((("data", -1),), jax.local_devices()) if shard else None
+
+
+def load_run(workdir: str, which: str = "best", step: Optional[int] = None, use_ema: bool = True):
+  """(config, model, variables, step) of a training run, the model built as `train.build_model` does."""
+  from medjax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  config = checkpoint.load_config(workdir)
+  if step is None:
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), save_interval_steps=1,
+                                   max_to_keep=1, best_metric=config.get("best_metric"),
+                                   best_mode=config.get("best_mode", "max"), async_save=False, read_only=True)
+    try:
+      step = ckpt.best_step() if which == "best" else None
+      step = ckpt.latest_step() if step is None else step
+    finally:
+      ckpt.close()
+  loaded = checkpoint.load(workdir, step, use_ema=use_ema)
+  return config, train.build_model(config), loaded.variables, loaded.step
+
+
+def run_prediction(workdir: str, input_path: str, output_dir: str, *, roi=None, which: str = "best",
+                   step: Optional[int] = None, use_ema: bool = True, overrides: Optional[Dict[str, Any]] = None,
+                   **predictor_kwargs) -> Dict[str, str]:
+  """Predicts every case of `input_path` into `output_dir`; returns {case: written file}."""
+  from medjax import inference  # pylint: disable=import-outside-toplevel
+  cases = inference.nifti_inputs(input_path)
+  config, model, variables, step = load_run(workdir, which, step, use_ema)
+  spatial_dims = config.get("model", {}).get("spatial_dims", 3)
+  if spatial_dims != 3:
+    raise ValueError(f"{workdir}: config.model.spatial_dims={spatial_dims}; predict works on 3D models only.")
+  config_roi = config.get("input", {}).get("patch_size") or config.get("data", {}).get("patch_size")
+  roi = roi or config_roi
+  if roi is None:
+    raise ValueError(f"{workdir}/config.json has no input.patch_size or data.patch_size: pass --roi z,y,x "
+                     "(the training patch size).")
+  spec = inference.PreprocessSpec.from_data_config(config.get("data", {}), **(overrides or {}))
+  predictor = inference.Predictor(inference.make_predict_fn(model.apply, variables), roi_size=roi,
+                                  preprocessing=spec, **predictor_kwargs)
+  os.makedirs(output_dir, exist_ok=True)
+  written = {}
+  for name, path in cases.items():
+    out = os.path.join(output_dir, f"{name}.nii.gz")
+    start = time.perf_counter()
+    predictor.predict_file(path, out)
+    print(f"{name}: {out} ({time.perf_counter() - start:.1f} s, checkpoint step {step})")
+    written[name] = out
+  return written
+
+
+def benchmark(size: int, roi: Sequence[int], overlap: float, window_batch: int, features: Sequence[int],
+              num_classes: int, dtype: str = "float32", steps: int = 5, warmup: int = 1,
+              mode: str = "gaussian", shard: bool = False) -> Dict[str, Any]:
+  """Times `sliding_window_inference` of a random-init 3D U-Net over a random (1, size^3, 1) volume."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from medjax import inference, models  # pylint: disable=import-outside-toplevel
+  model = models.build_model("unet", dict(spatial_dims=3, num_classes=num_classes, features=tuple(features),
+                                          dtype=jnp.dtype(dtype)))
+  variables = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + tuple(roi) + (1,)), train=False))(
+      jax.random.PRNGKey(0))
+  volume = jax.random.normal(jax.random.PRNGKey(1), (1, size, size, size, 1), jnp.float32)
+  predict_fn = inference.make_predict_fn(model.apply, variables)
+  kwargs = dict(roi_size=tuple(roi), overlap=overlap, mode=mode, window_batch=window_batch, mesh=_mesh(shard))
+  run = lambda: inference.sliding_window_inference(predict_fn, volume, **kwargs)
+  start = time.perf_counter()
+  jax.block_until_ready(run())
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(run())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  windows = len(inference.window_origins((size,) * 3, roi, overlap))
+  return {"size": size, "roi": list(roi), "overlap": overlap, "window_batch": window_batch, "windows": windows,
+          "mode": mode, "features": list(features), "num_classes": num_classes, "dtype": dtype,
+          "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(), "shard": shard,
+          "first_call_s": compile_s, "median_s": median, "voxels_per_s": size**3 / median,
+          "steps_timed": len(times)}
+
+
+def main(argv):
+  del argv
+  if _BENCHMARK.value:
+    report = benchmark(_SIZE.value, _roi(_ROI.value, (128, 128, 128)), _OVERLAP.value, _WINDOW_BATCH.value,
+                       [int(f) for f in _FEATURES.value], _NUM_CLASSES.value, _DTYPE.value, _STEPS.value,
+                       _WARMUP.value, _MODE.value, _SHARD.value)
+    print(json.dumps(report, indent=2))
+    return
+  missing = [f"--{name}" for name, flag in (("workdir", _WORKDIR), ("input", _INPUT), ("output", _OUTPUT))
+             if not flag.value]
+  if missing:
+    raise app.UsageError(f"predict needs {', '.join(missing)} (or --benchmark).")
+  overrides = dict(
+      target_spacing_mm=tuple(float(s) for s in _TARGET_SPACING.value) if _TARGET_SPACING.value else None,
+      normalization=(_NORMALIZATION.value[0] if len(_NORMALIZATION.value) == 1 else tuple(_NORMALIZATION.value))
+      if _NORMALIZATION.value else None,
+      crop_nonzero=_CROP.value)
+  lcc = [int(c) for c in _LCC_CLASSES.value] if (_LCC.value and _LCC_CLASSES.value) else _LCC.value
+  run_prediction(_WORKDIR.value, _INPUT.value, _OUTPUT.value, roi=_roi(_ROI.value), which=_CHECKPOINT.value,
+                 step=_STEP.value, use_ema=_USE_EMA.value, overrides=overrides, overlap=_OVERLAP.value,
+                 mode=_MODE.value, window_batch=_WINDOW_BATCH.value, tta=_TTA.value, lcc=lcc,
+                 label_resample=_LABEL_RESAMPLE.value, mesh=_mesh(_SHARD.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,121 @@
+"""Whole-case NIfTI prediction (medjax.inference.Predictor) and the predict CLI (medjax.tools.predict)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from medjax import checkpoint, inference, models
+from medjax.data import io
+from medjax.tools import predict as predict_tool
+
+SHAPE = (7, 16, 12)  # (z, y, x)
+SPACING = (2.5, 0.8, 1.1)  # (z, y, x) mm, anisotropic
+
+
+def _oblique_affine():
+  """Rotated 30 degrees about world z, axes permuted and flipped, anisotropic, shifted: nothing is RAS."""
+  angle = np.deg2rad(30.0)
+  rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0, 0, 1.0]])
+  permute_flip = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0]])  # i -> -S, j -> -R, k -> A
+  affine = np.eye(4)
+  affine[:3, :3] = rotation @ permute_flip @ np.diag(SPACING[::-1])  # columns scaled by (x, y, z) spacing
+  affine[:3, 3] = (-31.7, 12.25, 5.5)
+  return affine
+
+
+def _case(tmp_path, name="case.nii.gz", extra_blob=False):
+  """A positive ellipsoid (plus, optionally, a small separate blob) on a zero background, written as NIfTI."""
+  z, y, x = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+  image = np.where(((z - 3) / 2.2) ** 2 + ((y - 7) / 5.0) ** 2 + ((x - 5) / 3.5) ** 2 < 1, 2.0, 0.0)
+  image = (image * (1 + 0.1 * np.sin(x + y))).astype(np.float32)  # inside: positive, not constant
+  if extra_blob:
+    image[5:7, 13:15, 9:11] = 1.0
+  path = os.path.join(tmp_path, name)
+  io.write_nifti(path, io.Volume.from_array(image, affine=_oblique_affine()))
+  return path, image
+
+
+def _threshold_model():
+  """Pointwise 'network': logits (0, 8 x), so the argmax is x > 0 (exact where nothing is resampled)."""
+  return inference.make_predict_fn(lambda w, x, train: x @ w, jnp.asarray([[0.0, 8.0]]))
+
+
+def test_prediction_keeps_the_oblique_affine_and_shape_and_undoes_crop_and_reorientation(tmp_path):
+  path, image = _case(tmp_path)
+  out_path = os.path.join(tmp_path, "pred.nii.gz")
+  inference.predict_volume_to_nifti(_threshold_model(), path, out_path, roi_size=(4, 6, 5),
+                                    preprocessing=dict(crop_nonzero=True, normalization="none"))
+  written, original = io.read_nifti(out_path), io.read_nifti(path)
+  np.testing.assert_array_equal(written.affine, original.affine)
+  assert written.array.shape == original.array.shape == SHAPE and written.array.dtype == np.uint8
+  np.testing.assert_array_equal(written.array, (image > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("label_resample", ["linear", "nearest"])
+def test_resampled_prediction_comes_back_on_the_input_grid(tmp_path, label_resample):
+  path, image = _case(tmp_path)
+  out_path = os.path.join(tmp_path, "pred.nii.gz")
+  label = inference.predict_volume_to_nifti(
+      _threshold_model(), path, out_path, roi_size=(8, 8, 8), label_resample=label_resample, tta=True,
+      preprocessing=dict(target_spacing_mm=(1.2, 1.2, 1.2), crop_nonzero=True, normalization="zscore"))
+  written = io.read_nifti(out_path)
+  np.testing.assert_array_equal(written.affine, io.read_nifti(path).affine)
+  assert written.array.shape == SHAPE
+  np.testing.assert_array_equal(written.array, label.array)
+  assert np.mean(written.array == (image > 0)) > 0.9  # resampling moves the boundary a little, no more
+
+
+def test_lcc_removes_the_smaller_blob(tmp_path):
+  path, image = _case(tmp_path, extra_blob=True)
+  kwargs = dict(roi_size=(8, 8, 8), preprocessing=dict(normalization="none"))
+  plain = inference.Predictor(_threshold_model(), **kwargs).predict_file(path, os.path.join(tmp_path, "a.nii"))
+  kept = inference.Predictor(_threshold_model(), lcc=True, **kwargs).predict_file(path,
+                                                                                  os.path.join(tmp_path, "b.nii"))
+  np.testing.assert_array_equal(plain.array, image > 0)
+  assert plain.array[5:7, 13:15, 9:11].all() and not kept.array[5:7, 13:15, 9:11].any()
+  np.testing.assert_array_equal(kept.array[:, :12, :9], plain.array[:, :12, :9])
+
+
+def test_preprocess_spec_errors_name_the_key(tmp_path):
+  with pytest.raises(ValueError, match=r"unknown keys \['spacing'\]"):
+    inference.PreprocessSpec.from_dict({"spacing": (1, 1, 1)})
+  with pytest.raises(ValueError, match="needs intensity_stats"):
+    inference.PreprocessSpec(normalization="ct")
+  with pytest.raises(ValueError, match="normalization is unset"):
+    inference.PreprocessSpec.from_data_config({"name": "msd", "data_dir": "x"})
+  spec = inference.PreprocessSpec.from_data_config(
+      {"name": "nifti_folder", "target_spacing_mm": (2, 1, 1), "crop_nonzero": True, "patch_size": (8, 8, 8)},
+      normalization="ct", intensity_stats=[{"p005": -100, "p995": 300, "mean": 40, "std": 80}])
+  assert spec.target_spacing_mm == (2.0, 1.0, 1.0) and spec.crop_nonzero and spec.normalization == "ct"
+  with pytest.raises(FileNotFoundError):
+    inference.nifti_inputs(os.path.join(tmp_path, "missing"))
+
+
+def test_predict_cli_restores_a_run_and_writes_every_case(tmp_path):
+  workdir, cases, out_dir = (os.path.join(tmp_path, d) for d in ("run", "cases", "out"))
+  os.makedirs(cases)
+  _case(cases, "a.nii.gz")
+  _case(cases, "b.nii.gz", extra_blob=True)
+  config = mlc.ConfigDict(dict(model_name="unet", model=dict(spatial_dims=3, num_classes=2, features=(2, 4)),
+                               input=dict(patch_size=(4, 8, 8)), data=dict(name="nifti_folder", crop_nonzero=False)))
+  model = models.build_model("unet", dict(config.model))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 8, 8, 1)), train=False)["params"]
+  checkpoint.save_config(workdir, config)
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=1,
+                               async_save=False) as ckpt:
+    ckpt.save(3, {"params": params}, force=True)
+  written = predict_tool.run_prediction(workdir, cases, out_dir, overlap=0.25, window_batch=2, lcc=True)
+  assert sorted(written) == ["a", "b"]
+  for name in ("a", "b"):
+    out, source = io.read_nifti(written[name]), io.read_nifti(os.path.join(cases, f"{name}.nii.gz"))
+    np.testing.assert_array_equal(out.affine, source.affine)
+    assert out.array.shape == SHAPE and out.array.dtype == np.uint8 and out.array.max() <= 1
+  no_roi = config.copy_and_resolve_references()
+  del no_roi.input
+  checkpoint.save_config(workdir, no_roi)
+  with pytest.raises(ValueError, match="pass --roi"):
+    predict_tool.run_prediction(workdir, cases, out_dir)
