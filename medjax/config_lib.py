@@ -371,8 +371,10 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
     pipeline.input_options(config.input)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  loss_name, loss_kwargs = named(config.get("loss", "xent"), "loss")
-  resolve_with_kwargs(losses.LOSSES, loss_name, loss_kwargs, "loss", "loss")
+  try:
+    losses.validate_loss_config(config.get("loss", "xent"))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   optim.validate_optim_config(config)
   resolve(sharding.SHARDING_PRESETS, config.get("sharding", "data_parallel"), "sharding")
   sharding.check_mesh_spec(config.get("mesh", (("data", -1),)))
