@@ -19,11 +19,11 @@ import jax
 import numpy as np
 
 from medjax import sharding
-from medjax.data import sampling
+from medjax.data import preprocess, sampling
 from medjax.typing import HostBatch
 
 # Keys that travel to the devices; everything else (ids, metadata) stays on the host.
-DEVICE_KEYS = ("image", "label", "mask", "weight", "spacing_mm")
+DEVICE_KEYS = ("image", "label", "mask", "weight", "spacing_mm", "distance_map", "class_label")
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -287,6 +287,7 @@ INPUT_OPTIONS = dict(
     num_workers=2,              # threads or Grain processes preparing host batches
     device_crop=False,          # cut patches on device from cases cached in accelerator memory
     device_cache_max_gib=None,  # refuse a device cache larger than this
+    distance_maps=False,        # add "distance_map" (signed distances in mm per class) for the boundary loss
 )
 
 
@@ -308,13 +309,45 @@ def input_options(input_config: Mapping[str, Any]) -> Dict[str, Any]:
   return options
 
 
-def patch_source(source, input_config: Mapping[str, Any], seed: int):
-  """`source` wrapped in a `PatchSampler` when config.input sets a patch_size, else `source` itself."""
+class WithDistanceMaps:
+  """Adds "distance_map" (*spatial, K) float32, the signed distance in mm to each class's boundary
+  (`losses.signed_distance_maps`), to every example (and every patch draw) of a segmentation source.
+  Computed after cropping, so a patch's map measures distances within the patch."""
+
+  def __init__(self, source, num_classes: int):
+    self.source, self.num_classes = source, int(num_classes)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def _add(self, example):
+    example = dict(example)
+    spacing = example.get("spacing_mm", np.ones(np.asarray(example["label"]).ndim, np.float32))
+    example["distance_map"] = preprocess.signed_distance_maps(example["label"], self.num_classes, spacing)
+    return example
+
+  def __getitem__(self, index: int):
+    return self._add(self.source[index])
+
+  def __getattr__(self, name):
+    if name == "sample" and hasattr(self.source, "sample"):
+      return lambda index, rng: self._add(self.source.sample(index, rng))
+    if name == "source":  # not yet set while unpickling
+      raise AttributeError(name)
+    return getattr(self.source, name)
+
+
+def prepare_source(source, input_config: Mapping[str, Any], *, seed: int, num_classes: int):
+  """`source` as config.input asks for it: cut into patches (`PatchSampler`) when `patch_size` is set, and
+  with distance maps added when `distance_maps` is set."""
   options = input_options(input_config)
-  if options["patch_size"] is None:
-    return source
-  return sampling.PatchSampler(source, options["patch_size"], foreground_fraction=options["foreground_fraction"],
-                               seed=seed, pad_value=options["pad_value"])
+  if options["patch_size"] is not None:
+    source = sampling.PatchSampler(source, options["patch_size"],
+                                   foreground_fraction=options["foreground_fraction"], seed=seed,
+                                   pad_value=options["pad_value"])
+  if options["distance_maps"]:
+    source = WithDistanceMaps(source, num_classes)
+  return source
 
 
 def train_stream(source, input_config: Mapping[str, Any], *, seed: int, start_step: int,

@@ -446,3 +446,34 @@ def cached(fn_config: Mapping, case_id: str, compute: Callable[[], Mapping[str, 
   os.makedirs(os.fspath(cache_dir), exist_ok=True)
   atomic.write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
   return arrays
+
+
+# ------------------------------------------------------------------------------- distance maps
+def signed_distance_maps(label: np.ndarray, num_classes: int, spacing_mm: Sequence[float]) -> np.ndarray:
+  """Per-class signed Euclidean distance maps of one label map, in mm (host, numpy / scipy).
+
+  Args:
+    label: (*spatial) integer label map of one case (2D or 3D).
+    num_classes: K; channel k is the SDM of `label == k`.
+    spacing_mm: voxel size per spatial axis, in the spatial order; anisotropic spacing is honoured
+      through `scipy.ndimage.distance_transform_edt(..., sampling=spacing_mm)`.
+  Returns:
+    (*spatial, K) float32: at a voxel outside class k, the distance (mm) to the nearest voxel of k
+    (positive); inside k, minus the distance to the nearest voxel not in k (negative; -spacing on the
+    object's rim). A class absent from the case, or covering the whole case (no boundary), gives 0.
+  """
+  label = np.asarray(label)
+  spacing = tuple(float(s) for s in spacing_mm)
+  if len(spacing) != label.ndim:
+    raise ValueError(f"signed_distance_maps: spacing_mm {tuple(spacing_mm)} has {len(spacing)} entries for a "
+                     f"{label.ndim}D label map of shape {label.shape}.")
+  maps = np.zeros(label.shape + (num_classes,), np.float32)
+  for k in range(num_classes):
+    inside = label == k
+    if not inside.any() or inside.all():
+      continue
+    # distance_transform_edt measures, at each nonzero voxel, the distance to the nearest zero voxel.
+    outside_distance = ndi.distance_transform_edt(~inside, sampling=spacing)
+    inside_distance = ndi.distance_transform_edt(inside, sampling=spacing)
+    maps[..., k] = np.where(inside, -inside_distance, outside_distance)
+  return maps

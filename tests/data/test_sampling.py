@@ -185,3 +185,18 @@ def test_input_options_reject_unknown_keys():
     pipeline.input_options({"batch_size": 2, "patch_sise": (8, 8)})
   with pytest.raises(ValueError, match="needs config.input.patch_size"):
     pipeline.input_options({"batch_size": 2, "device_crop": True})
+
+
+def test_prepare_source_adds_distance_maps_to_patches():
+  cases = _Cases([(12, 16), (10, 20)])
+  source = pipeline.prepare_source(cases, {"batch_size": 2, "patch_size": (8, 8), "distance_maps": True,
+                                           "foreground_fraction": 1.0},
+                                   seed=0, num_classes=3)
+  patch = source.sample(0, np.random.default_rng(0))
+  assert patch["distance_map"].shape == (8, 8, 3)
+  inside = patch["label"] == 1
+  assert (patch["distance_map"][..., 1][inside] < 0).all() and (patch["distance_map"][..., 1][~inside] > 0).all()
+  batches = pipeline.TrainBatches(source, global_batch_size=2, seed=0, process_index=0, process_count=1)
+  assert batches.host_batch(0)["distance_map"].shape == (2, 8, 8, 3)
+  import pickle
+  assert len(pickle.loads(pickle.dumps(source))) == 2
