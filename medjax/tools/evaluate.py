@@ -1,0 +1,261 @@
+"""Evaluate a trained run on a split and write a report: metrics with 95% CIs, per-case values, plots.
+
+  python -m medjax.tools.evaluate --workdir runs/demo                     # test split, best checkpoint
+  python -m medjax.tools.evaluate --workdir runs/demo --split val --checkpoint latest --html
+
+Everything comes from the workdir: `config.json` names the dataset, model and evaluator, the checkpoint
+gives the weights (EMA weights when the run kept them and evaluated with them). The whole split is
+predicted (whole images, or a sliding window when the config has `inference.roi_size`), and the output
+folder (default WORKDIR/eval_<split>) receives:
+
+  report.json   metrics {"value", "low", "high"}, per-case values with ids, subgroups, curve data,
+                config summary and checkpoint step
+  report.md     the same for people (report.html with --html), with the plots inline
+  cases.csv     the per-case table
+  *.png         classification: roc_pr.png, confusion_matrix.png, calibration.png;
+                segmentation: dice_per_case.png and overlays.png (best and worst cases; 3D: one z slice);
+                regression: scatter.png
+
+Host batch keys other than the model inputs and "id" that hold one scalar per case (patient_id, sex, site)
+become metadata columns: "patient_id" makes the bootstrap resample patients, the others give subgroup
+tables. The tool runs as a single process (the case ids are read on the host that runs it).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from medjax import atomic, checkpoint, config_lib, evaluators, sharding, train
+from medjax.data import datasets, pipeline
+from medjax.evaluators import plots, render
+
+# Keys of a host batch that are neither model input nor metadata.
+_NOT_METADATA = set(pipeline.DEVICE_KEYS) | {"id"}
+
+
+def _resolve_step(workdir: str, config, which: str) -> tuple:
+  """(step, how it was chosen, the metrics saved with it) for "best", "latest" or a step number."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), save_interval_steps=1,
+                                 max_to_keep=1, best_metric=config.get("best_metric"),
+                                 best_mode=config.get("best_mode", "max"), async_save=False, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoints in {ckpt.directory}.")
+    if which == "latest":
+      step, how = steps[-1], "latest"
+    elif which == "best":
+      best = ckpt.best_step() if config.get("best_metric") else None
+      step, how = (best, f"best by {config.best_metric}") if best is not None else (steps[-1], "latest (no best)")
+    else:
+      try:
+        step = int(which)
+      except ValueError:
+        raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}.") from None
+      if step not in steps:
+        raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; available steps: {steps}.")
+      how = "requested"
+    return step, how, ckpt.metrics(step)
+  finally:
+    ckpt.close()
+
+
+def _mesh_and_batch(config):
+  """The run's mesh when this machine can build it (so the numbers match training's validation), else
+  all devices; the eval batch rounded up to a multiple of the data axis."""
+  try:
+    mesh = sharding.make_mesh(config.get("mesh", (("data", -1),)))
+  except ValueError:
+    mesh = sharding.make_mesh((("data", -1),))
+  batch = int(config.input.get("eval_batch_size", config.input.batch_size))
+  n = sharding.data_axis_size(mesh) * jax.process_count()
+  return mesh, -(-batch // n) * n
+
+
+def _forward_fn(model, config):
+  """forward(variables, images) -> (outputs, aux): the whole image, or with `config.inference.roi_size` a
+  sliding window whose overlapping windows average softmax probabilities (as nnU-Net; the segmentation
+  evaluator only takes their argmax, so they stand in for logits). Other `config.inference` keys are
+  `inference.sliding_window_inference` options (overlap, mode, sigma_scale, window_batch, pad_mode, ...)."""
+  options = dict(config.get("inference") or {})
+  if not options.get("roi_size"):
+    return lambda variables, images: model.apply(variables, images, train=False)
+
+  from medjax import inference  # pylint: disable=import-outside-toplevel
+
+  roi_size = tuple(int(s) for s in options.pop("roi_size"))
+  accepted = set(inspect.signature(inference.sliding_window_inference).parameters) - {"predict_fn", "image", "mesh"}
+  unknown = sorted(set(options) - accepted)
+  if unknown:
+    raise config_lib.ConfigError(f"config.inference: unknown key(s) {unknown}; accepted: roi_size and "
+                                 f"{', '.join(sorted(accepted - {'roi_size'}))}.")
+
+  def forward(variables, images):
+    predict = inference.make_predict_fn(model.apply, variables, output="softmax")
+    return inference.sliding_window_inference(predict, images, roi_size=roi_size, **options), {}
+
+  return forward
+
+
+class _Recorder:
+  """Passes host batches through while keeping the ids and metadata columns of the real (weight > 0) cases."""
+
+  def __init__(self, batches: Iterator[Dict[str, np.ndarray]]):
+    self.batches = batches
+    self.ids: List[Any] = []
+    self.metadata: Dict[str, List[Any]] = {}
+
+  def __iter__(self):
+    for batch in self.batches:
+      keep = np.asarray(batch["weight"]) > 0
+      self.ids += [v.item() if hasattr(v, "item") else v for v in np.asarray(batch["id"])[keep]]
+      for key, values in batch.items():
+        values = np.asarray(values)
+        if key not in _NOT_METADATA and values.ndim == 1:  # one scalar per case: a metadata column
+          self.metadata.setdefault(key, []).extend(v.item() if hasattr(v, "item") else v for v in values[keep])
+      yield batch
+
+
+def _config_summary(config) -> dict:
+  keys = ("model_name", "model", "data", "evaluator", "loss", "compute_dtype", "total_steps", "seed",
+          "inference", "best_metric", "ema_decay")
+  plain = json.loads(config_lib.to_json(config))
+  return {k: plain[k] for k in keys if k in plain}
+
+
+def _segmentation_overlays(report, source, forward_batch, num_classes, class_names, out) -> List[str]:
+  """Best and worst cases by mean foreground Dice, predicted again (only those) for the overlay figure."""
+  cases = report["cases"]
+  scored = [(c["dice_case_mean"], i) for i, c in enumerate(cases) if c.get("dice_case_mean") is not None]
+  if not scored:
+    return []
+  scored.sort()
+  chosen = [("best", scored[-1][1])] + ([("worst", scored[0][1])] if len(scored) > 1 else [])
+  examples = [source[i] for _, i in chosen]
+  predictions = forward_batch(examples)
+  rows = [(f"{tag} (id {cases[i]['id']}, Dice {cases[i]['dice_case_mean']:.3f})", ex["image"], ex["label"], pred)
+          for (tag, i), ex, pred in zip(chosen, examples, predictions)]
+  return [plots.overlays(rows, num_classes, os.path.join(out, "overlays.png"), class_names)]
+
+
+def _write_plots(report, evaluator, out, overlay_fn) -> List[str]:
+  task = report["task"]
+  written = []
+  if task == "classification":
+    curves = report["curves"]
+    written.append(plots.roc_pr(curves, os.path.join(out, "roc_pr.png")))
+    cm = curves["confusion_matrix"]
+    per_label = report.get("classification_task") == "multi-label"
+    written.append(plots.confusion(
+        cm["matrix"], cm["rows"], cm["columns"], os.path.join(out, "confusion_matrix.png"),
+        title="Per-label counts at the threshold" if per_label else plots.CONFUSION_TITLE))
+    written.append(plots.calibration(curves["calibration"], os.path.join(out, "calibration.png")))
+  elif task == "segmentation":
+    names = [n for n in (f"dice/{c}" for c in evaluator.reported_names)]
+    values = {n.split("/", 1)[1]: [c.get(n) for c in report["cases"]] for n in names}
+    written.append(plots.case_boxplot(values, os.path.join(out, "dice_per_case.png")))
+    written += overlay_fn()
+  elif task == "regression":
+    scatter = report["curves"]["scatter"]
+    written.append(plots.scatter(scatter["prediction"], scatter["target"], os.path.join(out, "scatter.png")))
+  return [os.path.basename(p) for p in written]
+
+
+def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional[str] = None,
+        num_samples: int = 1000, seed: int = 0, surface_metrics: bool = True, html: bool = False) -> dict:
+  """Evaluates `workdir`'s checkpoint `which` on `split`; writes the report files into `out`.
+
+  Args:
+    workdir: a medjax run directory (config.json + checkpoints/).
+    split: dataset split to evaluate ("test", "val", ...).
+    which: "best" (by the run's best_metric; the latest step when it has none), "latest" or a step number.
+    out: output folder; default `workdir/eval_<split>`.
+    num_samples: bootstrap resamples for the confidence intervals (0: no intervals).
+    seed: bootstrap seed.
+    surface_metrics: for segmentation, also HD95 and ASSD (host side, slower on large volumes).
+    html: also write report.html.
+  Returns: the report dict as written to report.json.
+  """
+  workdir = os.path.abspath(workdir)
+  out = os.path.abspath(out or os.path.join(workdir, f"eval_{split}"))
+  config = checkpoint.load_config(workdir)
+  step, how, saved_metrics = _resolve_step(workdir, config, str(which))
+  use_ema = bool(config.get("ema_decay", 0.0)) and config.get("eval_with_ema", True)
+  loaded = checkpoint.load(workdir, step=step, use_ema=use_ema)
+  model = train.build_model(config)  # the run's compute dtype, so the numbers match its validation
+  data_name, data_kwargs = config_lib.named(config.data, "data")
+  dataset = datasets.build_dataset(data_name, data_kwargs)
+  source = dataset.source(split)
+  eval_name, eval_kwargs = config_lib.named(config.get("evaluator", dataset.info.task), "evaluator")
+  if "surface_metrics" in (evaluators.EVALUATORS.accepted_kwargs(eval_name) or ()):
+    eval_kwargs["surface_metrics"] = surface_metrics
+  evaluator = evaluators.EVALUATORS.get(eval_name)(info=dataset.info, **eval_kwargs)
+
+  mesh, batch_size = _mesh_and_batch(config)
+  variables = jax.device_put(loaded.variables, sharding.replicated(mesh))
+  forward = _forward_fn(model, config)
+
+  @jax.jit
+  def eval_step(variables, batch):
+    outputs, aux = forward(variables, batch["image"])
+    return evaluator.stats_fn(outputs, aux, batch)
+
+  recorder = _Recorder(pipeline.eval_batches(source, global_batch_size=batch_size))
+  stats = evaluators.collect(functools.partial(eval_step, variables),
+                             pipeline.device_batches(iter(recorder), mesh))
+  report = evaluator.report(stats, recorder.ids, recorder.metadata or None, num_samples=num_samples, seed=seed)
+  report.update(workdir=workdir, split=split, config=_config_summary(config),
+                checkpoint={"step": step, "selected": how, "saved_metrics": saved_metrics})
+
+  def forward_examples(examples):
+    """Argmax predictions of a few examples, padded to the eval batch so the compiled shapes are reused."""
+    padded = pipeline.collate(list(examples) + [examples[0]] * (batch_size - len(examples)))
+    batch = sharding.host_to_global({k: v for k, v in padded.items() if k in pipeline.DEVICE_KEYS}, mesh)
+    logits = jax.jit(forward)(variables, batch["image"])[0]
+    return np.asarray(jax.device_get(logits)).argmax(-1)[:len(examples)]
+
+  os.makedirs(out, exist_ok=True)
+  overlay_fn = lambda: _segmentation_overlays(report, source, forward_examples, dataset.info.num_classes,
+                                              dataset.info.class_names, out)
+  report["plots"] = _write_plots(report, evaluator, out, overlay_fn)
+  atomic.write_text_atomically(os.path.join(out, "report.json"), json.dumps(report, indent=1, allow_nan=False))
+  atomic.write_text_atomically(os.path.join(out, "report.md"), render.markdown(report, report["plots"]))
+  atomic.write_text_atomically(os.path.join(out, "cases.csv"), render.cases_csv(report))
+  if html:
+    atomic.write_text_atomically(os.path.join(out, "report.html"), render.html_page(report, report["plots"]))
+  return report
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True)
+_SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval_<split>).")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% CIs (0: none).")
+_SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+_SURFACE = flags.DEFINE_bool("surface_metrics", True, "Segmentation: also HD95 and ASSD.")
+_HTML = flags.DEFINE_bool("html", False, "Also write report.html.")
+
+
+def main(argv):
+  del argv
+  report = run(_WORKDIR.value, split=_SPLIT.value, which=_CHECKPOINT.value, out=_OUT.value,
+               num_samples=_BOOTSTRAP.value, seed=_SEED.value, surface_metrics=_SURFACE.value, html=_HTML.value)
+  out = _OUT.value or os.path.join(os.path.abspath(_WORKDIR.value), f"eval_{_SPLIT.value}")
+  shown = {k: v for k, v in report["metrics"].items() if k != "num_cases"}
+  for name, entry in shown.items():
+    ci = f" [{entry['low']:.4f}, {entry['high']:.4f}]" if entry["low"] is not None else ""
+    value = "n/a" if entry["value"] is None else f"{entry['value']:.4f}"
+    print(f"{name}: {value}{ci}")
+  print(f"Report: {os.path.join(out, 'report.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

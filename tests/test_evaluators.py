@@ -1,0 +1,277 @@
+"""Evaluators on synthetic outputs: metrics against scikit-learn / numpy, reports, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from sklearn import metrics as skm
+
+from medjax import metrics
+from medjax.data.datasets.base import DatasetInfo
+from medjax.evaluators import EVALUATORS, collect, evaluate
+from medjax.evaluators.classification import ClassificationEvaluator
+from medjax.evaluators.regression import RegressionEvaluator
+from medjax.evaluators.segmentation import SegmentationEvaluator
+
+
+def _cls_info(num_classes):
+  return DatasetInfo(task="classification", spatial_dims=2, image_shape=(4, 4), num_channels=1,
+                     num_classes=num_classes, class_names=tuple(f"c{k}" for k in range(num_classes)),
+                     label_kind="class")
+
+
+SEG_INFO = DatasetInfo(task="segmentation", spatial_dims=2, image_shape=(6, 7), num_channels=1, num_classes=3,
+                       class_names=("background", "organ", "lesion"), label_kind="map")
+
+
+def _stats(evaluator, logits, labels, **extra):
+  batch = {"label": jnp.asarray(labels), **{k: jnp.asarray(v) for k, v in extra.items()}}
+  return jax.device_get(jax.jit(evaluator.stats_fn)(jnp.asarray(logits), {}, batch))
+
+
+def _random_cls(num_cases, num_classes, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, num_cases)
+  logits = rng.normal(size=(num_cases, num_classes)) + 1.5 * np.eye(num_classes)[labels]
+  return logits.astype(np.float32), labels.astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------ classification
+
+
+def test_binary_metrics_match_sklearn():
+  logits, labels = _random_cls(60, 2)
+  evaluator = EVALUATORS.get("classification")(info=_cls_info(2))
+  result = evaluator.summarize(_stats(evaluator, logits, labels))
+  p1 = np.asarray(jax.nn.softmax(logits, -1))[:, 1]
+  preds = (p1 >= 0.5).astype(int)
+  assert result["auc"] == pytest.approx(skm.roc_auc_score(labels, p1))
+  assert result["accuracy"] == pytest.approx(skm.accuracy_score(labels, preds))
+  assert result["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, preds))
+  assert result["sensitivity"] == pytest.approx(skm.recall_score(labels, preds))
+  assert result["specificity"] == pytest.approx(skm.recall_score(labels, preds, pos_label=0))
+  assert result["f1"] == pytest.approx(skm.f1_score(labels, preds))
+  assert result["num_cases"] == 60
+
+
+def test_multiclass_metrics_match_sklearn():
+  logits, labels = _random_cls(50, 4, seed=1)
+  evaluator = ClassificationEvaluator(_cls_info(4))
+  result = evaluator.summarize(_stats(evaluator, logits, labels))
+  probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+  assert result["auc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+  assert result["accuracy"] == pytest.approx(skm.accuracy_score(labels, probs.argmax(1)))
+  assert result["f1"] == pytest.approx(skm.f1_score(labels, probs.argmax(1), average="macro"))
+
+
+def test_multilabel_uses_sigmoid_per_label():
+  rng = np.random.default_rng(2)
+  labels = (rng.random((40, 3)) < 0.4).astype(np.int32)
+  logits = (rng.normal(size=(40, 3)) + 2.0 * labels - 1.0).astype(np.float32)
+  evaluator = ClassificationEvaluator(_cls_info(3))
+  stats = _stats(evaluator, logits, labels)
+  np.testing.assert_allclose(stats["probs"], 1 / (1 + np.exp(-logits)), rtol=1e-5)
+  result = evaluator.summarize(stats)
+  assert result["auc"] == pytest.approx(skm.roc_auc_score(labels, stats["probs"], average="macro"))
+  assert result["subset_accuracy"] == pytest.approx(np.mean(np.all((stats["probs"] >= 0.5) == labels, 1)))
+
+
+def test_task_kwarg_is_checked():
+  with pytest.raises(ValueError, match="task must be one of"):
+    ClassificationEvaluator(_cls_info(3), task="multiclass")
+  with pytest.raises(ValueError, match="'binary' needs num_classes == 2"):
+    ClassificationEvaluator(_cls_info(3), task="binary")
+  evaluator = ClassificationEvaluator(_cls_info(3), task="multi-label")
+  with pytest.raises(ValueError, match=r"outputs of shape \(4, 3\) do not fit labels of shape \(4,\)"):
+    _stats(evaluator, np.zeros((4, 3), np.float32), np.zeros(4, np.int32))
+
+
+def test_classification_bad_input():
+  evaluator = ClassificationEvaluator(_cls_info(3))
+  with pytest.raises(ValueError, match=r"outputs of shape \(4, 2\) do not fit labels"):
+    _stats(evaluator, np.zeros((4, 2), np.float32), np.zeros(4, np.int32))
+  logits, labels = _random_cls(6, 3)
+  labels[[1, 4]] = [3, -1]
+  stats = _stats(evaluator, logits, labels)
+  with pytest.raises(ValueError, match=r"2 of 6 cases have labels outside \[0, 3\) \(#1, #4\)"):
+    evaluator.summarize(stats)
+  with pytest.raises(ValueError, match=r"labels outside \[0, 3\) \(id 11, id 14\)"):
+    evaluator.report(stats, ids=list(range(10, 16)))
+  logits[2, 0] = np.nan
+  with pytest.raises(ValueError, match=r"NaN/inf outputs for 1 of 6 cases \(#2\)"):
+    evaluator.summarize(_stats(evaluator, logits, np.zeros(6, np.int32)))
+  # probabilities computed elsewhere (no on-device counters) are checked on the host too
+  probs = np.full((3, 3), 1 / 3)
+  probs[1] = np.nan
+  with pytest.raises(ValueError, match=r"1 of 3 cases have NaN/inf probabilities \(first at position 1\)"):
+    evaluator.summarize({"probs": probs, "label": np.array([0, 1, 2])})
+
+
+# ------------------------------------------------------------------------------------------ segmentation
+
+
+def _seg_case():
+  """Two cases on a non-square 6x7 grid with known overlaps."""
+  labels = np.zeros((2, 6, 7), np.int32)
+  labels[:, 1:5, 1:5] = 1
+  labels[0, 2:4, 2:4] = 2  # case 1 has no lesion
+  pred = labels.copy()
+  pred[0, 1:5, 1] = 0  # organ: remove a column of 4 voxels
+  pred[1, 1:5, 5] = 1  # organ: add a column of 4
+  return labels, pred
+
+
+def test_segmentation_dice_iou_and_surface_metrics():
+  labels, pred = _seg_case()
+  evaluator = SegmentationEvaluator(SEG_INFO, surface_metrics=True)
+  spacing = np.array([[1.0, 2.0]] * 2, np.float32)
+  stats = _stats(evaluator, np.eye(3)[pred].astype(np.float32), labels, spacing_mm=spacing)
+  np.testing.assert_array_equal(stats["prediction"], pred)
+  result = evaluator.summarize(stats)
+  organ = [2 * 8 / (8 + 12), 2 * 16 / (16 + 20)]  # case 0: ref 12 (16 - 4 lesion), pred 8; case 1: 16 -> 20
+  assert result["dice/organ"] == pytest.approx(np.mean(organ))
+  assert result["dice/lesion"] == pytest.approx(1.0)  # only case 0 has a lesion, perfectly found
+  assert result["dice_mean"] == pytest.approx((np.mean(organ) + 1.0) / 2)
+  assert result["dice_case_mean"] == pytest.approx(np.mean([(organ[0] + 1.0) / 2, organ[1]]))
+  assert result["iou/organ"] == pytest.approx(np.mean([8 / 12, 16 / 20]))
+  # case 1: the added column is one voxel (2 mm along x) from the reference surface
+  values = evaluator.case_values(stats)
+  assert values["hd95"][1, 0] == pytest.approx(2.0)
+  assert np.isnan(values["hd95"][1, 1])  # no lesion in reference or prediction
+  assert result["hd95/organ"] == pytest.approx(np.mean(values["hd95"][:, 0]))
+  expected_hd95 = metrics.hausdorff_distance(pred[0] == 1, labels[0] == 1, (1.0, 2.0))
+  assert values["hd95"][0, 0] == pytest.approx(expected_hd95)
+
+
+def test_segmentation_default_keys_and_no_label_maps():
+  labels, pred = _seg_case()
+  evaluator = SegmentationEvaluator(SEG_INFO)
+  stats = _stats(evaluator, np.eye(3)[pred].astype(np.float32), labels)
+  assert "prediction" not in stats and stats["counts"].shape == (2, 3, 3)
+  assert {"dice_mean", "dice/organ", "dice/lesion", "dice_case_mean", "num_cases", "iou/organ",
+          "iou_mean"} <= set(evaluator.summarize(stats))
+  assert "hd95_mean" not in evaluator.summarize(stats)
+
+
+def test_segmentation_bad_input():
+  evaluator = SegmentationEvaluator(SEG_INFO)
+  with pytest.raises(ValueError, match=r"outputs of shape \(2, 6, 6, 3\) do not fit labels of shape \(2, 6, 7\)"):
+    _stats(evaluator, np.zeros((2, 6, 6, 3), np.float32), np.zeros((2, 6, 7), np.int32))
+  with pytest.raises(ValueError, match="do not fit"):  # 2 channels for 3 classes
+    _stats(evaluator, np.zeros((2, 6, 7, 2), np.float32), np.zeros((2, 6, 7), np.int32))
+  labels, pred = _seg_case()
+  labels[1, 0, 0] = 7
+  with pytest.raises(ValueError, match=r"1 of 2 cases have labels outside \[0, 3\) \(id b\)"):
+    evaluator.report(_stats(evaluator, np.eye(3)[pred].astype(np.float32), labels), ids=["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------ regression
+
+
+def test_regression_metrics_and_scalar_head():
+  rng = np.random.default_rng(3)
+  target = rng.normal(50, 10, 30).astype(np.float32)
+  pred = (target + rng.normal(0, 3, 30)).astype(np.float32)
+  evaluator = RegressionEvaluator(None)
+  result = evaluator.summarize(_stats(evaluator, pred[:, None], target))  # (B, 1) head for (B,) targets
+  assert result["mae"] == pytest.approx(np.mean(np.abs(pred - target)), rel=1e-5)
+  assert result["rmse"] == pytest.approx(np.sqrt(np.mean((pred - target) ** 2)), rel=1e-5)
+  assert result["pearson_r"] == pytest.approx(scipy.stats.pearsonr(pred, target)[0], rel=1e-5)
+  with pytest.raises(ValueError, match="do not fit"):
+    _stats(evaluator, pred[:, None].repeat(2, 1), target)
+  pred[4] = np.inf
+  with pytest.raises(ValueError, match=r"NaN/inf outputs for 1 of 30 cases \(#4\)"):
+    evaluator.summarize(_stats(evaluator, pred, target))
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def test_report_bootstrap_patients_subgroups_and_cases():
+  logits, labels = _random_cls(24, 2, seed=4)
+  evaluator = ClassificationEvaluator(_cls_info(2))
+  stats = _stats(evaluator, logits, labels)
+  ids = list(range(100, 124))
+  metadata = {"patient_id": [i // 2 for i in range(24)],  # two images per patient
+              "sex": ["F", "M", "M"] * 8, "age": list(range(24)), "site": [None] * 24}
+  report = evaluator.report(stats, ids, metadata, num_samples=200, seed=1)
+  assert report["bootstrap"]["unit"] == "patient" and report["bootstrap"]["num_units"] == 12
+  summary = evaluator.summarize(stats)
+  for name in ("accuracy", "auc", "f1"):
+    entry = report["metrics"][name]
+    assert entry["value"] == pytest.approx(summary[name]) and entry["low"] <= entry["value"] <= entry["high"]
+  # the shared-resample cache gives the same interval as bootstrapping the metric on its own
+  probs = np.asarray(stats["probs"], np.float64)
+  direct = metrics.bootstrap_ci(lambda p, y: metrics.classification_metrics(p, y, task="binary")["auc"],
+                                probs, stats["label"], groups=np.array(metadata["patient_id"]), num_samples=200,
+                                seed=1)
+  assert (report["metrics"]["auc"]["low"], report["metrics"]["auc"]["high"]) == pytest.approx(
+      (direct["low"], direct["high"]))
+  assert [c["id"] for c in report["cases"]] == ids and report["cases"][3]["sex"] == "F"
+  assert report["cases"][5]["prob/c1"] == pytest.approx(probs[5, 1])
+  females = np.array(metadata["sex"]) == "F"
+  subgroup = report["subgroups"]["sex"]["groups"]["F"]
+  assert subgroup["n"] == 8
+  assert subgroup["accuracy"] == pytest.approx(
+      evaluator.summarize({"probs": probs[females], "label": stats["label"][females]})["accuracy"])
+  # documented results for unusable columns; patient ids are the resampling unit, not a subgroup
+  assert report["subgroups_skipped"] == {"age": "24 distinct values; bin it first", "site": "no values"}
+  assert "patient_id" not in report["subgroups"]
+  assert set(report["curves"]) == {"roc", "pr", "confusion_matrix", "calibration"}
+  assert np.sum(report["curves"]["confusion_matrix"]["matrix"]) == 24
+  with pytest.raises(ValueError, match="metadata column 'sex' has 3 values for 24 cases"):
+    evaluator.report(stats, ids, {"sex": ["F", "M", "F"]}, num_samples=10)
+
+
+def test_report_without_metadata_resamples_cases_and_is_json_safe():
+  labels, pred = _seg_case()
+  evaluator = SegmentationEvaluator(SEG_INFO, surface_metrics=True)
+  stats = _stats(evaluator, np.eye(3)[pred].astype(np.float32), labels)
+  report = evaluator.report(stats, ["a", "b"], num_samples=20)
+  assert report["bootstrap"]["unit"] == "case" and report["subgroups"] == {}
+  assert report["cases"][1]["dice/lesion"] is None  # NaN (no lesion) becomes null
+  assert report["metrics"]["num_cases"] == {"value": 2.0, "low": None, "high": None}
+  import json  # pylint: disable=import-outside-toplevel
+  json.dumps(report, allow_nan=False)
+
+
+def test_collect_drops_padding_and_evaluate_summarizes():
+  evaluator = ClassificationEvaluator(_cls_info(2))
+  logits, labels = _random_cls(5, 2, seed=5)
+  batches = [{"image": logits[:4], "label": labels[:4], "weight": np.ones(4, np.float32)},
+             {"image": np.concatenate([logits[4:], logits[:3]]), "label": np.concatenate([labels[4:], labels[:3]]),
+              "weight": np.array([1, 0, 0, 0], np.float32)}]
+  eval_fn = lambda b: evaluator.stats_fn(jnp.asarray(b["image"]), {}, {"label": jnp.asarray(b["label"])})
+  stats = collect(eval_fn, batches)
+  assert stats["probs"].shape == (5, 2)
+  assert evaluate(evaluator, eval_fn, batches)["num_cases"] == 5
+
+
+def test_multilabel_and_regression_reports_plot(tmp_path):
+  from medjax.evaluators import plots, render  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(6)
+  labels = (rng.random((20, 3)) < 0.5).astype(np.int32)
+  evaluator = ClassificationEvaluator(_cls_info(3), threshold=0.4)
+  stats = _stats(evaluator, (rng.normal(size=(20, 3)) + 2.0 * labels - 1.0).astype(np.float32), labels)
+  report = evaluator.report(stats, list(range(20)), num_samples=10)
+  assert report["classification_task"] == "multi-label" and report["threshold"] == 0.4
+  matrix = np.array(report["curves"]["confusion_matrix"]["matrix"])
+  assert matrix.shape == (3, 4) and np.all(matrix.sum(1) == 20)  # TN FP FN TP per label
+  assert matrix[0, 3] == np.sum((stats["probs"][:, 0] >= 0.4) & (labels[:, 0] == 1))
+  assert report["cases"][0]["label"] == labels[0].tolist()
+  curves = report["curves"]
+  written = [plots.roc_pr(curves, str(tmp_path / "roc.png")),
+             plots.confusion(matrix, ["c0", "c1", "c2"], ["TN", "FP", "FN", "TP"], str(tmp_path / "cm.png")),
+             plots.calibration(curves["calibration"], str(tmp_path / "cal.png"))]
+  target = rng.normal(size=12).astype(np.float32)
+  regression = RegressionEvaluator(None)
+  reg_report = regression.report(_stats(regression, target + 0.1, target), list(range(12)), num_samples=10)
+  assert reg_report["metrics"]["mae"]["value"] == pytest.approx(0.1, rel=1e-5)
+  assert reg_report["cases"][3]["error"] == pytest.approx(0.1, rel=1e-4)
+  scatter = reg_report["curves"]["scatter"]
+  written.append(plots.scatter(scatter["prediction"], scatter["target"], str(tmp_path / "scatter.png")))
+  for path in written:
+    with open(path, "rb") as f:
+      assert f.read(4) == b"\x89PNG"
+  assert "| mae |" in render.markdown(reg_report) and "id,prediction,target,error" in render.cases_csv(reg_report)
