@@ -3,6 +3,7 @@
 Run:
   python -m medjax.main --config experiments/synthetic_resnet.py:dims=2 --workdir runs/lesions2d
   python -m medjax.main --config experiments/synthetic_resnet.py:quick=true --workdir /tmp/quick_cls
+  python -m medjax.tools.sweep --config experiments/synthetic_resnet.py --workdir runs/tpe --backend optuna --num_trials 20
 """
 
 import ml_collections as mlc
@@ -47,3 +48,11 @@ def get_config(arg=None):
     c.model.width = 4
     c.schedule.warmup_steps = 1
   return c
+
+
+def get_sweep(arg=None):
+  """A search space for optuna (or `--num_trials` random draws): learning rate, weight decay, width."""
+  from medjax import sweep  # pylint: disable=import-outside-toplevel  # only sweeps need it
+  c = get_config(arg)
+  return {"lr": sweep.loguniform(c.lr / 10, c.lr * 10), "optim.wd": sweep.choice([0.0, 1e-4, 1e-3]),
+          "model.width": sweep.choice([c.model.width, 2 * c.model.width])}
