@@ -8,7 +8,7 @@ weights give the same outputs. Registered as "resnet18", "resnet34", "resnet50" 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ class ResidualBlock(nn.Module):
   norm: str = "batch"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_factory: Callable = layers.conv
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -42,14 +43,14 @@ class ResidualBlock(nn.Module):
                               name=name)
 
     if self.bottleneck:
-      y = nn.relu(norm("norm1")(layers.conv(self.width, k1, name="conv1", **kw)(x)))
-      y = nn.relu(norm("norm2")(layers.conv(self.width, k3, strides, name="conv2", **kw)(y)))
-      y = norm("norm3")(layers.conv(out_features, k1, name="conv3", **kw)(y))
+      y = nn.relu(norm("norm1")(self.conv_factory(self.width, k1, name="conv1", **kw)(x)))
+      y = nn.relu(norm("norm2")(self.conv_factory(self.width, k3, strides, name="conv2", **kw)(y)))
+      y = norm("norm3")(self.conv_factory(out_features, k1, name="conv3", **kw)(y))
     else:
-      y = nn.relu(norm("norm1")(layers.conv(self.width, k3, strides, name="conv1", **kw)(x)))
-      y = norm("norm2")(layers.conv(out_features, k3, name="conv2", **kw)(y))
+      y = nn.relu(norm("norm1")(self.conv_factory(self.width, k3, strides, name="conv1", **kw)(x)))
+      y = norm("norm2")(self.conv_factory(out_features, k3, name="conv2", **kw)(y))
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = norm("proj_norm")(layers.conv(out_features, k1, strides, name="proj_conv", **kw)(x))
+      x = norm("proj_norm")(self.conv_factory(out_features, k1, strides, name="proj_conv", **kw)(x))
     return nn.relu(y + x.astype(y.dtype))
 
 
@@ -66,6 +67,8 @@ class ResNet(nn.Module):
     dtype / param_dtype: compute / parameter dtypes.
     remat: rematerialise each residual block in the backward pass.
     stage_sizes / bottleneck: the architecture; set by the registered variants.
+    conv_factory: builds every convolution, with `layers.conv`'s signature (the default); the ACS and 2.5D
+      variants in `medjax.models.acs` pass 2D-kernel convolutions for 3D input.
 
   aux: "features" (globally pooled last-stage features, `(B, C)` float32) and "stages" (the four stage
   outputs, highest resolution first, e.g. for Grad-CAM).
@@ -80,6 +83,7 @@ class ResNet(nn.Module):
   remat: bool = False
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   bottleneck: bool = False
+  conv_factory: Callable = layers.conv
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -87,8 +91,8 @@ class ResNet(nn.Module):
     nd = self.spatial_dims
     x = x.astype(self.dtype)
     stem_k, stem_s = ((3,) * nd, (1,) * nd) if self.small_input else ((7,) * nd, (2,) * nd)
-    x = layers.conv(self.width, stem_k, stem_s, use_bias=self.norm == "none", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="stem_conv")(x)
+    x = self.conv_factory(self.width, stem_k, stem_s, use_bias=self.norm == "none", dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="stem_conv")(x)
     x = layers.make_norm(self.norm, train=train, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="stem_norm")(x)
     x = nn.relu(x)
@@ -101,7 +105,7 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
         x = block_cls(self.width * 2 ** i, stride, self.bottleneck, self.norm, self.dtype, self.param_dtype,
-                      name=f"stage{i + 1}_block{j}")(x, train)
+                      self.conv_factory, name=f"stage{i + 1}_block{j}")(x, train)
       stages.append(x)
     features = layers.global_avg_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
