@@ -3,18 +3,25 @@
 1. validate the config (every name resolved, before anything loads or compiles);
 2. mesh, dataset, model, objective, optimizer, evaluator;
 3. state: restored from the workdir's latest checkpoint (exact resume) or initialised directly into its
-   shardings;
+   shardings; the early-stopping record is rebuilt from the evaluations already logged;
 4. compile the train and eval steps once, with explicit shardings and the state donated;
-5. loop: step, log, evaluate, checkpoint, stop on a non-finite loss keeping the last good checkpoint;
-6. final checkpoint and summary.
+5. loop: step, log, evaluate, checkpoint, stop early (patience, or the caller's `on_eval`), stop on a
+   non-finite loss keeping the last good checkpoint;
+6. test: the last state and the best checkpoint on `config.test_split`; `results.json` and a summary line.
+
+Multi-process runs execute the same code on every process: each feeds its slice of the batch, Orbax saves
+and evaluations are collective, stop decisions are taken on process 0 and broadcast, and files other than
+checkpoints are written by process 0 only.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import time
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +29,17 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from medjax import augment, checkpoint, config_lib, evaluators, losses, models, optim, sharding, steps
+from medjax import atomic, augment, checkpoint, config_lib, evaluators, losses, models, optim, sharding, steps
 from medjax.data import datasets, pipeline
-from medjax.metric_writer import MetricWriter, Progress
+from medjax.metric_writer import MetricWriter, Progress, read_metrics
 from medjax.train_state import TrainState
+
+RESULTS_FILE = "results.json"
+# results.json "status": the run reached total_steps / its early-stopping patience ran out / on_eval said stop.
+FINISHED, EARLY_STOPPED, STOPPED = "finished", "early_stopped", "stopped"
+_STATUS_CODES = (None, EARLY_STOPPED, STOPPED)  # broadcast between processes as an index
+
+OnEval = Callable[[int, Dict[str, float]], bool]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,11 +85,184 @@ def jit_train_step(model, objective, tx, mesh, state_sharding, *, accum_steps: i
       donate_argnums=(0,))
 
 
-def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
+# ------------------------------------------------------------------------------------------ early stopping
+
+
+class EarlyStopping:
+  """Stops a run whose validation `metric` has not improved for `patience` evaluations in a row.
+
+  An evaluation improves when its value beats the best so far by more than `min_delta` (`value > best +
+  min_delta` in mode "max", `value < best - min_delta` in mode "min"); the first finite value always does.
+  A missing, NaN or infinite value counts as no improvement. The state is two numbers (best value, bad
+  evaluations since it), rebuilt on resume by replaying the logged evaluations, so a preempted run stops at
+  the same step as an uninterrupted one.
+
+  Args:
+    metric: validation key, e.g. "val/auc".
+    mode: "max" or "min".
+    patience: evaluations without improvement (>= 1) after which `should_stop` becomes True.
+    min_delta: smallest change (>= 0, in the metric's units) that counts as an improvement.
+  """
+
+  def __init__(self, metric: str, mode: str = "max", patience: int = 5, min_delta: float = 0.0):
+    self.metric, self.mode, self.patience, self.min_delta = metric, mode, int(patience), float(min_delta)
+    self.best: Optional[float] = None
+    self.best_step: Optional[int] = None
+    self.bad_evaluations = 0
+
+  @property
+  def should_stop(self) -> bool:
+    return self.bad_evaluations >= self.patience
+
+  def _improves(self, value: Optional[float]) -> bool:
+    if value is None:
+      return False
+    if self.best is None:
+      return True
+    return value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
+
+  def update(self, step: int, metrics: Mapping[str, Any]) -> bool:
+    """Records the evaluation at `step`; returns `should_stop`. Raises if `metrics` lacks the metric."""
+    if self.metric not in metrics:
+      raise config_lib.ConfigError(
+          f"config.early_stopping.metric={self.metric!r} is not among the validation metrics "
+          f"{sorted(metrics)}.")
+    value = checkpoint.metric_value(metrics, self.metric)
+    if self._improves(value):
+      self.best, self.best_step, self.bad_evaluations = value, int(step), 0
+    else:
+      self.bad_evaluations += 1
+    return self.should_stop
+
+  def replay(self, history: Iterable[Mapping[str, Any]]) -> None:
+    """Re-applies logged evaluations (dicts with "step" and the metric), in step order."""
+    for record in history:
+      self.update(int(record["step"]), record)
+
+  def describe(self) -> str:
+    return (f"{self.metric} did not improve on {self.best:.4g} (step {self.best_step}) by more than "
+            f"{self.min_delta:g} for {self.patience} evaluations" if self.best is not None else
+            f"{self.metric} had no finite value for {self.patience} evaluations")
+
+
+def make_early_stopping(config: mlc.ConfigDict) -> Optional[EarlyStopping]:
+  """`EarlyStopping(**config.early_stopping)`, None when unset; the metric and mode default to
+  `config.best_metric` / `config.best_mode`."""
+  options = config.get("early_stopping")
+  if not options:
+    return None
+  kwargs = dict(options)
+  if "metric" not in kwargs:
+    kwargs["metric"] = config.best_metric
+    kwargs.setdefault("mode", config.get("best_mode", "max"))
+  return EarlyStopping(**kwargs)
+
+
+def evaluation_history(workdir: str, ckpt: checkpoint.Checkpointer, metric: str,
+                       up_to_step: int) -> list:
+  """Logged evaluations carrying `metric` at steps <= `up_to_step`, one per step (the latest record), sorted.
+
+  metrics.jsonl holds every evaluation (the checkpoints keep only some); records after the restored step
+  (logged before a preemption hit the save) are dropped, because the resumed run evaluates those steps again.
+  """
+  by_step: Dict[int, Mapping[str, Any]] = {}
+  for step in ckpt.all_steps():
+    metrics = ckpt.metrics(step)
+    if step <= up_to_step and metric in metrics:
+      by_step[step] = {"step": step, **metrics}
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    for record in read_metrics(workdir):
+      if record["step"] <= up_to_step and metric in record:
+        by_step[int(record["step"])] = record
+  return [by_step[step] for step in sorted(by_step)]
+
+
+def _from_main_process(code: int) -> int:
+  """Process 0's `code` on every process: a stop decision that differed between processes would hang the
+  next collective."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+
+
+def stop_after_evaluation(step: int, metrics: Dict[str, float], early: Optional[EarlyStopping],
+                          on_eval: Optional[OnEval], is_main: bool) -> Optional[str]:
+  """EARLY_STOPPED, STOPPED or None after the evaluation at `step` (the same on every process).
+
+  `on_eval` runs on process 0 only and is called after every evaluation, also when patience has run out.
+  """
+  status = EARLY_STOPPED if early is not None and early.update(step, metrics) else None
+  if on_eval is not None and is_main and on_eval(step, dict(metrics)) and status is None:
+    status = STOPPED
+  return _STATUS_CODES[_from_main_process(_STATUS_CODES.index(status))]
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def _jsonable(value: Any) -> Any:
+  """Dicts recurse; numbers become Python floats, NaN/inf become None (JSON has neither)."""
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (bool, str, int)) or value is None:
+    return value
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def write_results(workdir: str, results: Mapping[str, Any]) -> str:
+  """Writes `results` to workdir/results.json atomically (process 0 only); returns the path."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if jax.process_index() == 0:
+    atomic.write_text_atomically(path, json.dumps(_jsonable(results), indent=2, sort_keys=True) + "\n")
+  return path
+
+
+# The metrics the one-line summary shows (metrics.jsonl and results.json keep them all).
+_HEADLINE = ("dice_mean", "dice_case_mean", "accuracy", "auc", "mae", "rmse", "pearson_r")
+
+
+def _format(metrics: Mapping[str, float]) -> str:
+  def headline(key: str) -> bool:
+    name = key.split("/", 1)[-1]
+    return name in _HEADLINE or name.startswith("dice/")
+  return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if headline(k))
+
+
+def _summary_line(status: str, step: int, total_steps: int, final: Mapping[str, float], best: Optional[dict],
+                  test: Mapping[str, float], test_best: Mapping[str, float], early: Optional[EarlyStopping],
+                  where: str) -> str:
+  head = {FINISHED: f"Finished {step} steps.",
+          EARLY_STOPPED: f"Stopped early at step {step} of {total_steps}: {early.describe() if early else ''}.",
+          STOPPED: f"Stopped at step {step} of {total_steps} by on_eval."}[status]
+  parts = [head, f"Final {_format(final)}."]
+  if best is not None:
+    parts.append(f"Best {best['metric']}={best['value']:.4f} at step {best['step']}.")
+  if test:
+    parts.append(f"Test (last) {_format(test)}.")
+  if test_best:
+    parts.append(f"Test (best) {_format(test_best)}.")
+  parts.append(where)
+  return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = None) -> Dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Returns the last evaluation metrics (keys "val/...") plus "step".
+  Args:
+    config: the experiment config (validated here before anything loads).
+    workdir: run directory (config.json, checkpoints/, metrics.jsonl, results.json, tensorboard/).
+    on_eval: `on_eval(step, metrics) -> bool`, called on process 0 after every evaluation with the
+      "val/..." metrics; True stops the run after that step's checkpoint (e.g. an Optuna pruner).
+  Returns:
+    The last validation metrics ("val/..."), the test metrics of the last state ("test/...") and of the
+    best checkpoint ("test_best/...") when `config.test_split` is set, plus "step" (the last step trained).
   """
+  started = time.perf_counter()
   # ---- 1. config
   config_lib.validate(config)
   total_steps = int(config.total_steps)
@@ -87,7 +274,13 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
   sharding.check_batch_size(batch_size, mesh)
   data_name, data_kwargs = config_lib.named(config.data, "data")
   dataset = datasets.build_dataset(data_name, data_kwargs)
-  train_source, val_source = dataset.source("train"), dataset.source(config.get("eval_split", "val"))
+  # Patches cut from whole cases when config.input.patch_size is set (see pipeline.prepare_source).
+  prepare = functools.partial(pipeline.prepare_source, input_config=config.input, seed=config.seed,
+                              num_classes=dataset.info.num_classes)
+  train_source = prepare(_split_source(dataset, "train", "the training split"), for_training=True)
+  val_source = prepare(_split_source(dataset, config.get("eval_split", "val"), "config.eval_split"))
+  test_split = config.get("test_split")
+  test_source = prepare(_split_source(dataset, test_split, "config.test_split")) if test_split else None
   model = build_model(config)
   loss_name, loss_kwargs = config_lib.named(config.get("loss", "xent"), "loss")
   objective = losses.make_objective(loss_name, loss_kwargs)
@@ -96,24 +289,28 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
       config.get("evaluator", dataset.info.task), "evaluator")
   evaluator = evaluators.EVALUATORS.get(eval_name)(info=dataset.info, **eval_kwargs)
   ema_decay = float(config.get("ema_decay", 0.0))
+  early = make_early_stopping(config)
 
   # ---- 3. state: restore or initialise straight into its shardings
   init_fn = init_state_fn(model, tx, train_source[0]["image"], use_ema=ema_decay > 0)
   abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   state_sharding = sharding.state_shardings(abstract_state, mesh, config.get("sharding", "data_parallel"))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, state_sharding)
   ckpt_options = dict(config.get("checkpoint", {}))
+  best_metric = config.get("best_metric")
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_interval_steps=1,
       max_to_keep=ckpt_options.get("max_to_keep", 2),
-      keep_best=ckpt_options.get("keep_best", 1) if config.get("best_metric") else 0,
-      best_metric=config.get("best_metric"), best_mode=config.get("best_mode", "max"),
+      keep_best=ckpt_options.get("keep_best", 1) if best_metric else 0,
+      best_metric=best_metric, best_mode=config.get("best_mode", "max"),
       async_save=ckpt_options.get("async_save", True))
   start_step = ckpt.latest_step() or 0
   if start_step:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, state_sharding)
     state = ckpt.restore(target, step=start_step)
     logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
+    if early is not None:
+      early.replay(evaluation_history(workdir, ckpt, early.metric, start_step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
   if is_main:
@@ -129,28 +326,31 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
   sharding.check_batch_size(eval_batch_size, mesh, what="config.input.eval_batch_size")
   use_ema_for_eval = ema_decay > 0 and config.get("eval_with_ema", True)
 
-  def run_evaluation(state) -> Dict[str, float]:
+  def run_evaluation(state, source, prefix: str) -> Dict[str, float]:
     variables = state.variables(use_ema=use_ema_for_eval)
     batches = pipeline.device_batches(
-        pipeline.eval_batches(val_source, global_batch_size=eval_batch_size), mesh)
+        pipeline.eval_batches(source, global_batch_size=eval_batch_size), mesh)
     result = evaluators.evaluate(evaluator, lambda b: eval_step(variables, b), batches)
-    return {f"val/{k}": v for k, v in result.items()}
+    return {f"{prefix}/{k}": v for k, v in result.items()}
 
   # ---- 5. loop
   writer = MetricWriter(workdir, enabled=is_main)
   progress = Progress(total_steps, start_step, enabled=is_main)
-  train_batches = pipeline.device_batches(
-      pipeline.TrainBatches(train_source, global_batch_size=batch_size, seed=config.seed).iterate(start_step),
-      mesh)
+  train_batches = pipeline.train_stream(train_source, config.input, seed=config.seed, start_step=start_step,
+                                       mesh=mesh)
   log_every = int(config.get("log_every_steps", 50))
   eval_every = config.get("eval_every_steps")
   ckpt_every = config.get("checkpoint_every_steps")
-  pending, last_eval = [], {}
-  best = config.get("best_metric")
+  pending, last_eval, test, test_best, best = [], {}, {}, {}, None
+  # A run that had already stopped early stays stopped when started again.
+  stopped = _STATUS_CODES[_from_main_process(int(early is not None and early.should_stop))]
+  last_step = start_step
   interval_start, interval_first_step = time.perf_counter(), start_step
   compiled = None
   try:
     for step in range(start_step + 1, total_steps + 1):
+      if stopped:
+        break
       batch = next(train_batches)
       if compiled is None:
         t0 = time.perf_counter()
@@ -158,6 +358,7 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
         writer.write(step, {"compile_s": time.perf_counter() - t0})
         interval_start = time.perf_counter()
       state, step_metrics = compiled(state, batch)
+      last_step = step
       pending.append((step, step_metrics))
       progress.update(step)
       do_eval, do_ckpt = _due(step, eval_every, total_steps), _due(step, ckpt_every, total_steps)
@@ -174,32 +375,66 @@ def main(config: mlc.ConfigDict, workdir: str) -> Dict[str, float]:
         progress.log(step, scalars)
         pending, interval_start, interval_first_step = [], now, step
       if do_eval:
-        last_eval = run_evaluation(state)
+        last_eval = run_evaluation(state, val_source, "val")
         writer.write(step, last_eval)
         progress.log(step, last_eval, prefix="eval ")
       if do_ckpt or do_eval:
         ckpt.save(step, state, metrics=last_eval if do_eval else None)
+      if do_eval:
+        stopped = stop_after_evaluation(step, last_eval, early, on_eval, is_main)
       if do_eval or do_ckpt:
         interval_start = time.perf_counter()  # keep evaluation and saving out of the step rate
-    if not last_eval:  # nothing to train (a finished run started again) or no evaluation was due
-      last_eval = run_evaluation(state)
+    if not last_eval:  # nothing to train (a finished or stopped run started again) or no evaluation was due
+      last_eval = run_evaluation(state, val_source, "val")
     ckpt.wait()
-    best_step = ckpt.best_step()
-    best_value = checkpoint.metric_value(ckpt.metrics(best_step), best) if best and best_step else None
+    best = _best_checkpoint(ckpt, best_metric)
+    if test_source is not None:
+      test, test_best = _test_evaluations(state, test_source, run_evaluation, ckpt, target, best)
+      writer.write(last_step, {**test, **test_best})
   finally:
     ckpt.wait()
     ckpt.close()
     writer.close()
     progress.close()
 
-  # ---- 6. summary
-  final = {"step": total_steps, **last_eval}
+  # ---- 6. results
+  status = stopped if stopped and last_step < total_steps else FINISHED
+  results = {"status": status, "step": last_step, "best": best, "final": last_eval, "test": test,
+             "test_best": test_best, "wall_s": time.perf_counter() - started}
+  path = write_results(workdir, results)
   if is_main:
-    shown = {k: v for k, v in last_eval.items() if not k.startswith("val/num_")}
-    best_text = f"Best {best}={best_value:.4f} at step {best_step}. " if best_value is not None else ""
-    print(f"Finished {total_steps} steps. Final {' '.join(f'{k}={v:.4f}' for k, v in shown.items())}. "
-          f"{best_text}Checkpoints: {ckpt.directory}; metrics: {writer.path}.", flush=True)
-  return final
+    print(_summary_line(status, last_step, total_steps, last_eval, best, test, test_best, early,
+                        f"Checkpoints: {ckpt.directory}; metrics: {writer.path}; results: {path}."), flush=True)
+  return {"step": last_step, **last_eval, **test, **test_best}
+
+
+def _split_source(dataset, split: str, where: str):
+  """The dataset's `split`, or a ConfigError naming the config key and the splits there are."""
+  try:
+    return dataset.source(split)
+  except KeyError:
+    raise config_lib.ConfigError(f"{where}: the dataset has no split {split!r}; it has "
+                                 f"{', '.join(map(repr, dataset.splits))}.") from None
+
+
+def _best_checkpoint(ckpt: checkpoint.Checkpointer, best_metric: Optional[str]) -> Optional[dict]:
+  """{"metric", "value", "step"} of the kept step with the best `best_metric`; None without one."""
+  step = ckpt.best_step() if best_metric else None
+  if step is None:
+    return None
+  return {"metric": best_metric, "value": checkpoint.metric_value(ckpt.metrics(step), best_metric), "step": step}
+
+
+def _test_evaluations(state, source, run_evaluation, ckpt: checkpoint.Checkpointer, target,
+                      best: Optional[dict]):
+  """Test metrics of the last state ("test/...") and of the best checkpoint ("test_best/...", restored from
+  disk so it is exactly what was saved; {} without a best metric). MedMNIST reports both (Yang et al., 2023,
+  "MedMNIST v2", Sci. Data 10:41)."""
+  test = run_evaluation(state, source, "test")
+  if best is None:
+    return test, {}
+  best_state = ckpt.restore(target, step=best["step"])
+  return test, run_evaluation(best_state, source, "test_best")
 
 
 def _check_finite(pending, ckpt: checkpoint.Checkpointer) -> None:

@@ -129,6 +129,7 @@ def test_classification_experiment_end_to_end(tmp_path):
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_resnet.py")
   config = config_lib.load_config(f"{path}:quick=true")
   config.mesh = (("data", -1),)  # 8 fake devices, batch 8
+  config.model.stage_sizes = (1,)  # one residual block keeps the CPU compile short
   config.compute_dtype = "bfloat16"
   config.ema_decay = 0.9
   result = train.main(config, str(tmp_path))
@@ -160,6 +161,7 @@ def test_classification_with_mixup_soft_targets(tmp_path):
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_resnet.py")
   config = config_lib.load_config(f"{path}:quick=true")
   config.mesh = (("data", 1),)
+  config.model.stage_sizes = (1,)
   config.augment = dict(mixup=dict(p=1.0, alpha=0.4), num_classes=3)
   assert np.isfinite(train.main(config, str(tmp_path))["val/auc"])
 

@@ -337,15 +337,16 @@ class WithDistanceMaps:
     return getattr(self.source, name)
 
 
-def prepare_source(source, input_config: Mapping[str, Any], *, seed: int, num_classes: int):
-  """`source` as config.input asks for it: cut into patches (`PatchSampler`) when `patch_size` is set, and
-  with distance maps added when `distance_maps` is set."""
+def prepare_source(source, input_config: Mapping[str, Any], *, seed: int, num_classes: int,
+                   for_training: bool = False):
+  """`source` as config.input asks for it: cut into patches (`PatchSampler`) when `patch_size` is set, and,
+  for training, with distance maps added when `distance_maps` is set (only the loss reads them)."""
   options = input_options(input_config)
   if options["patch_size"] is not None:
     source = sampling.PatchSampler(source, options["patch_size"],
                                    foreground_fraction=options["foreground_fraction"], seed=seed,
                                    pad_value=options["pad_value"])
-  if options["distance_maps"]:
+  if options["distance_maps"] and for_training:
     source = WithDistanceMaps(source, num_classes)
   return source
 

@@ -191,7 +191,7 @@ def test_prepare_source_adds_distance_maps_to_patches():
   cases = _Cases([(12, 16), (10, 20)])
   source = pipeline.prepare_source(cases, {"batch_size": 2, "patch_size": (8, 8), "distance_maps": True,
                                            "foreground_fraction": 1.0},
-                                   seed=0, num_classes=3)
+                                   seed=0, num_classes=3, for_training=True)
   patch = source.sample(0, np.random.default_rng(0))
   assert patch["distance_map"].shape == (8, 8, 3)
   inside = patch["label"] == 1

@@ -1,0 +1,170 @@
+"""MedMNIST v2 classification with ResNet-18/50 (2D, 3D, ACS or 2.5D convolutions) or a CNN-ViT hybrid:
+the official MedMNIST protocol, or an improved recipe with the same splits and selection rule.
+
+Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
+  subset    MedMNIST subset, "breastmnist" (default), "pneumoniamnist", "adrenalmnist3d", ... (not ChestMNIST:
+            multi-label needs another loss and metric)
+  model     "resnet18" (default) | "resnet50" | "vit_hybrid" (the improved recipe's third model)
+  conv      "auto" (default: "2d" for a 2D subset, "3d" for a 3D one) | "2d" | "3d" (full k^3 kernels) |
+            "acs" | "2.5d" (2D kernels on volumes, medjax.models.acs; ResNets on 3D subsets only)
+  size      28 (default) | 64 (MedMNIST+ files; 2D subsets also 128 and 224)
+  seed      0
+  recipe    "official" (default) | "improved"
+  data_dir  folder of the official .npz files; default ../shared/data/medmnist; a relative path is taken
+            from the repository root, so a run works from any directory
+  quick     true: 4 steps, narrow one-block-per-stage model, for smoke tests (still reads data_dir)
+
+Official protocol (MedMNIST v2, Yang et al., Scientific Data 10, 41 (2023), and its `experiments`
+repository): 100 epochs, batch 128 (2D) / 32 (3D), Adam lr 1e-3 without weight decay, lr x0.1 at epochs
+50 and 75, cross-entropy, inputs (x / 255 - 0.5) / 0.5, grayscale repeated to 3 channels for 2D (1 channel
+for 3D, the official default), no augmentation, the 28 px ResNet with a 3x3 stride-1 stem and no max-pool
+(the official script uses it at every size unless images are resized to 224), validation every epoch and
+the best-validation-AUC checkpoint evaluated on test (`config.test_split`: "test/..." metrics for the last
+state, "test_best/..." for the best one). 3D models: the same 2D ResNet with inflated 3D kernels ("3d"),
+ACS convolutions ("acs") or 2.5D ones ("2.5d"). One epoch is ceil(N_train / batch) optimizer steps (the
+PyTorch loader's partial last batch becomes a full batch drawn from the next epoch's permutation).
+
+Improved recipe: the same epochs, batch, splits and selection rule, plus on-device augmentation (horizontal
+flip, small affine, brightness/contrast), AdamW (weight decay 0.05) with a 5-epoch warmup and cosine decay,
+label smoothing 0.1, and a parameter EMA (about 5 epochs, at least 0.99) used for evaluation.
+
+Runs (from the repository root; each writes `results.json` and `config.json` in its workdir):
+  python -m medjax.main --config experiments/medmnist_resnet.py:subset=breastmnist --workdir runs/mm/breast_r18_s0
+  python -m medjax.main --config experiments/medmnist_resnet.py:subset=pneumoniamnist,model=resnet50,seed=1 \
+      --workdir runs/mm/pneu_r50_s1
+  python -m medjax.main --config experiments/medmnist_resnet.py:subset=adrenalmnist3d,conv=acs \
+      --workdir runs/mm/adrenal_acs_s0
+  python -m medjax.main --config experiments/medmnist_resnet.py:subset=breastmnist,recipe=improved,model=vit_hybrid \
+      --workdir runs/mm/breast_vith_improved_s0
+  python -m medjax.tools.paper_table --runs runs/mm --out runs/mm/table.md
+Three seeds: `get_sweep` returns [{"seed": 0}, {"seed": 1}, {"seed": 2}].
+"""
+
+import math
+import os
+
+import ml_collections as mlc
+
+from medjax import config_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "medmnist")
+
+# subset -> (spatial_dims, num_classes, official train split size); MedMNIST v2 (Yang et al. 2023), Table 1.
+# Kept here because experiment files import no JAX code; tests check it against medjax's SubsetInfo table.
+SUBSETS = {
+    "pathmnist": (2, 9, 89996), "dermamnist": (2, 7, 7007), "octmnist": (2, 4, 97477),
+    "pneumoniamnist": (2, 2, 4708), "retinamnist": (2, 5, 1080), "breastmnist": (2, 2, 546),
+    "bloodmnist": (2, 8, 11959), "tissuemnist": (2, 8, 165466), "organamnist": (2, 11, 34581),
+    "organcmnist": (2, 11, 13000), "organsmnist": (2, 11, 13940),
+    "organmnist3d": (3, 11, 971), "nodulemnist3d": (3, 2, 1158), "adrenalmnist3d": (3, 2, 1188),
+    "fracturemnist3d": (3, 3, 1027), "vesselmnist3d": (3, 2, 1335), "synapsemnist3d": (3, 2, 1230),
+}
+SIZES = {2: (28, 64, 128, 224), 3: (28, 64)}
+MODELS = ("resnet18", "resnet50", "vit_hybrid")
+CONVS = {2: ("2d",), 3: ("3d", "acs", "2.5d")}
+RECIPES = ("official", "improved")
+EPOCHS = 100
+BATCH = {2: 128, 3: 32}
+
+
+def _check(arg):
+  """Resolves "auto" and raises ConfigError naming the bad argument."""
+  def fail(message):
+    raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: {message}")
+
+  if arg.subset not in SUBSETS:
+    hint = " (multi-label: not supported here)" if arg.subset == "chestmnist" else ""
+    fail(f"unknown subset {arg.subset!r}{hint}; choose from {', '.join(SUBSETS)}.")
+  dims = SUBSETS[arg.subset][0]
+  conv = {2: "2d", 3: "3d"}[dims] if arg.conv == "auto" else arg.conv
+  if arg.model not in MODELS:
+    fail(f"unknown model {arg.model!r}; choose from {', '.join(MODELS)}.")
+  if conv not in CONVS[dims]:
+    fail(f"conv={conv!r} does not fit the {dims}D subset {arg.subset!r}; choose from {', '.join(CONVS[dims])}.")
+  if arg.model == "vit_hybrid" and conv in ("acs", "2.5d"):
+    fail(f"conv={conv!r} exists for the ResNets only; vit_hybrid takes conv=auto.")
+  if arg.size not in SIZES[dims]:
+    fail(f"size={arg.size} is not a MedMNIST size of a {dims}D subset; choose from {SIZES[dims]}.")
+  if arg.recipe not in RECIPES:
+    fail(f"unknown recipe {arg.recipe!r}; choose from {', '.join(RECIPES)}.")
+  return dims, conv
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
+                             recipe="official", data_dir=DEFAULT_DATA_DIR, quick=False)
+  dims, conv = _check(arg)
+  num_classes, num_train = SUBSETS[arg.subset][1:]
+  batch = BATCH[dims]
+  steps_per_epoch = math.ceil(num_train / batch)
+
+  c = mlc.ConfigDict()
+  c.seed = arg.seed
+  c.total_steps = EPOCHS * steps_per_epoch
+  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = steps_per_epoch
+  # Read by medjax.tools.paper_table (with seed and data.*) to group runs.
+  c.tags = dict(experiment="medmnist_resnet", subset=arg.subset, model=arg.model, conv=conv, size=arg.size,
+                recipe=arg.recipe, epochs=EPOCHS, steps_per_epoch=steps_per_epoch, quick=arg.quick)
+
+  data_dir = os.path.expanduser(arg.data_dir)
+  c.data = dict(name="medmnist", subset=arg.subset, size=arg.size,
+                data_dir=os.path.normpath(os.path.join(REPO_ROOT, data_dir)),  # absolute stays absolute
+                channels=3 if dims == 2 else 1, verify_md5=True)
+  c.input = dict(batch_size=batch, eval_batch_size=2 * batch)
+
+  if arg.model == "vit_hybrid":
+    c.model_name = "vit_hybrid"
+    # Stride 4 at 28 px (7^2 / 7^3 tokens); at 64 px a 2D image keeps the small stem (16^2 tokens) and a
+    # volume takes the 7x7 stride-2 stem + max-pool (4^3 tokens instead of 16^3).
+    c.model = dict(num_classes=num_classes, spatial_dims=dims, image_size=arg.size,
+                   small_input=arg.size == 28 or dims == 2, dropout=0.1)
+  else:
+    c.model_name = arg.model + ("" if conv in ("2d", "3d") else f"_{conv}")
+    c.model = dict(num_classes=num_classes, spatial_dims=dims, small_input=True)
+  c.compute_dtype = "float32"
+
+  c.mesh = (("data", -1),)
+  c.sharding = "data_parallel"
+  c.evaluator = dict(name="classification")
+  c.best_metric, c.best_mode = "val/auc", "max"
+  c.test_split = "test"
+  c.checkpoint = dict(max_to_keep=1, keep_best=1, async_save=True)
+  c.grad_clip_norm = None
+  c.grad_accum_steps = 1
+
+  if arg.recipe == "official":
+    c.loss = dict(name="xent", label_smoothing=0.0)
+    c.optim = dict(name="adam", wd=0.0)
+    c.lr = 1e-3
+    c.schedule = dict(decay="step", boundaries=(0.5, 0.75), factor=0.1)  # epochs 50 and 75 of 100
+    c.ema_decay = 0.0
+  else:
+    c.loss = dict(name="xent", label_smoothing=0.1)
+    c.optim = dict(name="adamw", wd=0.05)
+    c.lr = 5e-4 if arg.model == "vit_hybrid" else 1e-3
+    c.schedule = dict(decay="cosine", warmup_steps=5 * steps_per_epoch)
+    c.ema_decay = round(min(0.9999, max(0.99, 1.0 - 1.0 / (5 * steps_per_epoch))), 6)
+    # Horizontal flips only: up/down and slice order carry anatomy. Pixels outside the image copy the edge.
+    c.augment = dict(flip=dict(p=0.5, axes=(-1,)),
+                     affine=dict(p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=arg.size / 14),
+                     brightness=dict(p=0.3, range=(0.9, 1.1)), contrast=dict(p=0.3, range=(0.9, 1.1)),
+                     image_pad="edge")
+
+  if arg.quick:
+    c.total_steps = 4
+    c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
+    c.input.batch_size, c.input.eval_batch_size = 8, 8
+    if arg.model == "vit_hybrid":
+      c.model.update(width=4, stage_sizes=(1, 1, 1), hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+    else:
+      c.model.update(width=4, stage_sizes=(1, 1, 1, 1))
+    if arg.recipe == "improved":
+      c.schedule.warmup_steps = 1
+  return c
+
+
+def get_sweep(arg=None):
+  """Three seeds of the configuration `arg` selects (overrides of config.seed)."""
+  del arg
+  return [{"seed": 0}, {"seed": 1}, {"seed": 2}]
