@@ -10,6 +10,7 @@ import pytest
 from medjax import checkpoint, config_lib, metric_writer, train
 from medjax.data import datasets, pipeline
 from medjax.data.datasets.base import Dataset
+from train_testing import Preempted, preempt_after_save
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_unet.py")
 
@@ -44,9 +45,6 @@ def test_end_to_end_writes_metrics_checkpoints_and_config(tmp_path):
   assert logits.shape == (1, 16, 16, 3)
 
 
-class _Preempted(Exception):
-  pass
-
 
 def _final_state(workdir):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=10,
@@ -58,16 +56,8 @@ def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
   config = _config(total_steps=6, checkpoint_every_steps=3, eval_every_steps=3)
   train.main(config, str(tmp_path / "straight"))
 
-  original_save = checkpoint.Checkpointer.save
-
-  def save_then_preempt(self, step, state, metrics=None, force=False):
-    saved = original_save(self, step, state, metrics=metrics, force=force)
-    if step == 3:
-      raise _Preempted()
-    return saved
-
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_preempt)
-  with pytest.raises(_Preempted):
+  original_save = preempt_after_save(monkeypatch, at_step=3)
+  with pytest.raises(Preempted):
     train.main(config, str(tmp_path / "resumed"))
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
   assert checkpoint.Checkpointer(str(tmp_path / "resumed" / "checkpoints"), save_interval_steps=1,

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from medjax import checkpoint, config_lib, evaluators, metric_writer, train
 from medjax.data import datasets
+from train_testing import Preempted, preempt_after_save
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
@@ -61,9 +62,6 @@ class _ScriptedScore:
     return metrics
 
 
-class _Preempted(Exception):
-  pass
-
 
 # An improvement must beat the best by more than 0.05: step 8's 0.74 does not beat step 4's 0.7, so with
 # patience 3 the run stops at step 10. A resume that forgot steps 2-6 would take 0.74 as its best and run on.
@@ -83,17 +81,9 @@ def test_early_stopping_stops_at_the_right_evaluation_also_after_a_preemption(tm
     return False
 
   # Preempted right after saving step 6 (best 0.7 at step 4, one bad evaluation so far) ...
-  original_save = checkpoint.Checkpointer.save
-
-  def save_then_preempt(self, step, state, metrics=None, force=False):
-    saved = original_save(self, step, state, metrics=metrics, force=force)
-    if step == 6:
-      raise _Preempted()
-    return saved
-
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_preempt)
+  original_save = preempt_after_save(monkeypatch, at_step=6)
   monkeypatch.setattr(evaluators, "evaluate", _ScriptedScore(SCRIPT, 2, 2))
-  with pytest.raises(_Preempted):
+  with pytest.raises(Preempted):
     train.main(config, workdir, on_eval=on_eval)
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
   assert _latest_step(workdir) == 6 and seen == [2, 4]

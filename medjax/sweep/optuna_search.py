@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import warnings
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -126,7 +125,7 @@ def run_optuna(workdir: str, config_spec: str, space: Mapping[str, Any], *, num_
     best: Dict[str, Any] = {}
 
     def on_eval(step: int, metrics: Mapping[str, Any]) -> bool:
-      value = _finite(metrics.get(metric))
+      value = trials_lib.finite_or_none(metrics.get(metric))
       if value is None:
         return False
       if not best or (value > best["value"] if mode == "max" else value < best["value"]):
@@ -165,14 +164,6 @@ def run_optuna(workdir: str, config_spec: str, space: Mapping[str, Any], *, num_
     local_lib._restore_sigterm(previous)  # pylint: disable=protected-access
     write_sweep_file(workdir, study, config_spec, metric, mode)
   return write_best(workdir, study, config_spec)
-
-
-def _finite(value: Any) -> Optional[float]:
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    return None
-  return value if math.isfinite(value) else None
 
 
 _STATUS = {"COMPLETE": "finished", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",

@@ -192,7 +192,8 @@ def read_results_json(trial_dir: str) -> Optional[Dict[str, Any]]:
     return None  # half-written by a killed run: treat as absent
 
 
-def _finite(value: Any) -> Optional[float]:
+def finite_or_none(value: Any) -> Optional[float]:
+  """`value` as a float when it is a finite number, else None (JSON null, NaN, inf, text)."""
   try:
     value = float(value)
   except (TypeError, ValueError):
@@ -213,7 +214,7 @@ def best_from_metrics(trial_dir: str, metric: str, mode: str) -> Tuple[Optional[
         record = json.loads(line)
       except ValueError:
         continue  # a line cut by a kill
-      value = _finite(record.get(metric))
+      value = finite_or_none(record.get(metric))
       if value is None:
         continue
       last = value
@@ -230,11 +231,11 @@ def trial_summary(record: Mapping[str, Any], metric: str, mode: str) -> Dict[str
   status, wall = record.get("status", "pending"), record.get("wall_s")
   if result is not None:
     result_best = result.get("best") or {}
-    if result_best.get("metric") == metric and _finite(result_best.get("value")) is not None:
+    if result_best.get("metric") == metric and finite_or_none(result_best.get("value")) is not None:
       best, best_step = float(result_best["value"]), result_best.get("step")
-    final = _finite((result.get("final") or {}).get(metric, final))
+    final = finite_or_none((result.get("final") or {}).get(metric, final))
     wall = result.get("wall_s", wall)
     if status not in ("failed", "pruned"):
       status = result.get("status", status)
   return dict(name=record["name"], overrides=dict(record.get("overrides", {})), status=status, best=best,
-              best_step=best_step, final=final, wall_s=_finite(wall), error=record.get("error") or "")
+              best_step=best_step, final=final, wall_s=finite_or_none(wall), error=record.get("error") or "")

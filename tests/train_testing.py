@@ -1,0 +1,22 @@
+"""Shared helpers for the training-loop tests."""
+
+from medjax import checkpoint
+
+
+class Preempted(Exception):
+  """Raised by `preempt_after_save` to simulate a job killed right after a checkpoint."""
+
+
+def preempt_after_save(monkeypatch, at_step: int):
+  """Makes `Checkpointer.save` raise `Preempted` right after it saved step `at_step`; returns the original
+  `save` so a test can put it back and resume."""
+  original_save = checkpoint.Checkpointer.save
+
+  def save_then_preempt(self, step, state, metrics=None, force=False):
+    saved = original_save(self, step, state, metrics=metrics, force=force)
+    if step == at_step:
+      raise Preempted()
+    return saved
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_preempt)
+  return original_save
