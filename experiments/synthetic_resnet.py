@@ -4,6 +4,8 @@ Run:
   python -m medjax.main --config experiments/synthetic_resnet.py:dims=2 --workdir runs/lesions2d
   python -m medjax.main --config experiments/synthetic_resnet.py:quick=true --workdir /tmp/quick_cls
   python -m medjax.tools.sweep --config experiments/synthetic_resnet.py --workdir runs/tpe --backend optuna --num_trials 20
+  python -m medjax.tools.sweep --config experiments/synthetic_resnet.py:cv=5 --workdir runs/cv --parallel 2
+      # 5-fold cross-validation (over train + val, patient-level, stratified) of two learning rates
 """
 
 import ml_collections as mlc
@@ -12,7 +14,7 @@ from medjax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dims=2, size=32, steps=300, quick=False)
+  arg = config_lib.parse_arg(arg, dims=2, size=32, steps=300, cv=0, quick=False)
   c = mlc.ConfigDict()
   c.seed = 0
   c.total_steps = arg.steps
@@ -20,6 +22,8 @@ def get_config(arg=None):
 
   c.data = dict(name="synthetic_lesions", spatial_dims=arg.dims, image_size=arg.size, num_classes=3,
                 num_train=1024, num_val=128, num_test=128)
+  if arg.cv:  # cross-validation folds over train + val; `get_sweep` sets data.fold per trial
+    c.data.fold, c.data.num_folds = 0, arg.cv
   c.input = dict(batch_size=32, eval_batch_size=64)
 
   c.model_name = "resnet18"
@@ -51,8 +55,12 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """A search space for optuna (or `--num_trials` random draws): learning rate, weight decay, width."""
+  """With `cv=k`: k-fold cross-validation of two learning rates. Otherwise a search space for optuna (or
+  `--num_trials` random draws): learning rate, weight decay, width."""
   from medjax import sweep  # pylint: disable=import-outside-toplevel  # only sweeps need it
   c = get_config(arg)
+  folds = config_lib.parse_arg(arg, dims=2, size=32, steps=300, cv=0, quick=False).cv
+  if folds:
+    return sweep.product(sweep.kfold(folds), lr=[c.lr, c.lr / 3])
   return {"lr": sweep.loguniform(c.lr / 10, c.lr * 10), "optim.wd": sweep.choice([0.0, 1e-4, 1e-3]),
           "model.width": sweep.choice([c.model.width, 2 * c.model.width])}

@@ -31,11 +31,12 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from medjax import atomic, checkpoint, config_lib, evaluators, sharding, train
 from medjax.data import datasets, pipeline
 from medjax.evaluators import plots, render
+from medjax.tools import cli
 
 # Keys of a host batch that are neither model input nor metadata.
 _NOT_METADATA = set(pipeline.DEVICE_KEYS) | {"id"}
@@ -234,14 +235,15 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   return report
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True)
-_SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval_<split>).")
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% CIs (0: none).")
-_SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
-_SURFACE = flags.DEFINE_bool("surface_metrics", True, "Segmentation: also HD95 and ASSD.")
-_HTML = flags.DEFINE_bool("html", False, "Also write report.html.")
+_FLAGS = flags.FlagValues()  # private, so tools imported together do not clash (tools/cli.py)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True, flag_values=_FLAGS)
+_SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.", flag_values=_FLAGS)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.", flag_values=_FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval_<split>).", flag_values=_FLAGS)
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% CIs (0: none).", flag_values=_FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.", flag_values=_FLAGS)
+_SURFACE = flags.DEFINE_bool("surface_metrics", True, "Segmentation: also HD95 and ASSD.", flag_values=_FLAGS)
+_HTML = flags.DEFINE_bool("html", False, "Also write report.html.", flag_values=_FLAGS)
 
 
 def main(argv):
@@ -258,4 +260,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _FLAGS)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from absl import app, flags, logging
 
@@ -32,34 +32,36 @@ from medjax.sweep import report as report_lib
 from medjax.sweep import slurm as slurm_lib
 from medjax.sweep import space as space_lib
 from medjax.sweep import trials as trials_lib
+from medjax.tools import cli
 
-_CONFIG = flags.DEFINE_string("config", None, "Experiment file with its argument: path.py[:arg].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per trial).")
-_BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "optuna"], "Where trials run.")
-_PARALLEL = flags.DEFINE_integer("parallel", None, "local: trials at a time (default 1).")
-_DEVICES = flags.DEFINE_integer("devices_per_trial", None, "local: GPUs (or CPU host devices) per trial.")
-_METRIC = flags.DEFINE_string("metric", None, "Metric to compare trials by (default: config.best_metric).")
-_MODE = flags.DEFINE_enum("mode", None, ["max", "min"], "Whether larger or smaller is better.")
-_NUM_TRIALS = flags.DEFINE_integer("num_trials", None, "Trials drawn from a search space / optuna budget.")
-_SEED = flags.DEFINE_integer("seed", None, "Seed of random draws and of the TPE sampler (default 0).")
+_FLAGS = flags.FlagValues()  # private, so tools imported together do not clash (tools/cli.py)
+_CONFIG = flags.DEFINE_string("config", None, "Experiment file with its argument: path.py[:arg].", flag_values=_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per trial).", flag_values=_FLAGS)
+_BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "optuna"], "Where trials run.", flag_values=_FLAGS)
+_PARALLEL = flags.DEFINE_integer("parallel", None, "local: trials at a time (default 1).", flag_values=_FLAGS)
+_DEVICES = flags.DEFINE_integer("devices_per_trial", None, "local: GPUs (or CPU host devices) per trial.", flag_values=_FLAGS)
+_METRIC = flags.DEFINE_string("metric", None, "Metric to compare trials by (default: config.best_metric).", flag_values=_FLAGS)
+_MODE = flags.DEFINE_enum("mode", None, ["max", "min"], "Whether larger or smaller is better.", flag_values=_FLAGS)
+_NUM_TRIALS = flags.DEFINE_integer("num_trials", None, "Trials drawn from a search space / optuna budget.", flag_values=_FLAGS)
+_SEED = flags.DEFINE_integer("seed", None, "Seed of random draws and of the TPE sampler (default 0).", flag_values=_FLAGS)
 _TRIAL_COMMAND = flags.DEFINE_string("trial_command", None, "Program run per trial (default: python -m "
-                                     "medjax.main); e.g. a container wrapper around it.")
-_STORAGE = flags.DEFINE_string("storage", None, "optuna: storage URL (default sqlite in --workdir).")
-_PRUNER = flags.DEFINE_enum("pruner", None, ["median", "halving", "none"], "optuna pruner (default median).")
-_CLUSTER = flags.DEFINE_enum("cluster", None, ["slurm", "local"], "slurm backend: submitit executor.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "slurm: print the sbatch script and submit nothing.")
-_WAIT = flags.DEFINE_bool("wait", True, "slurm: wait for the jobs and write the report.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from sweep.json.")
+                                     "medjax.main); e.g. a container wrapper around it.", flag_values=_FLAGS)
+_STORAGE = flags.DEFINE_string("storage", None, "optuna: storage URL (default sqlite in --workdir).", flag_values=_FLAGS)
+_PRUNER = flags.DEFINE_enum("pruner", None, ["median", "halving", "none"], "optuna pruner (default median).", flag_values=_FLAGS)
+_CLUSTER = flags.DEFINE_enum("cluster", None, ["slurm", "local"], "slurm backend: submitit executor.", flag_values=_FLAGS)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "slurm: print the sbatch script and submit nothing.", flag_values=_FLAGS)
+_WAIT = flags.DEFINE_bool("wait", True, "slurm: wait for the jobs and write the report.", flag_values=_FLAGS)
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from sweep.json.", flag_values=_FLAGS)
 _SLURM_FLAGS = dict(
-    partition=flags.DEFINE_string("partition", None, "slurm: partition."),
-    time_min=flags.DEFINE_integer("time_min", None, "slurm: time limit per trial in minutes (default 60)."),
-    nodes=flags.DEFINE_integer("nodes", None, "slurm: nodes per trial (one JAX process per node)."),
-    gpus_per_node=flags.DEFINE_integer("gpus_per_node", None, "slurm: GPUs per node."),
-    cpus_per_task=flags.DEFINE_integer("cpus_per_task", None, "slurm: CPUs per node-task."),
-    mem_gb=flags.DEFINE_integer("mem_gb", None, "slurm: memory per node in GB."),
-    account=flags.DEFINE_string("account", None, "slurm: account."),
-    qos=flags.DEFINE_string("qos", None, "slurm: quality of service."),
-    constraint=flags.DEFINE_string("constraint", None, "slurm: node constraint."),
+    partition=flags.DEFINE_string("partition", None, "slurm: partition.", flag_values=_FLAGS),
+    time_min=flags.DEFINE_integer("time_min", None, "slurm: time limit per trial in minutes (default 60).", flag_values=_FLAGS),
+    nodes=flags.DEFINE_integer("nodes", None, "slurm: nodes per trial (one JAX process per node).", flag_values=_FLAGS),
+    gpus_per_node=flags.DEFINE_integer("gpus_per_node", None, "slurm: GPUs per node.", flag_values=_FLAGS),
+    cpus_per_task=flags.DEFINE_integer("cpus_per_task", None, "slurm: CPUs per node-task.", flag_values=_FLAGS),
+    mem_gb=flags.DEFINE_integer("mem_gb", None, "slurm: memory per node in GB.", flag_values=_FLAGS),
+    account=flags.DEFINE_string("account", None, "slurm: account.", flag_values=_FLAGS),
+    qos=flags.DEFINE_string("qos", None, "slurm: quality of service.", flag_values=_FLAGS),
+    constraint=flags.DEFINE_string("constraint", None, "slurm: node constraint.", flag_values=_FLAGS),
 )
 
 _DEFAULTS: Dict[str, Any] = dict(parallel=1, devices_per_trial=1, num_trials=None, seed=0, pruner="median",
@@ -188,4 +190,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _FLAGS)
