@@ -64,7 +64,8 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
     tx: optax transformation (clipping and weight decay included).
     accum_steps: number of micro-batches whose gradients are averaged before the update; equals one
       update on the whole batch (for models without batch statistics).
-    ema_decay: decay of the parameter EMA (ignored when the state carries none).
+    ema_decay: decay of the parameter EMA (ignored when the state carries none); the decay used at update t
+      (0-based) is min(ema_decay, (1 + t) / (10 + t)).
     augment_fn: `augment_fn(rng, batch) -> batch`, random augmentation applied on device inside this
       compiled step (before micro-batching), with a key derived from the step so resume stays exact.
   Returns:
@@ -101,7 +102,11 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
-    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params)
+    # Warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): early on the average forgets its
+    # random initialisation quickly; 0.99 ** 150 would otherwise still weigh the init 22% after 150 steps.
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(jnp.float32(ema_decay), (1.0 + t) / (10.0 + t))
+    ema_params = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema_params, params)
 
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
