@@ -20,12 +20,13 @@ Every process runs the same `train.main`; see medjax/train.py for what each one 
 
 from __future__ import annotations
 
-import logging as pylogging
 import os
 import sys
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from absl import app, flags, logging
+
+from medjax.tools import cli as tool_cli
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment file, optionally with its argument: path.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
@@ -89,16 +90,9 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of Orbax and other libraries (kept: their warnings and medjax's own records)."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or "medjax" in record.pathname
-
-
 def run(argv: Sequence[str], overrides: Sequence[str]) -> None:
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  tool_cli.quiet_libraries()
   # Imported after flag parsing: importing JAX is slow and flag errors should come back at once.
   from medjax import config_lib
   if not _CONFIG.value or not _WORKDIR.value:

@@ -404,7 +404,8 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   path = write_results(workdir, results)
   if is_main:
     print(_summary_line(status, last_step, total_steps, last_eval, best, test, test_best, early,
-                        f"Checkpoints: {ckpt.directory}; metrics: {writer.path}; results: {path}."), flush=True)
+                        f"Checkpoints: {ckpt.directory}; metrics: {writer.path}; "
+                        f"results: {os.path.abspath(path)}."), flush=True)
   return {"step": last_step, **last_eval, **test, **test_best}
 
 

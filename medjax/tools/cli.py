@@ -7,10 +7,11 @@ shared names such as `--workdir`. `run(main, flag_values)` is `absl.app.run` wit
 
 from __future__ import annotations
 
+import logging as pylogging
 import sys
 from typing import Callable, List, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 
 def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> List[str]:
@@ -28,6 +29,21 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> List[str]:
   return rest
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of Orbax and other libraries (kept: their warnings and medjax's own records)."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "medjax" in record.pathname
+
+
+def quiet_libraries() -> None:
+  """Keeps the console to medjax's own log lines and every library's warnings."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def run(main: Callable[[List[str]], object], flag_values: flags.FlagValues) -> None:
-  """`app.run(main)` with the tool's own flag set."""
-  app.run(main, flags_parser=lambda argv: parse(flag_values, argv))
+  """`app.run(main)` with the tool's own flag set and quiet library logs."""
+  def main_quietly(argv):
+    quiet_libraries()
+    return main(argv)
+  app.run(main_quietly, flags_parser=lambda argv: parse(flag_values, argv))
