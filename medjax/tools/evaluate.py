@@ -236,11 +236,13 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
 
 
 _FLAGS = flags.FlagValues()  # private, so tools imported together do not clash (tools/cli.py)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True, flag_values=_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True,
+                               flag_values=_FLAGS)
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.", flag_values=_FLAGS)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.", flag_values=_FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval_<split>).", flag_values=_FLAGS)
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% CIs (0: none).", flag_values=_FLAGS)
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% CIs (0: none).",
+                                  flag_values=_FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.", flag_values=_FLAGS)
 _SURFACE = flags.DEFINE_bool("surface_metrics", True, "Segmentation: also HD95 and ASSD.", flag_values=_FLAGS)
 _HTML = flags.DEFINE_bool("html", False, "Also write report.html.", flag_values=_FLAGS)

@@ -29,32 +29,42 @@ from absl import app, flags
 from medjax.tools import cli
 
 _FLAGS = flags.FlagValues()  # private, so tools imported together do not clash (tools/cli.py)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json + checkpoints/).", flag_values=_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json + checkpoints/).",
+                               flag_values=_FLAGS)
 _INPUT = flags.DEFINE_string("input", None, "A .nii/.nii.gz case or a folder of them.", flag_values=_FLAGS)
-_OUTPUT = flags.DEFINE_string("output", None, "Folder for the predicted label maps (<case>.nii.gz).", flag_values=_FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "Folder for the predicted label maps (<case>.nii.gz).",
+                              flag_values=_FLAGS)
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                                "Which checkpoint: best by config.best_metric (latest when unset), or latest.", flag_values=_FLAGS)
+                                "Which checkpoint: best by config.best_metric (latest when unset), or latest.",
+                                flag_values=_FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "Restore this checkpoint step (overrides --checkpoint).", flag_values=_FLAGS)
 _USE_EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.", flag_values=_FLAGS)
-_OVERLAP = flags.DEFINE_float("overlap", 0.5, "Fraction of a window shared with its neighbour, in [0, 1).", flag_values=_FLAGS)
+_OVERLAP = flags.DEFINE_float("overlap", 0.5, "Fraction of a window shared with its neighbour, in [0, 1).",
+                              flag_values=_FLAGS)
 _MODE = flags.DEFINE_enum("mode", "gaussian", ["gaussian", "constant"], "Window blending.", flag_values=_FLAGS)
 _WINDOW_BATCH = flags.DEFINE_integer("window_batch", 4, "Windows per network call.", flag_values=_FLAGS)
 _TTA = flags.DEFINE_bool("tta", False, "Average over all 8 mirrorings of each window.", flag_values=_FLAGS)
 _LCC = flags.DEFINE_bool("lcc", False, "Keep only the largest connected component of each class.", flag_values=_FLAGS)
-_LCC_CLASSES = flags.DEFINE_list("lcc_classes", None, "Classes for --lcc (default: every foreground class).", flag_values=_FLAGS)
+_LCC_CLASSES = flags.DEFINE_list("lcc_classes", None, "Classes for --lcc (default: every foreground class).",
+                                 flag_values=_FLAGS)
 _LABEL_RESAMPLE = flags.DEFINE_enum("label_resample", "linear", ["linear", "nearest"],
-                                    "Back to the input grid: resample probabilities linearly, or labels nearest.", flag_values=_FLAGS)
+                                    "Back to the input grid: resample probabilities linearly, or labels nearest.",
+                                    flag_values=_FLAGS)
 _ROI = flags.DEFINE_list("roi", None, "Window size z,y,x (or one int for all axes) when the config has none; "
                          "in --benchmark the window (default 128).", flag_values=_FLAGS)
 _TARGET_SPACING = flags.DEFINE_list("target_spacing", None, "Override: resample to z,y,x mm.", flag_values=_FLAGS)
-_NORMALIZATION = flags.DEFINE_list("normalization", None, "Override: scheme(s), one or one per channel.", flag_values=_FLAGS)
+_NORMALIZATION = flags.DEFINE_list("normalization", None, "Override: scheme(s), one or one per channel.",
+                                   flag_values=_FLAGS)
 _CROP = flags.DEFINE_bool("crop_nonzero", None, "Override: crop to the nonzero bounding box.", flag_values=_FLAGS)
 _SHARD = flags.DEFINE_bool("shard", False, "Split each window batch over all local devices.", flag_values=_FLAGS)
-_BENCHMARK = flags.DEFINE_bool("benchmark", False, "Time the sliding window on a random volume instead.", flag_values=_FLAGS)
+_BENCHMARK = flags.DEFINE_bool("benchmark", False, "Time the sliding window on a random volume instead.",
+                               flag_values=_FLAGS)
 _SIZE = flags.DEFINE_integer("size", 256, "--benchmark: volume side in voxels.", flag_values=_FLAGS)
-_FEATURES = flags.DEFINE_list("features", ["16", "32", "64", "128"], "--benchmark: U-Net widths per level.", flag_values=_FLAGS)
+_FEATURES = flags.DEFINE_list("features", ["16", "32", "64", "128"], "--benchmark: U-Net widths per level.",
+                              flag_values=_FLAGS)
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 3, "--benchmark: output classes.", flag_values=_FLAGS)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--benchmark: compute dtype.", flag_values=_FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--benchmark: compute dtype.",
+                           flag_values=_FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 5, "--benchmark: timed volumes (the median is reported).", flag_values=_FLAGS)
 _WARMUP = flags.DEFINE_integer("warmup", 1, "--benchmark: untimed volumes after compilation.", flag_values=_FLAGS)
 

@@ -39,22 +39,30 @@ _CONFIG = flags.DEFINE_string("config", None, "Experiment file with its argument
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per trial).", flag_values=_FLAGS)
 _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "optuna"], "Where trials run.", flag_values=_FLAGS)
 _PARALLEL = flags.DEFINE_integer("parallel", None, "local: trials at a time (default 1).", flag_values=_FLAGS)
-_DEVICES = flags.DEFINE_integer("devices_per_trial", None, "local: GPUs (or CPU host devices) per trial.", flag_values=_FLAGS)
-_METRIC = flags.DEFINE_string("metric", None, "Metric to compare trials by (default: config.best_metric).", flag_values=_FLAGS)
+_DEVICES = flags.DEFINE_integer("devices_per_trial", None, "local: GPUs (or CPU host devices) per trial.",
+                                flag_values=_FLAGS)
+_METRIC = flags.DEFINE_string("metric", None, "Metric to compare trials by (default: config.best_metric).",
+                              flag_values=_FLAGS)
 _MODE = flags.DEFINE_enum("mode", None, ["max", "min"], "Whether larger or smaller is better.", flag_values=_FLAGS)
-_NUM_TRIALS = flags.DEFINE_integer("num_trials", None, "Trials drawn from a search space / optuna budget.", flag_values=_FLAGS)
-_SEED = flags.DEFINE_integer("seed", None, "Seed of random draws and of the TPE sampler (default 0).", flag_values=_FLAGS)
+_NUM_TRIALS = flags.DEFINE_integer("num_trials", None, "Trials drawn from a search space / optuna budget.",
+                                   flag_values=_FLAGS)
+_SEED = flags.DEFINE_integer("seed", None, "Seed of random draws and of the TPE sampler (default 0).",
+                             flag_values=_FLAGS)
 _TRIAL_COMMAND = flags.DEFINE_string("trial_command", None, "Program run per trial (default: python -m "
                                      "medjax.main); e.g. a container wrapper around it.", flag_values=_FLAGS)
-_STORAGE = flags.DEFINE_string("storage", None, "optuna: storage URL (default sqlite in --workdir).", flag_values=_FLAGS)
-_PRUNER = flags.DEFINE_enum("pruner", None, ["median", "halving", "none"], "optuna pruner (default median).", flag_values=_FLAGS)
-_CLUSTER = flags.DEFINE_enum("cluster", None, ["slurm", "local"], "slurm backend: submitit executor.", flag_values=_FLAGS)
+_STORAGE = flags.DEFINE_string("storage", None, "optuna: storage URL (default sqlite in --workdir).",
+                               flag_values=_FLAGS)
+_PRUNER = flags.DEFINE_enum("pruner", None, ["median", "halving", "none"], "optuna pruner (default median).",
+                            flag_values=_FLAGS)
+_CLUSTER = flags.DEFINE_enum("cluster", None, ["slurm", "local"], "slurm backend: submitit executor.",
+                             flag_values=_FLAGS)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "slurm: print the sbatch script and submit nothing.", flag_values=_FLAGS)
 _WAIT = flags.DEFINE_bool("wait", True, "slurm: wait for the jobs and write the report.", flag_values=_FLAGS)
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from sweep.json.", flag_values=_FLAGS)
 _SLURM_FLAGS = dict(
     partition=flags.DEFINE_string("partition", None, "slurm: partition.", flag_values=_FLAGS),
-    time_min=flags.DEFINE_integer("time_min", None, "slurm: time limit per trial in minutes (default 60).", flag_values=_FLAGS),
+    time_min=flags.DEFINE_integer("time_min", None, "slurm: time limit per trial in minutes (default 60).",
+                                  flag_values=_FLAGS),
     nodes=flags.DEFINE_integer("nodes", None, "slurm: nodes per trial (one JAX process per node).", flag_values=_FLAGS),
     gpus_per_node=flags.DEFINE_integer("gpus_per_node", None, "slurm: GPUs per node.", flag_values=_FLAGS),
     cpus_per_task=flags.DEFINE_integer("cpus_per_task", None, "slurm: CPUs per node-task.", flag_values=_FLAGS),
