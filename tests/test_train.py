@@ -10,7 +10,7 @@ import pytest
 from medjax import checkpoint, config_lib, metric_writer, train
 from medjax.data import datasets, pipeline
 from medjax.data.datasets.base import Dataset
-from train_testing import Preempted, preempt_after_save
+from train_testing import Preempted, preempt_after_save, set_dotted
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_unet.py")
 
@@ -20,13 +20,7 @@ def _config(**overrides):
   config.mesh = (("data", 1),)
   config.data.num_train = 8
   config.checkpoint.async_save = True
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_dotted(config, **overrides)
 
 
 def test_end_to_end_writes_metrics_checkpoints_and_config(tmp_path):

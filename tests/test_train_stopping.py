@@ -12,26 +12,16 @@ from sklearn.metrics import roc_auc_score
 
 from medjax import checkpoint, config_lib, evaluators, metric_writer, train
 from medjax.data import datasets
-from train_testing import Preempted, preempt_after_save
+from train_testing import Preempted, preempt_after_save, set_dotted
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
-
-
-def _set(config, **overrides):
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def _segmentation_config(**overrides):
   config = config_lib.load_config(os.path.join(EXPERIMENTS, "synthetic_unet.py") + ":dims=2,quick=true")
   config.mesh = (("data", 1),)
   config.data.num_train = 8
-  return _set(config, **overrides)
+  return set_dotted(config, **overrides)
 
 
 def _results(workdir):
@@ -139,7 +129,7 @@ def _sklearn_test_metrics(workdir, step, config):
 
 def test_results_json_reports_last_and_best_checkpoint_on_the_test_split(tmp_path, monkeypatch, capsys):
   config = config_lib.load_config(os.path.join(EXPERIMENTS, "synthetic_resnet.py") + ":quick=true")
-  _set(config, mesh=(("data", 1),), total_steps=4, eval_every_steps=2, checkpoint_every_steps=100,
+  set_dotted(config, mesh=(("data", 1),), total_steps=4, eval_every_steps=2, checkpoint_every_steps=100,
        **{"data.num_test": 24, "data.num_val": 8, "model.stage_sizes": (1,)})  # one residual block: fast
   config.test_split = "test"
   config.best_metric = "val/score"  # scripted so the best step (2) is not the last one (4)

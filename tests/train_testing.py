@@ -20,3 +20,14 @@ def preempt_after_save(monkeypatch, at_step: int):
 
   monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_preempt)
   return original_save
+
+
+def set_dotted(config, **overrides):
+  """Sets `config["a"]["b"] = v` for every keyword `a.b=v` given as `**{"a.b": v}`; returns the config."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
