@@ -263,13 +263,15 @@ class Checkpointer:
 
   # ---------------------------------------------------------------------------------------- restoring
 
-  def restore(self, abstract_state: PyTree, step: Optional[int] = None) -> PyTree:
+  def restore(self, abstract_state: PyTree, step: Optional[int] = None, *, partial: bool = False) -> PyTree:
     """Restores step `step` (default: latest) into the structure, shapes, dtypes and shardings given.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set, typically
         `jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         jax.eval_shape(init_fn), state_shardings)`. Leaves are cast to the requested dtype.
+      partial: allow keys of the checkpoint that `abstract_state` leaves out or holds as None (older
+        checkpoints of a grown state).
     Returns:
       The restored pytree (same container types as `abstract_state`), arrays placed per `.sharding`.
     Raises:
@@ -281,7 +283,7 @@ class Checkpointer:
     step = self._check_step(step)
     self._check_compatible(abstract_state, step)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-    args = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
+    args = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args, partial_restore=partial)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))
     except (ValueError, TypeError, KeyError) as e:
@@ -381,13 +383,13 @@ class Loaded(NamedTuple):
 def load(workdir: str | os.PathLike, step: Optional[int] = None, *, use_ema: bool = True) -> Loaded:
   """Loads a run for inference: its config, the model it names, and its weights on the default device.
 
-  Only the params, the model's mutable collections and the EMA params are read from disk; the optimizer
+  Only the params, the model's mutable collections and their EMAs are read from disk; the optimizer
   state is skipped, so no optimizer or training code is needed.
 
   Args:
     workdir: the run's work directory (holds config.json and checkpoints/).
     step: checkpoint step; default latest.
-    use_ema: use the EMA params when the run kept them.
+    use_ema: use the EMA params (and the EMA of the batch statistics, when kept) when the run kept them.
   Returns:
     Loaded(config, model, variables={"params": ..., **model_state}, step).
   """
@@ -398,11 +400,12 @@ def load(workdir: str | os.PathLike, step: Optional[int] = None, *, use_ema: boo
                       async_save=False, read_only=True)
   try:
     step = ckpt.latest_step() if step is None else int(step)
-    part = ckpt.restore_fields(("params", "model_state", "ema_params"), step=step)
+    part = ckpt.restore_fields(("params", "model_state", "ema_params", "ema_model_state"), step=step)
   finally:
     ckpt.close()
   if "params" not in part:
     raise ValueError(f"Checkpoint {ckpt.directory} step {step} has no 'params' in its state.")
-  params = part["ema_params"] if use_ema and part.get("ema_params") else part["params"]
-  return Loaded(config=config, model=model, variables={"params": params, **dict(part.get("model_state") or {})},
-                step=step)
+  params, model_state = part["params"], part.get("model_state")
+  if use_ema and part.get("ema_params"):
+    params, model_state = part["ema_params"], part.get("ema_model_state") or model_state
+  return Loaded(config=config, model=model, variables={"params": params, **dict(model_state or {})}, step=step)

@@ -64,8 +64,8 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
     tx: optax transformation (clipping and weight decay included).
     accum_steps: number of micro-batches whose gradients are averaged before the update; equals one
       update on the whole batch (for models without batch statistics).
-    ema_decay: decay of the parameter EMA (ignored when the state carries none); the decay used at update t
-      (0-based) is min(ema_decay, (1 + t) / (10 + t)).
+    ema_decay: decay of the EMA of the parameters and of the mutable collections (ignored when the state
+      carries none); the decay used at update t (0-based) is min(ema_decay, (1 + t) / (10 + t)).
     augment_fn: `augment_fn(rng, batch) -> batch`, random augmentation applied on device inside this
       compiled step (before micro-batching), with a key derived from the step so resume stays exact.
   Returns:
@@ -100,13 +100,21 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = state.ema_params
+  ema_params, ema_model_state = state.ema_params, state.ema_model_state
   if ema_params is not None:
     # Warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): early on the average forgets its
     # random initialisation quickly; 0.99 ** 150 would otherwise still weigh the init 22% after 150 steps.
     t = state.step.astype(jnp.float32)
     decay = jnp.minimum(jnp.float32(ema_decay), (1.0 + t) / (10.0 + t))
-    ema_params = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema_params, params)
+
+    def average(old, new):  # integer leaves (counters) are taken as they are
+      if not jnp.issubdtype(old.dtype, jnp.floating):
+        return new
+      return (decay * old + (1.0 - decay) * new).astype(old.dtype)
+
+    ema_params = jax.tree.map(average, ema_params, params)
+    if ema_model_state is not None:  # None in checkpoints written before batch statistics were averaged
+      ema_model_state = jax.tree.map(average, ema_model_state, model_state)
 
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -116,6 +124,8 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
       model_state=keep_if_finite(model_state, state.model_state),
       opt_state=keep_if_finite(opt_state, state.opt_state),
       ema_params=None if ema_params is None else keep_if_finite(ema_params, state.ema_params),
+      ema_model_state=(None if ema_model_state is None
+                       else keep_if_finite(ema_model_state, state.ema_model_state)),
   )
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
   return new_state, metrics

@@ -307,7 +307,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
       async_save=ckpt_options.get("async_save", True))
   start_step = ckpt.latest_step() or 0
   if start_step:
-    state = ckpt.restore(target, step=start_step)
+    state = restore_state(ckpt, target, start_step)
     logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     if early is not None:
       early.replay(evaluation_history(workdir, ckpt, early.metric, start_step))
@@ -426,6 +426,22 @@ def _best_checkpoint(ckpt: checkpoint.Checkpointer, best_metric: Optional[str]) 
   return {"metric": best_metric, "value": checkpoint.metric_value(ckpt.metrics(step), best_metric), "step": step}
 
 
+def restore_state(ckpt: checkpoint.Checkpointer, target: TrainState, step: int) -> TrainState:
+  """Restores the TrainState of `step` into `target` (ShapeDtypeStructs with shardings).
+
+  Checkpoints written before the batch statistics got their own EMA have no `ema_model_state`; their
+  average restarts from the restored statistics, which is what the evaluation used before.
+  """
+  saved = ckpt.state_metadata(step)
+  saved = getattr(saved, "tree", saved)
+  if "ema_model_state" in saved:
+    return ckpt.restore(target, step=step)
+  state = ckpt.restore(target.replace(ema_model_state=None), step=step, partial=True)
+  if target.ema_model_state is None:
+    return state
+  return state.replace(ema_model_state=jax.tree.map(jnp.copy, state.model_state))
+
+
 def _test_evaluations(state, source, run_evaluation, ckpt: checkpoint.Checkpointer, target,
                       best: Optional[dict]):
   """Test metrics of the last state ("test/...") and of the best checkpoint ("test_best/...", restored from
@@ -434,7 +450,7 @@ def _test_evaluations(state, source, run_evaluation, ckpt: checkpoint.Checkpoint
   test = run_evaluation(state, source, "test")
   if best is None:
     return test, {}
-  best_state = ckpt.restore(target, step=best["step"])
+  best_state = restore_state(ckpt, target, best["step"])
   return test, run_evaluation(best_state, source, "test_best")
 
 

@@ -2,7 +2,7 @@
 
 Checkpoints save exactly this tree, so a restored state resumes a run bit for bit: the step counter, the
 parameters, the model's mutable collections (e.g. batch statistics), the optimizer state, the EMA of the
-parameters and the base PRNG key (per-step keys are `fold_in(rng, step)`).
+parameters and of the mutable collections, and the base PRNG key (per-step keys are `fold_in(rng, step)`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class TrainState:
     model_state: mutable Flax collections other than params (e.g. {"batch_stats": ...}); {} if none.
     opt_state: optax state of the optimizer chain.
     ema_params: exponential moving average of `params`, or None when EMA is off.
+    ema_model_state: the same average of `model_state` (float leaves; others copied), or None when EMA is
+      off. Evaluating EMA weights with the live batch statistics mixes two models: the live statistics
+      follow the current weights within ~10 steps (momentum 0.9), the EMA weights lag ~1/(1 - decay).
     rng: base PRNG key (uint32[2]) of the run; the step key is `jax.random.fold_in(rng, step)`.
   """
 
@@ -35,6 +38,7 @@ class TrainState:
   opt_state: PyTree
   ema_params: Optional[PyTree]
   rng: jax.Array
+  ema_model_state: Optional[PyTree] = None
 
   @classmethod
   def create(cls, *, variables: PyTree, tx: Any, rng: jax.Array, use_ema: bool) -> "TrainState":
@@ -48,9 +52,12 @@ class TrainState:
         opt_state=tx.init(params),
         ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
         rng=rng,
+        ema_model_state=jax.tree.map(jnp.copy, variables) if use_ema else None,
     )
 
   def variables(self, use_ema: bool = False) -> PyTree:
-    """Flax variables for `model.apply`: params (or their EMA) plus the mutable collections."""
-    params = self.ema_params if (use_ema and self.ema_params is not None) else self.params
-    return {"params": params, **self.model_state}
+    """Flax variables for `model.apply`: params and mutable collections, or their EMAs when `use_ema`."""
+    if use_ema and self.ema_params is not None:
+      model_state = self.model_state if self.ema_model_state is None else self.ema_model_state
+      return {"params": self.ema_params, **model_state}
+    return {"params": self.params, **self.model_state}

@@ -233,7 +233,8 @@ def test_load_unet_without_optimizer(tmp_path, use_ema, has_ema):
   variables = jax.tree.map(lambda s: jnp.asarray(rs.uniform(0.5, 1.5, s.shape), s.dtype), shapes)
   state = TrainState.create(variables=variables, tx=optax.adam(1e-3), rng=jax.random.PRNGKey(1), use_ema=True)
   ema = jax.tree.map(lambda p: p + 1.0, state.params) if has_ema else None  # EMA off -> params are used
-  state = state.replace(ema_params=ema, step=jnp.int32(6))
+  ema_stats = jax.tree.map(lambda m: m * 2.0, state.model_state) if has_ema else None
+  state = state.replace(ema_params=ema, ema_model_state=ema_stats, step=jnp.int32(6))
   ckpt_lib.save_config(tmp_path, config)
   with _ckpt(tmp_path / ckpt_lib.CHECKPOINT_DIR) as c:
     c.save(6, state)
@@ -260,3 +261,30 @@ def test_load_errors(tmp_path):
   ckpt_lib.save_config(tmp_path, _config())
   with pytest.raises(FileNotFoundError, match="does not exist"):
     ckpt_lib.load(tmp_path)
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_checkpoint_without_ema_model_state_restores(tmp_path, use_ema):
+  """Checkpoints written before TrainState had `ema_model_state` resume; the statistics' EMA restarts from
+  the restored statistics."""
+  train = pytest.importorskip("medjax.train")
+  params = {"w": jnp.arange(4.0)}
+  stats = {"batch_stats": {"mean": jnp.full((2,), 3.0)}}
+  tx = optax.adam(1e-3)
+  old = {"step": jnp.int32(4), "params": params, "model_state": stats, "opt_state": tx.init(params),
+         "ema_params": jax.tree.map(lambda p: p + 1.0, params) if use_ema else None, "rng": jax.random.PRNGKey(2)}
+  with _ckpt(tmp_path) as c:
+    c.save(4, old)
+  fresh = TrainState.create(variables={"params": params, **stats}, tx=tx, rng=jax.random.PRNGKey(0),
+                            use_ema=use_ema)
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), fresh)
+  with _ckpt(tmp_path) as c:
+    restored = train.restore_state(c, target, 4)
+  assert int(restored.step) == 4
+  chex.assert_trees_all_equal(restored.model_state, stats)
+  if use_ema:
+    chex.assert_trees_all_equal(restored.ema_params, {"w": jnp.arange(4.0) + 1.0})
+    chex.assert_trees_all_equal(restored.ema_model_state, stats)
+  else:
+    assert restored.ema_params is None and restored.ema_model_state is None

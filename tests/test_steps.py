@@ -119,3 +119,30 @@ def test_augment_fn_runs_inside_the_step_with_a_step_derived_key():
   state, metrics = step(state, sharding.host_to_global(_batch(2), mesh))
   state, metrics = step(state, sharding.host_to_global(_batch(2), mesh))
   assert len(seen) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_ema_averages_batch_statistics():
+  """The EMA model evaluates with averaged statistics, not the live ones of the current weights."""
+  model = models.build_model("resnet18", dict(spatial_dims=2, num_classes=2, width=4, stage_sizes=(1, 1, 1, 1),
+                                              small_input=True))
+  tx = optax.adam(1e-2)
+  mesh = sharding.make_mesh((("data", 1),))
+  init_fn = train.init_state_fn(model, tx, np.zeros(SHAPE_2D + (1,), np.float32), use_ema=True)
+  state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh, "data_parallel")
+  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(0))
+  step = train.jit_train_step(model, losses.make_objective("xent", {}), tx, mesh, state_sharding, ema_decay=0.5)
+  rng = np.random.default_rng(0)
+  for t in range(3):
+    before = jax.device_get(state.ema_model_state)
+    batch = {"image": rng.normal(2.0, 3.0, size=(4,) + SHAPE_2D + (1,)).astype(np.float32),
+             "label": rng.integers(0, 2, size=(4,)).astype(np.int32)}
+    state, _ = step(state, sharding.host_to_global(batch, mesh))
+    decay = min(0.5, (1 + t) / (10 + t))
+    expected = jax.tree.map(lambda b, m: decay * b + (1 - decay) * m, before, jax.device_get(state.model_state))
+    chex.assert_trees_all_close(jax.device_get(state.ema_model_state), expected, rtol=1e-5, atol=1e-6)
+  live, averaged = state.variables(use_ema=False), state.variables(use_ema=True)
+  assert averaged["params"] is state.ema_params and averaged["batch_stats"] is state.ema_model_state["batch_stats"]
+  assert live["batch_stats"] is state.model_state["batch_stats"]
+  differs = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         state.ema_model_state, state.model_state)
+  assert any(jax.tree.leaves(differs))
