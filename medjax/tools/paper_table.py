@@ -7,8 +7,8 @@ Each `--runs` entry is a run workdir (holding `results.json`) or a folder search
 (e.g. a sweep directory). A run contributes its `config.json` (`tags` written by
 experiments/medmnist_resnet.py: subset, model, conv, size, recipe; `seed`) and its `results.json`
 (`test/...`: last state; `test_best/...`: the best-validation-AUC checkpoint; `wall_s`). Runs are grouped by
-(subset, model, conv, size, recipe; quick-mode runs as recipe "... (quick)"); each cell is the mean ± sample standard deviation (n - 1) over the
-group's seeds. A workdir with a config.json but no results.json yet is listed as unfinished. The Markdown
+(subset, model, conv, size, recipe; a schedule other than 100 epochs as "improved, 60 epochs", quick-mode
+runs as "... (quick)"); each cell is the mean ± sample standard deviation (n - 1) over the group's seeds. A workdir with a config.json but no results.json yet is listed as unfinished. The Markdown
 goes to `--out` and to stdout.
 """
 
@@ -26,6 +26,7 @@ from medjax import atomic
 
 RESULTS_FILE, CONFIG_FILE = "results.json", "config.json"
 GroupKey = Tuple[str, str, str, int, str]  # (subset, model, conv, size, recipe)
+OFFICIAL_EPOCHS = 100
 
 # Published test (AUC, ACC), best-validation-AUC checkpoint, mean of at least 3 runs: MedMNIST v2, Yang, Shi,
 # Wei, Liu, Zhao, Ke, Pfister, Ni, Scientific Data 10, 41 (2023), Tables 3 (2D) and 4 (3D); copied from
@@ -80,7 +81,10 @@ def group_key(config: Mapping[str, Any], where: str) -> GroupKey:
   if missing:
     raise ValueError(f"paper_table: {where} has no config.tags {missing}; runs of "
                      "experiments/medmnist_resnet.py carry them.")
-  recipe = str(tags["recipe"]) + (" (quick)" if tags.get("quick") else "")  # smoke runs never mix in
+  recipe = str(tags["recipe"])
+  if tags.get("epochs") not in (None, OFFICIAL_EPOCHS):  # a shorter or longer schedule is another row
+    recipe += f", {int(tags['epochs'])} epochs"
+  recipe += " (quick)" if tags.get("quick") else ""  # smoke runs never mix in
   return (str(tags["subset"]), str(tags["model"]), str(tags["conv"]), int(tags["size"]), recipe)
 
 

@@ -56,17 +56,20 @@ def test_groups_by_recipe_and_marks_unpublished_and_unfinished(tmp_path):
   _write_run(str(tmp_path), "a", recipe="improved", model="vit_hybrid", auc_best=0.93, acc_best=0.9)
   _write_run(str(tmp_path), "b", recipe="official", seed=1, auc_best=0.88, acc_best=0.85, status="stopped")
   _write_run(str(tmp_path), "c", seed=2, results=False)
+  short = _write_run(str(tmp_path), "s", recipe="improved", seed=0, auc_best=0.7, acc_best=0.6)
   quick = _write_run(str(tmp_path), "q", seed=0, auc_best=0.5, acc_best=0.5)
-  with open(os.path.join(quick, "config.json")) as f:
-    config = json.load(f)
-  config["tags"]["quick"] = True
-  with open(os.path.join(quick, "config.json"), "w") as f:
-    json.dump(config, f)
+  for workdir, tags in ((quick, {"quick": True}), (short, {"epochs": 60})):
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+    config["tags"].update(tags)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config, f)
   table = paper_table.main(["--runs", str(tmp_path)])
   rows = _rows(table)
   assert rows[("breastmnist", "vit_hybrid", "2d", "28", "improved")][10:13] == ["-", "-", "-"]
   assert rows[("breastmnist", "resnet18", "2d", "28", "official")][5] == "1 (1 stopped)"
   assert rows[("breastmnist", "resnet18", "2d", "28", "official (quick)")][6] == "0.500"
+  assert rows[("breastmnist", "resnet18", "2d", "28", "improved, 60 epochs")][6] == "0.700"
   assert f"Unfinished (no results.json yet): {os.path.join(str(tmp_path), 'c')}." in table
 
 
