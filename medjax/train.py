@@ -177,6 +177,19 @@ def evaluation_history(workdir: str, ckpt: checkpoint.Checkpointer, metric: str,
   return [by_step[step] for step in sorted(by_step)]
 
 
+def wall_time_before(workdir: str, start_step: int) -> float:
+  """Seconds the run had spent up to its checkpoint `start_step` in earlier sessions (0.0 for a new run).
+
+  Every checkpoint logs the run's cumulative wall time ("wall_s" in metrics.jsonl), so `results.json`'s
+  wall_s of a resumed run counts all its sessions; the time between the last checkpoint and an interruption,
+  which the resumed run trains again, is not counted.
+  """
+  if not start_step or not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return 0.0
+  logged = [r for r in read_metrics(workdir) if r.get("wall_s") is not None and r["step"] <= start_step]
+  return float(max(logged, key=lambda r: r["step"])["wall_s"]) if logged else 0.0
+
+
 def _from_main_process(code: int) -> int:
   """Process 0's `code` on every process: a stop decision that differed between processes would hang the
   next collective."""
@@ -306,6 +319,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
       best_metric=best_metric, best_mode=config.get("best_mode", "max"),
       async_save=ckpt_options.get("async_save", True))
   start_step = ckpt.latest_step() or 0
+  wall_before = wall_time_before(workdir, start_step)
   if start_step:
     state = restore_state(ckpt, target, start_step)
     logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
@@ -379,6 +393,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
         writer.write(step, last_eval)
         progress.log(step, last_eval, prefix="eval ")
       if do_ckpt or do_eval:
+        writer.write(step, {"wall_s": wall_before + time.perf_counter() - started})
         ckpt.save(step, state, metrics=last_eval if do_eval else None)
       if do_eval:
         stopped = stop_after_evaluation(step, last_eval, early, on_eval, is_main)
@@ -400,7 +415,8 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   # ---- 6. results
   status = stopped if stopped and last_step < total_steps else FINISHED
   results = {"status": status, "step": last_step, "best": best, "final": last_eval, "test": test,
-             "test_best": test_best, "wall_s": time.perf_counter() - started}
+             "test_best": test_best, "wall_s": wall_before + time.perf_counter() - started,
+             "resumed_from_step": start_step}
   path = write_results(workdir, results)
   if is_main:
     print(_summary_line(status, last_step, total_steps, last_eval, best, test, test_best, early,

@@ -1,5 +1,6 @@
 """End to end: train.main in tmp_path, exact resume, and the non-finite stop."""
 
+import json
 import os
 
 import chex
@@ -46,6 +47,11 @@ def _final_state(workdir):
   return ckpt.restore_fields(("params", "opt_state", "step"))
 
 
+def _results(workdir):
+  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    return json.load(f)
+
+
 def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
   config = _config(total_steps=6, checkpoint_every_steps=3, eval_every_steps=3)
   train.main(config, str(tmp_path / "straight"))
@@ -62,6 +68,13 @@ def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
   assert int(resumed["step"]) == 6
   chex.assert_trees_all_equal(resumed["params"], straight["params"])  # bitwise
   chex.assert_trees_all_equal(resumed["opt_state"], straight["opt_state"])
+  # results.json's wall time counts both sessions: the first one's time up to its checkpoint, plus the second
+  results = _results(tmp_path / "resumed")
+  logged = metric_writer.read_metrics(str(tmp_path / "resumed"))
+  first_session = [r["wall_s"] for r in logged if "wall_s" in r and r["step"] == 3]
+  assert results["resumed_from_step"] == 3 and first_session[0] > 0
+  assert results["wall_s"] > first_session[0]
+  assert _results(tmp_path / "straight")["resumed_from_step"] == 0
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
