@@ -6,9 +6,11 @@ published MedMNIST v2 numbers.
 Each `--runs` entry is a run workdir (holding `results.json`) or a folder searched recursively for them
 (e.g. a sweep directory). A run contributes its `config.json` (`tags` written by
 experiments/medmnist_resnet.py: subset, model, conv, size, recipe; `seed`) and its `results.json`
-(`test/...`: last state; `test_best/...`: the best-validation-AUC checkpoint; `wall_s`). Runs are grouped by
-(subset, model, conv, size, recipe; a schedule other than 100 epochs as "improved, 60 epochs", quick-mode
-runs as "... (quick)"); each cell is the mean ± sample standard deviation (n - 1) over the group's seeds. A workdir with a config.json but no results.json yet is listed as unfinished. The Markdown
+(`test/...`: last state; `test_best/...`: the best-validation-AUC checkpoint; `wall_s`, all sessions of a
+resumed run; older runs whose wall_s covers only their last session are left out of the mean). Runs are
+grouped by (subset, model, conv, size, recipe; a schedule other than 100 epochs as "improved, 60 epochs",
+quick-mode runs as "... (quick)"); each cell is the mean ± sample standard deviation (n - 1) over the
+group's seeds. A workdir with a config.json but no results.json yet is listed as unfinished. The Markdown
 goes to `--out` and to stdout.
 """
 
@@ -93,10 +95,26 @@ def read_run(workdir: str) -> Dict[str, Any]:
   config = _read_json(os.path.join(workdir, CONFIG_FILE))
   results = _read_json(os.path.join(workdir, RESULTS_FILE))
   run = {"workdir": workdir, "key": group_key(config, os.path.join(workdir, CONFIG_FILE)),
-         "seed": config.get("seed"), "status": results.get("status"), "wall_s": results.get("wall_s")}
+         "seed": config.get("seed"), "status": results.get("status"), "wall_s": _whole_run_wall_s(workdir, results)}
   for section, key, _ in METRICS:
     run[key] = (results.get(section) or {}).get(key)
   return run
+
+
+def _whole_run_wall_s(workdir: str, results: Mapping[str, Any]) -> Optional[float]:
+  """results.json's wall_s, or None where it covers only the last session of a resumed run.
+
+  Runs written before train.main summed its sessions carry no "resumed_from_step"; each session of those
+  logged one "compile_s" record, so more than one means the wall time is partial.
+  """
+  if "resumed_from_step" in results:
+    return results.get("wall_s")
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      sessions = sum(1 for line in f if '"compile_s"' in line)
+  except OSError:
+    sessions = 1
+  return results.get("wall_s") if sessions <= 1 else None
 
 
 def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float], int]:
@@ -122,7 +140,9 @@ def _minutes(values: Sequence[Optional[float]]) -> str:
   mean, std, _ = mean_std(values)
   if mean is None:
     return "-"
-  return f"{mean / 60:.1f}" if std is None else f"{mean / 60:.1f} ± {std / 60:.1f}"
+  text = f"{mean / 60:.1f}" if std is None else f"{mean / 60:.1f} ± {std / 60:.1f}"
+  unknown = sum(v is None for v in values)
+  return text + (f" ({unknown} partial left out)" if unknown else "")
 
 
 def build_table(runs: Sequence[Mapping[str, Any]], unfinished: Sequence[str] = ()) -> str:

@@ -21,7 +21,8 @@ def _write_run(root, name, *, subset="breastmnist", model="resnet18", conv="2d",
   if results:
     body = {"status": status, "step": 500, "best": {"metric": "val/auc", "value": 0.9, "step": 300},
             "final": {"val/auc": 0.9}, "test": {"test/auc": auc_last, "test/accuracy": acc_last},
-            "test_best": {"test_best/auc": auc_best, "test_best/accuracy": acc_best}, "wall_s": wall_s}
+            "test_best": {"test_best/auc": auc_best, "test_best/accuracy": acc_best}, "wall_s": wall_s,
+            "resumed_from_step": 0}
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(body, f)
   return workdir
@@ -92,3 +93,20 @@ def test_errors_name_the_path(tmp_path):
     json.dump({"seed": 0}, f)
   with pytest.raises(ValueError, match=r"config.json has no config.tags \['subset'"):
     paper_table.main(["--runs", str(tmp_path)])
+
+
+def test_partial_wall_time_of_an_old_resumed_run_is_left_out(tmp_path):
+  """Runs from before results.json summed the sessions: two compile records mean wall_s is partial."""
+  whole = _write_run(str(tmp_path), "whole", seed=0, auc_best=0.9, acc_best=0.8, wall_s=600.0)
+  partial = _write_run(str(tmp_path), "partial", seed=1, auc_best=0.9, acc_best=0.8, wall_s=60.0)
+  for workdir, sessions in ((whole, 1), (partial, 2)):
+    path = os.path.join(workdir, "results.json")
+    with open(path) as f:
+      body = json.load(f)
+    del body["resumed_from_step"]
+    with open(path, "w") as f:
+      json.dump(body, f)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.writelines(json.dumps({"step": 1 + 100 * i, "compile_s": 3.0}) + "\n" for i in range(sessions))
+  row = _rows(paper_table.main(["--runs", str(tmp_path)]))[("breastmnist", "resnet18", "2d", "28", "official")]
+  assert row[-1] == "10.0 (1 partial left out)"
