@@ -257,7 +257,7 @@ _OPTIONAL_TYPES: Tuple[Tuple[str, Any], ...] = (
     ("log_every_steps", int), ("eval_every_steps", int), ("checkpoint_every_steps", int),
     ("grad_accum_steps", int), ("ema_decay", float), ("grad_clip_norm", (float, type(None))),
     ("compute_dtype", str), ("sharding", str), ("best_metric", str), ("best_mode", str),
-    ("test_split", str),
+    ("test_split", str), ("eval_flips", (tuple, list)),
 )
 COMPUTE_DTYPES = ("float32", "bfloat16")
 

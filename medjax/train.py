@@ -29,7 +29,8 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from medjax import atomic, augment, checkpoint, config_lib, evaluators, losses, models, optim, sharding, steps
+from medjax import (atomic, augment, checkpoint, config_lib, evaluators, inference, losses, models, optim, sharding,
+                    steps)
 from medjax.data import datasets, pipeline
 from medjax.metric_writer import MetricWriter, Progress, read_metrics
 from medjax.train_state import TrainState
@@ -175,6 +176,13 @@ def evaluation_history(workdir: str, ckpt: checkpoint.Checkpointer, metric: str,
       if record["step"] <= up_to_step and metric in record:
         by_step[int(record["step"])] = record
   return [by_step[step] for step in sorted(by_step)]
+
+
+def evaluation_apply_fn(model, config: mlc.ConfigDict) -> Callable[..., Any]:
+  """`model.apply`, or with `config.eval_flips` (mirrors, e.g. ((), (1,)) for 2D left-right) the flip-TTA
+  average of its logits; validation, test and `medjax.tools.evaluate` all use it."""
+  flips = config.get("eval_flips")
+  return inference.flip_tta_apply(model.apply, flips) if flips else model.apply
 
 
 def wall_time_before(workdir: str, start_step: int) -> float:
@@ -335,7 +343,8 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   train_step = jit_train_step(model, objective, tx, mesh, state_sharding,
                               accum_steps=int(config.get("grad_accum_steps", 1)), ema_decay=ema_decay,
                               augment_fn=augment.make_augment(augment_config) if augment_config else None)
-  eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=model.apply, stats_fn=evaluator.stats_fn))
+  eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=evaluation_apply_fn(model, config),
+                                        stats_fn=evaluator.stats_fn))
   eval_batch_size = int(config.input.get("eval_batch_size", batch_size))
   sharding.check_batch_size(eval_batch_size, mesh, what="config.input.eval_batch_size")
   use_ema_for_eval = ema_decay > 0 and config.get("eval_with_ema", True)

@@ -150,6 +150,25 @@ def test_flip_tta_averages_mirrored_predictions_of_a_position_dependent_model():
     inference.flip_tta(ramp, flips=[(2,)])(image)
 
 
+def test_flip_tta_apply_averages_per_image_logits_of_mirrored_inputs():
+  """Classification outputs (n, K) are not mirrored back; the mean of the logits over the flips is returned."""
+  weights = jnp.arange(12, dtype=jnp.float32).reshape(1, 3, 4, 1)  # position-dependent: flips change logits
+
+  def apply(variables, x, train=False):
+    del train
+    score = jnp.sum(x * variables, axis=(1, 2, 3))
+    return jnp.stack([score, -2.0 * score], axis=-1), {"aux": score}
+
+  image = _image((2, 3, 4, 1), seed=7)
+  out, aux = jax.jit(inference.flip_tta_apply(apply, [(), (1,)]))(weights, image)
+  expected = (apply(weights, image)[0] + apply(weights, image[:, :, ::-1])[0]) / 2
+  assert out.shape == (2, 2) and aux == {}
+  np.testing.assert_allclose(out, expected, rtol=1e-6)
+  assert not np.allclose(out, apply(weights, image)[0])  # the mirror mattered
+  with pytest.raises(ValueError, match="distinct axis subsets"):
+    inference.flip_tta_apply(apply, [(1,), (1,)])
+
+
 def test_ensemble_averages_members_and_composes_with_tta_and_windows():
   image = _image((1, 9, 10, 2), seed=5)
   w1, w2 = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32), np.array([[3.0, 1.0], [1.0, -1.0]], np.float32)

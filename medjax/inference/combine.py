@@ -73,9 +73,18 @@ class _FlipAverage:
     for combo in flips:
       axes = tuple(1 + a for a in combo)  # skip the batch axis
       flip = (lambda y: jnp.flip(y, axes)) if axes else (lambda y: y)
-      prediction = flip(predict_fn(flip(x)).astype(jnp.float32))
+      prediction = predict_fn(flip(x)).astype(jnp.float32)
+      if prediction.ndim == x.ndim:  # a dense (n, *spatial, K) output is mirrored back; (n, K) is not spatial
+        prediction = flip(prediction)
       total = prediction if total is None else total + prediction
     return total / len(flips)
+
+
+def _checked_flips(flips: Sequence[Sequence[int]], who: str) -> Tuple[Tuple[int, ...], ...]:
+  flips = tuple(tuple(sorted(int(a) for a in combo)) for combo in flips)
+  if not flips or len(set(flips)) != len(flips):
+    raise ValueError(f"{who}: flips must be a non-empty list of distinct axis subsets, got {flips}.")
+  return flips
 
 
 def flip_tta(predict_fn: Callable[[Array], Array],
@@ -83,18 +92,39 @@ def flip_tta(predict_fn: Callable[[Array], Array],
   """Test-time augmentation by mirroring: the mean of `flip(predict_fn(flip(x)))` over `flips`.
 
   Args:
-    predict_fn: `(n, *spatial, C) -> (n, *spatial, K)`, ideally probabilities.
+    predict_fn: `(n, *spatial, C) -> (n, *spatial, K)`, ideally probabilities, or `(n, K)` per image
+      (classification), which is averaged as it is.
     flips: subsets of spatial axes to mirror together (0-based, spatial order; `()` is the identity), e.g.
       `[(), (2,), (1, 2)]`. None means all 2^d combinations (8 in 3D, 4 in 2D), as nnU-Net mirrors.
   A network whose output commutes with mirroring (e.g. pointwise) is unchanged by this.
   """
   if flips is not None:
-    flips = tuple(tuple(sorted(int(a) for a in combo)) for combo in flips)
-    if not flips or len(set(flips)) != len(flips):
-      raise ValueError(f"flip_tta: flips must be a non-empty list of distinct axis subsets, got {flips}.")
+    flips = _checked_flips(flips, "flip_tta")
   if not isinstance(predict_fn, Partial):
     predict_fn = Partial(predict_fn)
   return Partial(_FlipAverage(flips), predict_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlipTTAApply:
+  """`model.apply` with flip TTA: `(variables, images, train=False) -> (mean logits, {})`.
+
+  Drops into the places that call a model's apply for evaluation (the training loop's validation, the
+  evaluate tool), so their evaluators see logits as usual. Logits are averaged over the mirrors (for a
+  softmax, the normalised geometric mean of the probabilities), which keeps the evaluators' activation.
+  """
+  apply_fn: Callable[..., Any]
+  flips: Tuple[Tuple[int, ...], ...]
+
+  def __call__(self, variables: PyTree, images: Array, train: bool = False) -> Tuple[Array, dict]:
+    del train
+    return flip_tta(make_predict_fn(self.apply_fn, variables, output="logits"), self.flips)(images), {}
+
+
+def flip_tta_apply(apply_fn: Callable[..., Any], flips: Sequence[Sequence[int]]) -> FlipTTAApply:
+  """`FlipTTAApply` for a model's `apply` and flips as in `flip_tta` (e.g. `[(), (1,)]`: the identity and a
+  left-right mirror of 2D images (n, H, W, C))."""
+  return FlipTTAApply(apply_fn, _checked_flips(flips, "flip_tta_apply"))
 
 
 @dataclasses.dataclass(frozen=True)

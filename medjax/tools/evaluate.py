@@ -85,10 +85,13 @@ def _forward_fn(model, config):
   """forward(variables, images) -> (outputs, aux): the whole image, or with `config.inference.roi_size` a
   sliding window whose overlapping windows average softmax probabilities (as nnU-Net; the segmentation
   evaluator only takes their argmax, so they stand in for logits). Other `config.inference` keys are
-  `inference.sliding_window_inference` options (overlap, mode, sigma_scale, window_batch, pad_mode, ...)."""
+  `inference.sliding_window_inference` options (overlap, mode, sigma_scale, window_batch, pad_mode, ...).
+  `config.eval_flips` adds flip TTA to either, as during the run's validation."""
   options = dict(config.get("inference") or {})
+  flips = config.get("eval_flips")
   if not options.get("roi_size"):
-    return lambda variables, images: model.apply(variables, images, train=False)
+    apply_fn = train.evaluation_apply_fn(model, config)  # the run's validation forward pass, TTA included
+    return lambda variables, images: apply_fn(variables, images, train=False)
 
   from medjax import inference  # pylint: disable=import-outside-toplevel
 
@@ -101,6 +104,8 @@ def _forward_fn(model, config):
 
   def forward(variables, images):
     predict = inference.make_predict_fn(model.apply, variables, output="softmax")
+    if flips:
+      predict = inference.flip_tta(predict, flips)
     return inference.sliding_window_inference(predict, images, roi_size=roi_size, **options), {}
 
   return forward

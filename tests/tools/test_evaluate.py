@@ -19,9 +19,11 @@ from medjax.tools import evaluate
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
-def _train(path, spec, model=None, **data):
+def _train(path, spec, model=None, eval_flips=None, **data):
   config = config_lib.load_config(os.path.join(ROOT, "experiments", spec))
   config.mesh = (("data", 1),)
+  if eval_flips:
+    config.eval_flips = eval_flips
   for key, value in data.items():
     config.data[key] = value
   if model:
@@ -41,7 +43,8 @@ def cls_run(tmp_path_factory):
   # A two-stage VGG compiles in a third of the time of the experiment's ResNet-18.
   tiny_vgg = ("vgg11", dict(spatial_dims=2, num_classes=3, width=4, stage_sizes=(1, 1), pool_size=2,
                             head_features=(8,), dropout=0.0))
-  return path, _train(path, "synthetic_resnet.py:quick=true", model=tiny_vgg, num_test=8)
+  # With left-right flip TTA, which the report must then apply exactly as the run's validation did.
+  return path, _train(path, "synthetic_resnet.py:quick=true", model=tiny_vgg, num_test=8, eval_flips=((), (1,)))
 
 
 def _column(cases, key):
