@@ -11,6 +11,8 @@ Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
   seed      0
   recipe    "official" (default) | "improved"
   epochs    100 (default, the official count); the improved recipe also converges in fewer (e.g. 30)
+  tta       false (default) | true: evaluate (validation, so also the selection, and test) on the mean
+            logits of each image and its left-right mirror (`config.eval_flips`)
   data_dir  folder of the official .npz files; default ../shared/data/medmnist; a relative path is taken
             from the repository root, so a run works from any directory
   quick     true: 4 steps, narrow one-block-per-stage model, for smoke tests (still reads data_dir)
@@ -25,9 +27,10 @@ state, "test_best/..." for the best one). 3D models: the same 2D ResNet with inf
 ACS convolutions ("acs") or 2.5D ones ("2.5d"). One epoch is ceil(N_train / batch) optimizer steps (the
 PyTorch loader's partial last batch becomes a full batch drawn from the next epoch's permutation).
 
-Improved recipe: the same epochs, batch, splits and selection rule, plus on-device augmentation (horizontal
-flip, small affine, brightness/contrast), AdamW (weight decay 0.05) with a 5-epoch warmup and cosine decay,
-label smoothing 0.1, and a parameter EMA (decay 0.99 after the step's warm-up) used for evaluation.
+Improved recipe: the same batch, splits and selection rule (100 epochs unless `epochs` says otherwise),
+plus on-device augmentation (horizontal flip, small affine, brightness/contrast), AdamW (weight decay 0.05)
+with a 5-epoch warmup and cosine decay, label smoothing 0.1, and an EMA (decay 0.99 after the step's
+warm-up) of the weights and of the batch statistics, used for evaluation.
 
 Runs (from the repository root; each writes `results.json` and `config.json` in its workdir):
   python -m medjax.main --config experiments/medmnist_resnet.py:subset=breastmnist --workdir runs/mm/breast_r18_s0
@@ -94,7 +97,7 @@ def _check(arg):
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
-                             recipe="official", epochs=EPOCHS, data_dir=DEFAULT_DATA_DIR, quick=False)
+                             recipe="official", epochs=EPOCHS, tta=False, data_dir=DEFAULT_DATA_DIR, quick=False)
   dims, conv = _check(arg)
   if arg.epochs < 1:
     raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: epochs must be >= 1, got {arg.epochs}.")
@@ -109,6 +112,9 @@ def get_config(arg=None):
   # Read by medjax.tools.paper_table (with seed and data.*) to group runs.
   c.tags = dict(experiment="medmnist_resnet", subset=arg.subset, model=arg.model, conv=conv, size=arg.size,
                 recipe=arg.recipe, epochs=arg.epochs, steps_per_epoch=steps_per_epoch, quick=arg.quick)
+  if arg.tta:
+    c.tags.tta = True
+    c.eval_flips = ((), (dims - 1,))  # mirrors the last spatial axis, as the improved recipe's flips do
 
   data_dir = os.path.expanduser(arg.data_dir)
   c.data = dict(name="medmnist", subset=arg.subset, size=arg.size,

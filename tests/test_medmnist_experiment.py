@@ -73,6 +73,9 @@ def test_improved_recipe():
   assert c.augment.flip.axes == (-1,) and c.augment.affine.p > 0
   assert (c.total_steps, c.input.batch_size, c.best_metric, c.test_split) == (100 * spe, 128, "val/auc", "test")
   assert _load("recipe=improved").ema_decay == 0.99  # 5 steps per epoch: clamped
+  assert "eval_flips" not in c and "tta" not in c.tags
+  tta = _load("subset=adrenalmnist3d,recipe=improved,tta=true")
+  assert tta.eval_flips == ((), (2,)) and tta.tags.tta is True  # (D, H, W): W is spatial axis 2
 
 
 @pytest.mark.parametrize("arg", [
@@ -117,8 +120,8 @@ def _write_fake(data_dir, subset, sizes=(16, 8, 8), seed=0):
   np.savez_compressed(os.path.join(data_dir, mm.file_name(subset)), **arrays)
 
 
-@pytest.mark.parametrize("arg", ["subset=breastmnist", "subset=adrenalmnist3d,conv=acs,recipe=improved"],
-                         ids=["2d_official", "3d_acs_improved"])
+@pytest.mark.parametrize("arg", ["subset=breastmnist", "subset=adrenalmnist3d,conv=acs,recipe=improved,tta=true"],
+                         ids=["2d_official", "3d_acs_improved_tta"])
 def test_train_main_on_fake_files(tmp_path, arg):
   subset = arg.split(",")[0].split("=")[1]
   _write_fake(str(tmp_path), subset)
