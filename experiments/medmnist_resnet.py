@@ -13,6 +13,8 @@ Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
   epochs    100 (default, the official count); the improved recipe also converges in fewer (e.g. 30)
   tta       false (default) | true: evaluate (validation, so also the selection, and test) on the mean
             logits of each image and its left-right mirror (`config.eval_flips`)
+  mixup     0 (default: off) | alpha > 0: improved recipe only, mixup (Zhang et al., ICLR 2018) on every batch
+            with lam ~ Beta(alpha, alpha), one-hot targets mixed the same way (then label-smoothed)
   data_dir  folder of the official .npz files; default ../shared/data/medmnist; a relative path is taken
             from the repository root, so a run works from any directory
   quick     true: 4 steps, narrow one-block-per-stage model, for smoke tests (still reads data_dir)
@@ -97,10 +99,13 @@ def _check(arg):
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
-                             recipe="official", epochs=EPOCHS, tta=False, data_dir=DEFAULT_DATA_DIR, quick=False)
+                             recipe="official", epochs=EPOCHS, tta=False, mixup=0.0, data_dir=DEFAULT_DATA_DIR, quick=False)
   dims, conv = _check(arg)
   if arg.epochs < 1:
     raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: epochs must be >= 1, got {arg.epochs}.")
+  if arg.mixup < 0 or (arg.mixup > 0 and arg.recipe != "improved"):
+    raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: mixup={arg.mixup} needs recipe=improved and "
+                                 "alpha >= 0 (0 is off); the official protocol has no augmentation.")
   num_classes, num_train = SUBSETS[arg.subset][1:]
   batch = BATCH[dims]
   steps_per_epoch = math.ceil(num_train / batch)
@@ -159,6 +164,9 @@ def get_config(arg=None):
                      affine=dict(p=0.5, rotate_deg=10.0, scale=(0.9, 1.1), translate=arg.size / 14),
                      brightness=dict(p=0.3, range=(0.9, 1.1)), contrast=dict(p=0.3, range=(0.9, 1.1)),
                      image_pad="edge")
+    if arg.mixup > 0:
+      c.augment.update(mixup=dict(p=1.0, alpha=float(arg.mixup)), num_classes=num_classes)
+      c.tags.mixup = float(arg.mixup)
 
   if arg.quick:
     c.total_steps = 4

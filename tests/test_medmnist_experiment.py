@@ -76,6 +76,10 @@ def test_improved_recipe():
   assert "eval_flips" not in c and "tta" not in c.tags
   tta = _load("subset=adrenalmnist3d,recipe=improved,tta=true")
   assert tta.eval_flips == ((), (2,)) and tta.tags.tta is True  # (D, H, W): W is spatial axis 2
+  assert "mixup" not in c.augment and "mixup" not in c.tags
+  mixed = _load("recipe=improved,mixup=0.4")
+  assert mixed.augment.mixup.to_dict() == dict(p=1.0, alpha=0.4) and mixed.augment.num_classes == 2
+  assert mixed.tags.mixup == 0.4
 
 
 @pytest.mark.parametrize("arg", [
@@ -99,6 +103,8 @@ def test_choices_validate(arg):
     ("subset=adrenalmnist3d,size=128", r"size=128 is not a MedMNIST size of a 3D subset"),
     ("model=resnet34", "unknown model 'resnet34'"),
     ("recipe=best", "unknown recipe 'best'"),
+    ("mixup=0.4", "mixup=0.4 needs recipe=improved"),
+    ("recipe=improved,mixup=-1", "alpha >= 0"),
 ])
 def test_bad_arguments_name_the_problem(arg, message):
   with pytest.raises(config_lib.ConfigError, match=message):

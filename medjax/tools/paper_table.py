@@ -9,7 +9,7 @@ experiments/medmnist_resnet.py: subset, model, conv, size, recipe; `seed`) and i
 (`test/...`: last state; `test_best/...`: the best-validation-AUC checkpoint; `wall_s`, all sessions of a
 resumed run; older runs whose wall_s covers only their last session are left out of the mean). Runs are
 grouped by (subset, model, conv, size, recipe; a schedule other than 100 epochs as "improved, 60 epochs",
-evaluation with flip TTA as "... + flip TTA", quick-mode runs as "... (quick)"); each cell is the mean ±
+mixup as "... + mixup 0.4", evaluation with flip TTA as "... + flip TTA", quick-mode runs as "... (quick)"); each cell is the mean ±
 sample standard deviation (n - 1) over the group's seeds. A workdir with a config.json but no results.json
 yet is listed as unfinished. The Markdown goes to `--out` and to stdout.
 """
@@ -86,6 +86,7 @@ def group_key(config: Mapping[str, Any], where: str) -> GroupKey:
   recipe = str(tags["recipe"])
   if tags.get("epochs") not in (None, OFFICIAL_EPOCHS):  # a shorter or longer schedule is another row
     recipe += f", {int(tags['epochs'])} epochs"
+  recipe += f" + mixup {float(tags['mixup']):g}" if tags.get("mixup") else ""
   recipe += " + flip TTA" if tags.get("tta") else ""
   recipe += " (quick)" if tags.get("quick") else ""  # smoke runs never mix in
   return (str(tags["subset"]), str(tags["model"]), str(tags["conv"]), int(tags["size"]), recipe)
