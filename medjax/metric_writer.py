@@ -37,8 +37,11 @@ class MetricWriter:
     clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in scalars.items()}
     self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
     if self._tb is not None:
-      for key, value in scalars.items():
-        self._tb.add_scalar(key, float(value), int(step))
+      # An undefined metric (e.g. precision with no positive prediction) is null in the JSON and absent from
+      # TensorBoard, where a NaN point would break the plot's y-range and make tensorboardX warn every time.
+      for key, value in clean.items():
+        if value is not None:
+          self._tb.add_scalar(key, value, int(step))
 
   def flush(self) -> None:
     if self.enabled:
