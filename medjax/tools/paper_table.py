@@ -9,9 +9,9 @@ experiments/medmnist_resnet.py: subset, model, conv, size, recipe; `seed`) and i
 (`test/...`: last state; `test_best/...`: the best-validation-AUC checkpoint; `wall_s`, all sessions of a
 resumed run; older runs whose wall_s covers only their last session are left out of the mean). Runs are
 grouped by (subset, model, conv, size, recipe; a schedule other than 100 epochs as "improved, 60 epochs",
-mixup as "... + mixup 0.4", evaluation with flip TTA as "... + flip TTA", quick-mode runs as "... (quick)"); each cell is the mean ±
-sample standard deviation (n - 1) over the group's seeds. A workdir with a config.json but no results.json
-yet is listed as unfinished. The Markdown goes to `--out` and to stdout.
+mixup as "... + mixup 0.4", evaluation with flip TTA as "... + flip TTA", quick-mode runs as "... (quick)");
+each cell is the mean ± sample standard deviation (n - 1) over the group's seeds. A workdir with a
+config.json but no results.json yet is listed as unfinished. The Markdown goes to `--out` and to stdout.
 """
 
 from __future__ import annotations
