@@ -15,6 +15,10 @@ Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
             logits of each image and its left-right mirror (`config.eval_flips`)
   mixup     0 (default: off) | alpha > 0: improved recipe only, mixup (Zhang et al., ICLR 2018) on every batch
             with lam ~ Beta(alpha, alpha), one-hot targets mixed the same way (then label-smoothed)
+  balance   0 (default: every training image once per epoch) | power in (0, 1]: improved recipe only,
+            class-balanced draws with replacement, each image drawn with probability ~ count(class)^-power
+            (`input.sampler="balanced"`): 1 gives equal class shares, 0.5 ("square-root" sampling) moves
+            BreastMNIST's 27/73 malignant/benign training shares to 38/62
   data_dir  folder of the official .npz files; default ../shared/data/medmnist; a relative path is taken
             from the repository root, so a run works from any directory
   quick     true: 4 steps, narrow one-block-per-stage model, for smoke tests (still reads data_dir)
@@ -101,7 +105,8 @@ def _check(arg):
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
-                             recipe="official", epochs=EPOCHS, tta=False, mixup=0.0, data_dir=DEFAULT_DATA_DIR,
+                             recipe="official", epochs=EPOCHS, tta=False, mixup=0.0, balance=0.0,
+                             data_dir=DEFAULT_DATA_DIR,
                              quick=False)
   dims, conv = _check(arg)
   if arg.epochs < 1:
@@ -109,6 +114,10 @@ def get_config(arg=None):
   if arg.mixup < 0 or (arg.mixup > 0 and arg.recipe != "improved"):
     raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: mixup={arg.mixup} needs recipe=improved and "
                                  "alpha >= 0 (0 is off); the official protocol has no augmentation.")
+  if not 0 <= arg.balance <= 1 or (arg.balance > 0 and arg.recipe != "improved"):
+    raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: balance={arg.balance} needs recipe=improved "
+                                 "and a power in [0, 1] (0 is off); the official protocol samples every image "
+                                 "once per epoch.")
   num_classes, num_train = SUBSETS[arg.subset][1:]
   batch = BATCH[dims]
   steps_per_epoch = math.ceil(num_train / batch)
@@ -170,6 +179,9 @@ def get_config(arg=None):
     if arg.mixup > 0:
       c.augment.update(mixup=dict(p=1.0, alpha=float(arg.mixup)), num_classes=num_classes)
       c.tags.mixup = float(arg.mixup)
+    if arg.balance > 0:
+      c.input.update(sampler="balanced", balance_power=float(arg.balance))
+      c.tags.balance = float(arg.balance)
 
   if arg.quick:
     c.total_steps = 4

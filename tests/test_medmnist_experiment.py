@@ -80,6 +80,9 @@ def test_improved_recipe():
   mixed = _load("recipe=improved,mixup=0.4")
   assert mixed.augment.mixup.to_dict() == dict(p=1.0, alpha=0.4) and mixed.augment.num_classes == 2
   assert mixed.tags.mixup == 0.4
+  assert "sampler" not in c.input and "balance" not in c.tags
+  balanced = _load("recipe=improved,balance=0.5")
+  assert (balanced.input.sampler, balanced.input.balance_power, balanced.tags.balance) == ("balanced", 0.5, 0.5)
 
 
 @pytest.mark.parametrize("arg", [
@@ -105,6 +108,8 @@ def test_choices_validate(arg):
     ("recipe=best", "unknown recipe 'best'"),
     ("mixup=0.4", "mixup=0.4 needs recipe=improved"),
     ("recipe=improved,mixup=-1", "alpha >= 0"),
+    ("balance=0.5", "balance=0.5 needs recipe=improved"),
+    ("recipe=improved,balance=1.5", r"a power in \[0, 1\]"),
 ])
 def test_bad_arguments_name_the_problem(arg, message):
   with pytest.raises(config_lib.ConfigError, match=message):

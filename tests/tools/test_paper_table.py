@@ -59,7 +59,7 @@ def test_groups_by_recipe_and_marks_unpublished_and_unfinished(tmp_path):
   _write_run(str(tmp_path), "c", seed=2, results=False)
   short = _write_run(str(tmp_path), "s", recipe="improved", seed=0, auc_best=0.7, acc_best=0.6)
   quick = _write_run(str(tmp_path), "q", seed=0, auc_best=0.5, acc_best=0.5)
-  for workdir, tags in ((quick, {"quick": True}), (short, {"epochs": 60, "tta": True, "mixup": 0.4})):
+  for workdir, tags in ((quick, {"quick": True}), (short, {"epochs": 60, "tta": True, "mixup": 0.4, "balance": 0.5})):
     with open(os.path.join(workdir, "config.json")) as f:
       config = json.load(f)
     config["tags"].update(tags)
@@ -70,7 +70,8 @@ def test_groups_by_recipe_and_marks_unpublished_and_unfinished(tmp_path):
   assert rows[("breastmnist", "vit_hybrid", "2d", "28", "improved")][10:13] == ["-", "-", "-"]
   assert rows[("breastmnist", "resnet18", "2d", "28", "official")][5] == "1 (1 stopped)"
   assert rows[("breastmnist", "resnet18", "2d", "28", "official (quick)")][6] == "0.500"
-  assert rows[("breastmnist", "resnet18", "2d", "28", "improved, 60 epochs + mixup 0.4 + flip TTA")][6] == "0.700"
+  improved = "improved, 60 epochs + mixup 0.4 + balanced^0.5 + flip TTA"
+  assert rows[("breastmnist", "resnet18", "2d", "28", improved)][6] == "0.700"
   assert f"Unfinished (no results.json yet): {os.path.join(str(tmp_path), 'c')}." in table
 
 
