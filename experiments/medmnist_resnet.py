@@ -109,8 +109,7 @@ def _check(arg):
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
                              recipe="official", epochs=EPOCHS, tta=False, mixup=0.0, balance=0.0,
-                             data_dir=DEFAULT_DATA_DIR,
-                             quick=False)
+                             data_dir=DEFAULT_DATA_DIR, quick=False)
   dims, conv = _check(arg)
   if arg.epochs < 1:
     raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: epochs must be >= 1, got {arg.epochs}.")
