@@ -88,6 +88,12 @@ _STREAM = {name: i for i, name in enumerate(_DEFAULTS)}  # fixed per-transform k
 _BLOCK = 20
 
 
+def _draw(sampler: Callable[..., Array], key: Array, shape, **kwargs) -> Array:
+  """`sampler(key, shape)` drawn flat and reshaped: the same numbers (threefry counts in row-major order),
+  but XLA on CPU compiles a multi-dimensional draw far slower (normal (2, 3, 9, 9, 9): 1.75 s, flat: 0.31 s)."""
+  return sampler(key, (math.prod(shape),), **kwargs).reshape(shape)
+
+
 def _u(u: Array, name: str, start: int, n: int = 1) -> Array:
   """n uniforms in [0, 1) reserved for transform `name` (slots start..start+n of its block)."""
   base = _STREAM[name] * _BLOCK + start
@@ -249,7 +255,7 @@ def _spatial_coords(key: Array, u: Array, shape, cfg: Dict[str, Any]) -> Array:
     c = cfg["elastic"]
     coarse = tuple(max(2, round(n / float(c["sigma"])) + 1) for n in shape)
     magnitude = _between(_u(u, "elastic", 1), *c["magnitude"])
-    noise = jax.random.normal(jax.random.fold_in(key, _STREAM["elastic"]), (ndim,) + coarse) * magnitude
+    noise = _draw(jax.random.normal, jax.random.fold_in(key, _STREAM["elastic"]), (ndim,) + coarse) * magnitude
     disp = jax.image.resize(noise, (ndim,) + tuple(shape), method="cubic")
     coords = coords + jnp.where(_u(u, "elastic", 0) < c["p"], disp, 0.0)
   return coords
@@ -291,7 +297,7 @@ def _bias_field(key: Array, shape, order: int, coefficient: float) -> Array:
   """exp(sum_{|a| <= order} c_a prod_d u_d^a_d) on coordinates u in [-1, 1], shape (*S, 1)."""
   ndim = len(shape)
   powers = [jnp.stack([jnp.linspace(-1.0, 1.0, n) ** k for k in range(order + 1)]) for n in shape]
-  coef = jax.random.uniform(key, (order + 1,) * ndim, minval=-coefficient, maxval=coefficient)
+  coef = _draw(jax.random.uniform, key, (order + 1,) * ndim, minval=-coefficient, maxval=coefficient)
   degree = sum(jnp.meshgrid(*[jnp.arange(order + 1)] * ndim, indexing="ij"))
   coef = jnp.where(degree <= order, coef, 0.0)
   letters = "abc"[:ndim]
@@ -340,7 +346,7 @@ def _intensity(key: Array, u: Array, x: Array, cfg: Dict[str, Any]) -> Array:
     x = jnp.where(fire & (log_g != 0.0), y, x)
   if "noise" in cfg:
     fire, std, kv = draw("noise", cfg["noise"]["std"])
-    x = jnp.where(fire, x + std * jax.random.normal(kv, x.shape), x)
+    x = jnp.where(fire, x + std * _draw(jax.random.normal, kv, x.shape), x)
   return x
 
 
@@ -391,7 +397,7 @@ def make_augment(config: Mapping) -> Callable[[Array, Batch], Batch]:
     x = image.astype(jnp.float32)
     keys = jax.random.split(jax.random.fold_in(rng, 0x6A5), 3)
     sample_keys = jax.random.split(keys[0], size)
-    u = jax.random.uniform(keys[1], (size, _BLOCK * len(_DEFAULTS)))  # per-sample scalars, see _u
+    u = _draw(jax.random.uniform, keys[1], (size, _BLOCK * len(_DEFAULTS)))  # per-sample scalars, see _u
 
     if spatial:
       coords = jax.vmap(lambda k, v: _spatial_coords(k, v, shape, spatial))(sample_keys, u)
@@ -431,7 +437,7 @@ def make_augment(config: Mapping) -> Callable[[Array, Batch], Batch]:
       if "cutout" in cfg:
         c = cfg["cutout"]
         fire = _u(u, "cutout", 0) < c["p"]
-        holes = jax.random.uniform(jax.random.fold_in(keys[2], _STREAM["cutout"]), (int(c["holes"]), 2, size, ndim))
+        holes = _draw(jax.random.uniform, jax.random.fold_in(keys[2], _STREAM["cutout"]), (int(c["holes"]), 2, size, ndim))
         for h in range(int(c["holes"])):
           frac = _between(holes[h, 0], *c["size"])
           box = jax.vmap(lambda v, f: _box(v, shape, f))(holes[h, 1], frac)
