@@ -437,7 +437,8 @@ def make_augment(config: Mapping) -> Callable[[Array, Batch], Batch]:
       if "cutout" in cfg:
         c = cfg["cutout"]
         fire = _u(u, "cutout", 0) < c["p"]
-        holes = _draw(jax.random.uniform, jax.random.fold_in(keys[2], _STREAM["cutout"]), (int(c["holes"]), 2, size, ndim))
+        holes_key = jax.random.fold_in(keys[2], _STREAM["cutout"])
+        holes = _draw(jax.random.uniform, holes_key, (int(c["holes"]), 2, size, ndim))
         for h in range(int(c["holes"])):
           frac = _between(holes[h, 0], *c["size"])
           box = jax.vmap(lambda v, f: _box(v, shape, f))(holes[h, 1], frac)
