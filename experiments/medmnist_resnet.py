@@ -51,7 +51,7 @@ Runs (from the repository root; each writes `results.json` and `config.json` in 
   python -m medjax.main \
       --config experiments/medmnist_resnet.py:recipe=improved,epochs=60,mixup=0.4,tta=true,balance=0.5 \
       --workdir runs/mm/breast_r18_improved_mix_tta_bal05_s0   # beats the published BreastMNIST row (README)
-  python -m medjax.tools.paper_table --runs runs/mm --out runs/mm/table.md
+  python -m benchmarks.paper_table --runs runs/mm --out runs/mm/table.md
 Three seeds: `get_sweep` returns [{"seed": 0}, {"seed": 1}, {"seed": 2}].
 """
 
@@ -128,7 +128,7 @@ def get_config(arg=None):
   c.seed = arg.seed
   c.total_steps = arg.epochs * steps_per_epoch
   c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = steps_per_epoch
-  # Read by medjax.tools.paper_table (with seed and data.*) to group runs.
+  # Read by benchmarks/paper_table.py (with seed and data.*) to group runs.
   c.tags = dict(experiment="medmnist_resnet", subset=arg.subset, model=arg.model, conv=conv, size=arg.size,
                 recipe=arg.recipe, epochs=arg.epochs, steps_per_epoch=steps_per_epoch, quick=arg.quick)
   if arg.tta:

@@ -3,7 +3,7 @@ biased patches, Dice + CE with deep supervision, 5-fold cross-validation.
 
 Needs the task folder on disk (http://medicaldecathlon.com; nothing is downloaded), e.g.
 data/msd/Task04_Hippocampus/{dataset.json, imagesTr/, labelsTr/, imagesTs/}. Run:
-  python -m medjax.data.plan --dataset msd --kwargs "data_dir='data/msd',task='Task04_Hippocampus',patch_size=(32,32,32)" --out runs/plan_hippo
+  python -m medjax.tools.plan --dataset msd --kwargs "data_dir='data/msd',task='Task04_Hippocampus',patch_size=(32,32,32)" --out runs/plan_hippo
   python -m medjax.main --config experiments/msd_unet.py:task=Task04_Hippocampus,data_dir=data/msd,plan=runs/plan_hippo/plan.json,fold=0 --workdir runs/hippo_f0
   python -m medjax.main --config experiments/msd_unet.py:quick=true,data_dir=DIR --workdir /tmp/q   # smoke test
 Sweep over the folds: `python -m medjax.tools.sweep --config experiments/msd_unet.py:... --workdir runs/hippo_cv`.

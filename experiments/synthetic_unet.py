@@ -9,7 +9,7 @@ Run:
   python -m medjax.main --config experiments/synthetic_unet.py:size=48,patch=32 --workdir runs/patches
       # 32^3 training patches cut from 48^3 cases, 1/3 centred on foreground (add device_crop=true to cut
       # them on the accelerator from cached cases); validation on one fixed foreground patch per case
-  python -m medjax.data.plan --dataset synthetic_phantoms --kwargs "spatial_dims=3,image_size=48" --out runs/plan
+  python -m medjax.tools.plan --dataset synthetic_phantoms --kwargs "spatial_dims=3,image_size=48" --out runs/plan
   python -m medjax.main --config experiments/synthetic_unet.py:size=48,plan=runs/plan/plan.json --workdir runs/planned
       # patch size, batch size and U-Net kernels / strides / widths from the plan
 

@@ -3,34 +3,38 @@
 Layout of a work directory:
 
   workdir/config.json               the experiment config (`save_config` / `load_config`)
+  workdir/env.json                  commit, library versions and devices of the run (`medjax.provenance`)
   workdir/checkpoints/<step>/state  the TrainState pytree (Orbax PyTree, OCDBT)
   workdir/checkpoints/<step>/metrics  the metrics passed to `Checkpointer.save` (JSON)
+  workdir/metrics.jsonl, results.json, tensorboard/   written by `medjax.train`
 
 `Checkpointer` wraps `orbax.checkpoint.CheckpointManager`: periodic and forced saves, asynchronous writes,
 and retention = the latest `max_to_keep` steps plus the `keep_best` best steps by a validation metric.
 Restoring always goes through an abstract target (a pytree of `jax.ShapeDtypeStruct` with `.sharding`),
 so a checkpoint written on 8 devices restores onto 1 device, or onto any other mesh, with the requested
-shardings. `load(workdir)` is the notebook entry point: config + model + variables, no optimizer needed.
+shardings. `load(workdir)` is the notebook entry point: config + model (as `build.model` makes it, in the
+run's compute dtype) + variables, no optimizer needed. `for_run(workdir)` opens a run's checkpoints with
+the retention and ranking its config asks for.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from medjax import atomic
+from medjax import atomic, build, config_lib
 from medjax.typing import PyTree
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 _STATE = "state"
-BEST_MODES = ("max", "min")
+BEST_MODES = build.BEST_MODES
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -122,7 +126,8 @@ class Checkpointer:
       survives however the best-k ranking goes.
     keep_best: additionally keep the `keep_best` best steps by `metrics[best_metric]` (0 = off).
     best_metric: metric key used for ranking, e.g. "val/dice_mean"; required when keep_best > 0.
-    best_mode: "max" (Dice, AUC, accuracy) or "min" (loss, Hausdorff distance).
+    best_mode: "max" (Dice, AUC, accuracy) or "min" (loss, Hausdorff distance); required with best_metric
+      (`for_run` takes it from the run's config).
     async_save: write in a background thread; `save` returns once the arrays are copied off device.
     read_only: open an existing directory for restoring only (no saves, no deletions, nothing created).
 
@@ -131,7 +136,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int, max_to_keep: int,
-               keep_best: int = 0, best_metric: Optional[str] = None, best_mode: str = "max",
+               keep_best: int = 0, best_metric: Optional[str] = None, best_mode: Optional[str] = None,
                async_save: bool = True, read_only: bool = False):
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
@@ -139,7 +144,9 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1 (the latest checkpoint is always kept), got {max_to_keep}.")
     if keep_best < 0:
       raise ValueError(f"keep_best must be >= 0, got {keep_best}.")
-    if best_mode not in BEST_MODES:
+    if best_metric and best_mode is None:
+      raise ValueError(f"best_metric={best_metric!r} needs best_mode, one of {BEST_MODES}.")
+    if best_mode is not None and best_mode not in BEST_MODES:
       raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}.")
     if keep_best and not best_metric:
       raise ValueError(f"keep_best={keep_best} needs best_metric (e.g. 'val/dice_mean').")
@@ -165,7 +172,7 @@ class Checkpointer:
         preservation_policy=ocm.AnyPreservationPolicy(policies),
         # Orbax writes the "metrics" item only when best_fn is set; retention is decided by the policy above.
         best_fn=rank,
-        best_mode=best_mode,
+        best_mode=best_mode or BEST_MODES[0],  # unused without best_metric: every step ranks equal
         enable_async_checkpointing=async_save,
         create=not read_only,
         read_only=read_only,
@@ -248,6 +255,24 @@ class Checkpointer:
       if value is not None and (best is None or sign * value >= best[0]):
         best = (sign * value, step)
     return None if best is None else best[1]
+
+  def select_step(self, which: Union[int, str, None] = "best") -> Tuple[int, str]:
+    """(step, how it was chosen) for `which`: "best" (by `best_metric`; the latest step without one),
+    "latest" (also None) or a step number (int or digits). Raises FileNotFoundError naming the directory and
+    the kept steps when there is no such checkpoint, ValueError for any other `which`."""
+    steps = self.all_steps()
+    if not steps:
+      self._check_step(None)
+    if which is None or which == "latest":
+      return steps[-1], "latest"
+    if which == "best":
+      best = self.best_step() if self.best_metric else None
+      return (best, f"best by {self.best_metric}") if best is not None else (steps[-1], "latest (no best)")
+    try:
+      step = int(which)
+    except (TypeError, ValueError):
+      raise ValueError(f"The checkpoint must be 'best', 'latest' or a step number, got {which!r}.") from None
+    return self._check_step(step), "requested"
 
   def _check_step(self, step: Optional[int]) -> int:
     steps = self.all_steps()
@@ -349,7 +374,6 @@ def save_config(workdir: str | os.PathLike, config: Any) -> str:
 
   Only process 0 writes (all hosts share the workdir); a crash mid-write leaves the old file intact.
   """
-  from medjax import config_lib  # pylint: disable=import-outside-toplevel
   text = config_lib.to_json(config)
   path = os.path.join(os.fspath(workdir), CONFIG_FILE)
   if jax.process_index() != 0:
@@ -361,7 +385,6 @@ def save_config(workdir: str | os.PathLike, config: Any) -> str:
 
 def load_config(workdir: str | os.PathLike) -> Any:
   """Reads `workdir/config.json` back into a ConfigDict (lists become tuples)."""
-  from medjax import config_lib  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.fspath(workdir), CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No {CONFIG_FILE} in {os.path.abspath(os.fspath(workdir))}; is it a medjax workdir?")
@@ -369,7 +392,22 @@ def load_config(workdir: str | os.PathLike) -> Any:
     return config_lib.from_json(f.read())
 
 
-# ------------------------------------------------------------------------------------------ load
+# ------------------------------------------------------------------------------------------ runs
+
+
+def for_run(workdir: str | os.PathLike, config: Any = None, *, read_only: bool = False) -> Checkpointer:
+  """The Checkpointer of a run: `workdir/checkpoints` with the retention and best-checkpoint ranking of the
+  run's config (`build.settings`; read from `workdir/config.json` when `config` is None). `read_only` opens
+  an existing run for restoring (no saves, synchronous, nothing created)."""
+  config = load_config(workdir) if config is None else config
+  run = build.settings(config)
+  directory = os.path.join(os.fspath(workdir), CHECKPOINT_DIR)
+  if read_only:
+    return Checkpointer(directory, save_interval_steps=1, max_to_keep=1, best_metric=run.best_metric,
+                        best_mode=run.best_mode, async_save=False, read_only=True)
+  return Checkpointer(directory, save_interval_steps=1, max_to_keep=run.checkpoint.max_to_keep,
+                      keep_best=run.checkpoint.keep_best if run.best_metric else 0, best_metric=run.best_metric,
+                      best_mode=run.best_mode, async_save=run.checkpoint.async_save)
 
 
 class Loaded(NamedTuple):
@@ -378,28 +416,32 @@ class Loaded(NamedTuple):
   model: Any
   variables: Dict[str, PyTree]
   step: int
+  selected: str = "requested"
 
 
-def load(workdir: str | os.PathLike, step: Optional[int] = None, *, use_ema: bool = True) -> Loaded:
+def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
+         use_ema: Optional[bool] = None) -> Loaded:
   """Loads a run for inference: its config, the model it names, and its weights on the default device.
 
-  Only the params, the model's mutable collections and their EMAs are read from disk; the optimizer
-  state is skipped, so no optimizer or training code is needed.
+  The model is `build.model(config)`, the one training used, so it computes in the run's
+  `config.compute_dtype`. Only the params, the model's mutable collections and their EMAs are read from disk;
+  the optimizer state is skipped, so no optimizer or training code is needed.
 
   Args:
     workdir: the run's work directory (holds config.json and checkpoints/).
-    step: checkpoint step; default latest.
-    use_ema: use the EMA params (and the EMA of the batch statistics, when kept) when the run kept them.
+    step: a step number, "best" (by the run's best_metric), or "latest" (also None).
+    use_ema: use the EMA params (and the EMA of the batch statistics, when kept) when the run kept them;
+      None: as the run's own validation did (`config.ema_decay` > 0 and `config.eval_with_ema`).
   Returns:
-    Loaded(config, model, variables={"params": ..., **model_state}, step).
+    Loaded(config, model, variables={"params": ..., **model_state}, step, selected: how the step was chosen).
   """
-  from medjax import models  # pylint: disable=import-outside-toplevel  # models import no checkpoint code
   config = load_config(workdir)
-  model = models.build_model(config.model_name, config.model)
-  ckpt = Checkpointer(os.path.join(os.fspath(workdir), CHECKPOINT_DIR), save_interval_steps=1, max_to_keep=1,
-                      async_save=False, read_only=True)
+  model = build.model(config)
+  if use_ema is None:
+    use_ema = build.settings(config).use_ema_for_eval
+  ckpt = for_run(workdir, config, read_only=True)
   try:
-    step = ckpt.latest_step() if step is None else int(step)
+    step, selected = ckpt.select_step(step)
     part = ckpt.restore_fields(("params", "model_state", "ema_params", "ema_model_state"), step=step)
   finally:
     ckpt.close()
@@ -408,4 +450,5 @@ def load(workdir: str | os.PathLike, step: Optional[int] = None, *, use_ema: boo
   params, model_state = part["params"], part.get("model_state")
   if use_ema and part.get("ema_params"):
     params, model_state = part["ema_params"], part.get("ema_model_state") or model_state
-  return Loaded(config=config, model=model, variables={"params": params, **dict(model_state or {})}, step=step)
+  return Loaded(config=config, model=model, variables={"params": params, **dict(model_state or {})}, step=step,
+                selected=selected)

@@ -1,8 +1,8 @@
-"""Experiment configs: argument parsing, loading, overrides, JSON round trips and validation.
+"""Experiment configs: argument parsing, loading, overrides and JSON round trips.
 
 An experiment is a Python file with `get_config(arg)` returning an `ml_collections.ConfigDict`. This module
-imports no JAX at module level, so experiment files (which import only `ml_collections` and this module)
-load instantly; `validate` imports the registries lazily because they live next to the objects they name.
+imports nothing from medjax and no JAX, so experiment files (which import only `ml_collections` and this
+module) load instantly. Turning a config into parts, and checking it, is `medjax.build`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ class ConfigError(ValueError):
   """A user-fixable problem in a config: the message names the key and what was expected."""
 
 
-def _suggest(name: str, candidates: Iterable[str]) -> str:
+def suggest(name: str, candidates: Iterable[str]) -> str:
+  """" Did you mean 'x'?" for the closest of `candidates`, or ""."""
   close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
   return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
@@ -67,18 +68,26 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> mlc.ConfigDict:
   """Parses the experiment argument `"k=v,k2=v2"` into a ConfigDict typed from `defaults`.
 
   Values take the type of their default (bools only accept true/false); unknown keys raise with a
-  did-you-mean. A tuple default accepts `k=(1,2)`; commas inside brackets do not split arguments.
+  did-you-mean. A tuple default accepts `k=(1,2)`; commas inside brackets do not split arguments. A bare
+  key means true, as in big_vision: `"quick"` is `"quick=true"` (only for a bool argument).
 
-  >>> parse_arg("dims=2,quick=true", dims=3, quick=False)  # -> dims=2, quick=True
+  >>> parse_arg("dims=2,quick", dims=3, quick=False)  # -> dims=2, quick=True
   """
   result = mlc.ConfigDict(dict(defaults))
   for item in _split_top_level(arg or ""):
     if "=" not in item:
-      raise ConfigError(f"Experiment argument {item!r} is not of the form key=value "
-                        f"(known keys: {', '.join(sorted(defaults))}).")
+      key = item.strip()
+      if key in defaults and isinstance(defaults[key], bool):
+        result[key] = True
+        continue
+      if key in defaults:
+        raise ConfigError(f"Experiment argument {key!r} needs a value ({key}=...): only a bool argument may "
+                          f"stand alone, and its default is {defaults[key]!r}.")
+      raise ConfigError(f"Unknown experiment argument {key!r}.{suggest(key, defaults)} "
+                        f"Known arguments: {', '.join(sorted(defaults))}.")
     key, text = (s.strip() for s in item.split("=", 1))
     if key not in defaults:
-      raise ConfigError(f"Unknown experiment argument {key!r}.{_suggest(key, defaults)} "
+      raise ConfigError(f"Unknown experiment argument {key!r}.{suggest(key, defaults)} "
                         f"Known arguments: {', '.join(sorted(defaults))}.")
     result[key] = _coerce(text, defaults[key], f"experiment argument {key!r}")
   return result
@@ -170,7 +179,7 @@ def apply_overrides(config: mlc.ConfigDict, overrides: Sequence[str]) -> mlc.Con
         siblings = list(node.keys()) if isinstance(node, (mlc.ConfigDict, dict)) else []
         prefix = ".".join(parts[:depth])
         full = [f"{prefix}.{s}" if prefix else s for s in siblings]
-        raise ConfigError(f"Unknown config key {path!r} (in --config.{item}).{_suggest(path, full)} "
+        raise ConfigError(f"Unknown config key {path!r} (in --config.{item}).{suggest(path, full)} "
                           f"Keys at this level: {', '.join(sorted(full)) or '(none)'}.")
       if depth == len(parts) - 1:
         node[key] = _coerce(text, node[key], f"config.{path}")
@@ -210,13 +219,13 @@ def from_json(text: str) -> mlc.ConfigDict:
   return mlc.ConfigDict(_tuplify(json.loads(text)))
 
 
-# ------------------------------------------------------------------------------------------ validation
+# ----------------------------------------------------------------------------------------------- plans
 
 PLAN_KEYS = ("patch_size", "batch_size", "features", "kernel_size", "strides", "target_spacing_mm")
 
 
 def read_plan(path: str) -> dict:
-  """Reads a `plan.json` written by `python -m medjax.data.plan` (plain JSON; no JAX or numpy needed).
+  """Reads a `plan.json` written by `python -m medjax.tools.plan` (plain JSON; no JAX or numpy needed).
 
   Raises ConfigError naming the file when it is missing, not JSON, or lacks a planned key.
   """
@@ -224,7 +233,7 @@ def read_plan(path: str) -> dict:
     with open(path) as f:
       plan = json.load(f)
   except FileNotFoundError:
-    raise ConfigError(f"Plan file {path!r} not found; write one with `python -m medjax.data.plan "
+    raise ConfigError(f"Plan file {path!r} not found; write one with `python -m medjax.tools.plan "
                       "--dataset NAME --kwargs ... --out DIR` and pass DIR/plan.json.") from None
   except (OSError, json.JSONDecodeError) as e:
     raise ConfigError(f"Plan file {path!r} could not be read as JSON: {e}") from None
@@ -249,68 +258,6 @@ def apply_plan(config: mlc.ConfigDict, plan: Mapping[str, Any], *, batch_size: b
   return config
 
 
-_REQUIRED: Tuple[Tuple[str, type], ...] = (
-    ("seed", int), ("total_steps", int), ("model_name", str), ("data.name", str),
-    ("input.batch_size", int), ("lr", float),
-)
-_OPTIONAL_TYPES: Tuple[Tuple[str, Any], ...] = (
-    ("log_every_steps", int), ("eval_every_steps", int), ("checkpoint_every_steps", int),
-    ("grad_accum_steps", int), ("ema_decay", float), ("grad_clip_norm", (float, type(None))),
-    ("compute_dtype", str), ("sharding", str), ("best_metric", str), ("best_mode", str),
-    ("test_split", str), ("eval_flips", (tuple, list)),
-)
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def _lookup(config: Any, dotted: str) -> Tuple[bool, Any]:
-  node = config
-  for key in dotted.split("."):
-    if not isinstance(node, (mlc.ConfigDict, dict)) or key not in node:
-      return False, None
-    node = node[key]
-  return True, node
-
-
-def _check_type(dotted: str, value: Any, expected: Any) -> None:
-  expected = expected if isinstance(expected, tuple) else (expected,)
-  ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in expected)
-  if float in expected and isinstance(value, int) and not isinstance(value, bool):
-    ok = True
-  if not ok:
-    names = " or ".join(t.__name__ for t in expected)
-    raise ConfigError(f"config.{dotted} must be {names}, got {value!r} ({type(value).__name__}).")
-
-
-_EARLY_STOPPING_KEYS = ("metric", "mode", "patience", "min_delta")
-
-
-def _check_early_stopping(config: mlc.ConfigDict) -> None:
-  """config.early_stopping: dict(metric="val/...", mode="max"|"min", patience>=1, min_delta>=0), all optional
-  but the metric, which defaults to config.best_metric; evaluations must be periodic for patience to count."""
-  options = config.get("early_stopping")
-  if not options:
-    return
-  if not isinstance(options, (mlc.ConfigDict, Mapping)):
-    raise ConfigError(f"config.early_stopping must be a dict({', '.join(_EARLY_STOPPING_KEYS)}), got {options!r}.")
-  for key in options.keys():
-    if key not in _EARLY_STOPPING_KEYS:
-      raise ConfigError(f"Unknown key config.early_stopping.{key}.{_suggest(key, _EARLY_STOPPING_KEYS)} "
-                        f"Known keys: {', '.join(_EARLY_STOPPING_KEYS)}.")
-  metric = options.get("metric", config.get("best_metric"))
-  if not isinstance(metric, str) or not metric.startswith("val/"):
-    raise ConfigError(f"config.early_stopping.metric must be a validation metric key 'val/...' (or set "
-                      f"config.best_metric), got {metric!r}.")
-  for key, expected in (("patience", int), ("min_delta", float), ("mode", str)):
-    if key in options:
-      _check_type(f"early_stopping.{key}", options[key], expected)
-  if options.get("mode", "max") not in ("max", "min"):
-    raise ConfigError(f"config.early_stopping.mode must be 'max' or 'min', got {options['mode']!r}.")
-  if options.get("patience", 1) < 1 or options.get("min_delta", 0.0) < 0:
-    raise ConfigError(f"config.early_stopping needs patience >= 1 and min_delta >= 0, got {dict(options)}.")
-  if not config.get("eval_every_steps"):
-    raise ConfigError("config.early_stopping counts evaluations: set config.eval_every_steps.")
-
-
 def named(value: Any, where: str) -> Tuple[str, dict]:
   """Splits a `"name"` or `dict(name=..., **kwargs)` config entry into (name, kwargs)."""
   if isinstance(value, str):
@@ -321,81 +268,3 @@ def named(value: Any, where: str) -> Tuple[str, dict]:
       raise ConfigError(f"config.{where} must name its choice with a 'name' key, got keys {sorted(kwargs)}.")
     return kwargs.pop("name"), kwargs
   raise ConfigError(f"config.{where} must be a name or a dict with 'name', got {value!r}.")
-
-
-def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
-  """Checks a config end to end before any data loads or anything compiles.
-
-  Resolves every registry name (model, dataset, loss, optimizer, schedule, sharding preset, evaluator),
-  checks that sub-dicts only use keyword names their constructor accepts, checks scalar types, and checks
-  the batch against gradient accumulation. Raises `ConfigError` (or KeyError with a did-you-mean from a
-  registry) naming the offending key. Returns the config unchanged for chaining.
-  """
-  # Imported here: the registries live beside the objects (JAX code), and experiment files must load
-  # without importing JAX.
-  from medjax import evaluators, losses, models, optim, sharding
-  from medjax.data import datasets
-
-  for dotted, expected in _REQUIRED:
-    found, value = _lookup(config, dotted)
-    if not found:
-      raise ConfigError(f"config.{dotted} is required (expected {expected.__name__}).")
-    _check_type(dotted, value, expected)
-  for dotted, expected in _OPTIONAL_TYPES:
-    found, value = _lookup(config, dotted)
-    if found:
-      _check_type(dotted, value, expected)
-
-  def resolve(registry, name: str, where: str):
-    if name not in registry:
-      raise ConfigError(f"config.{where}: {registry.unknown_message(name)}")
-    return registry.get(name)
-
-  def resolve_with_kwargs(registry, name: str, kwargs: Iterable[str], where: str, kwargs_where: str):
-    resolve(registry, name, where)
-    try:
-      registry.check_kwargs(name, kwargs, where=f"config.{kwargs_where}")
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-
-  resolve_with_kwargs(models.MODELS, config.model_name, config.get("model", {}).keys(), "model_name", "model")
-  data_name, data_kwargs = named(config.data, "data")
-  resolve(datasets.DATASETS, data_name, "data.name")
-  try:
-    data_kwargs, _ = datasets.split_fold_keys(data_name, data_kwargs)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  resolve_with_kwargs(datasets.DATASETS, data_name, data_kwargs, "data.name", "data")
-  try:
-    from medjax.data import pipeline  # pylint: disable=import-outside-toplevel
-    pipeline.input_options(config.input)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  try:
-    losses.validate_loss_config(config.get("loss", "xent"))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  optim.validate_optim_config(config)
-  resolve(sharding.SHARDING_PRESETS, config.get("sharding", "data_parallel"), "sharding")
-  sharding.check_mesh_spec(config.get("mesh", (("data", -1),)))
-  if "evaluator" in config:
-    eval_name, eval_kwargs = named(config.evaluator, "evaluator")
-    resolve_with_kwargs(evaluators.EVALUATORS, eval_name, eval_kwargs, "evaluator.name", "evaluator")
-  if config.get("augment"):
-    from medjax import augment  # pylint: disable=import-outside-toplevel
-    try:
-      augment.make_augment(config.augment.to_dict() if hasattr(config.augment, "to_dict") else config.augment)
-    except ValueError as e:
-      raise ConfigError(f"config.augment: {e}") from None
-  if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
-    raise ConfigError(f"config.compute_dtype must be one of {COMPUTE_DTYPES}, got {config.compute_dtype!r}.")
-  _check_early_stopping(config)
-  if config.get("best_mode", "max") not in ("max", "min"):
-    raise ConfigError(f"config.best_mode must be 'max' or 'min', got {config.best_mode!r}.")
-  accum = config.get("grad_accum_steps", 1)
-  if accum < 1 or config.input.batch_size % accum:
-    raise ConfigError(f"config.input.batch_size={config.input.batch_size} must be a positive multiple of "
-                      f"config.grad_accum_steps={accum}.")
-  if config.total_steps < 1:
-    raise ConfigError(f"config.total_steps must be >= 1, got {config.total_steps}.")
-  return config

@@ -99,7 +99,6 @@ def run(argv: Sequence[str], overrides: Sequence[str]) -> None:
     _fail("--config and --workdir are required.")
   try:
     config = config_lib.apply_overrides(config_lib.load_config(_CONFIG.value), overrides)
-    config_lib.validate(config)
   except (config_lib.ConfigError, KeyError, ValueError) as e:
     _fail(str(e.args[0]) if e.args else str(e))
   try:
@@ -110,7 +109,11 @@ def run(argv: Sequence[str], overrides: Sequence[str]) -> None:
   import jax
   if distributed is not None:
     jax.distributed.initialize(**distributed)  # before anything touches a device
-  from medjax import train
+  from medjax import build, train
+  try:
+    build.validate(config)
+  except (config_lib.ConfigError, KeyError, ValueError) as e:
+    _fail(str(e.args[0]) if e.args else str(e))
   logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   train.main(config, _WORKDIR.value)
 

@@ -1,8 +1,8 @@
 """Device mesh, sharding presets and host-to-global batch assembly.
 
 Parallelism is carried by shardings only: the train step is the same function on 1 CPU or 256 GPUs.
-The mesh comes from `config.mesh`, e.g. `(("data", -1),)` (one axis over all devices; -1 takes what the
-other axes leave). Batches are split along the mesh's "data" axis; a preset decides how the state is laid
+The mesh comes from `config.mesh`, axis names and sizes such as `(("data", 4), ("model", 2))` (-1 takes
+what the other axes leave; the default, `medjax.build.DEFAULT_MESH`, is one "data" axis over all devices). Batches are split along the mesh's "data" axis; a preset decides how the state is laid
 out:
 
 - `data_parallel`: every parameter (and optimizer/EMA leaf) replicated on every device.

@@ -29,9 +29,8 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from medjax import (atomic, augment, checkpoint, config_lib, evaluators, inference, losses, models, optim, sharding,
-                    steps)
-from medjax.data import datasets, pipeline
+from medjax import atomic, build, checkpoint, config_lib, evaluators, provenance, sharding, steps
+from medjax.data import pipeline
 from medjax.metric_writer import MetricWriter, Progress, read_metrics
 from medjax.train_state import TrainState
 
@@ -49,41 +48,6 @@ class NonFiniteLossError(FloatingPointError):
 
 def _due(step: int, every: Optional[int], total: int) -> bool:
   return step == total or bool(every) and step % every == 0
-
-
-def build_model(config: mlc.ConfigDict):
-  """The config's model with the configured compute dtype (parameters stay float32)."""
-  kwargs = dict(config.get("model", {}))
-  if "dtype" in kwargs:
-    raise config_lib.ConfigError("Set the compute dtype with config.compute_dtype, not config.model.dtype.")
-  kwargs["dtype"] = jnp.dtype(config.get("compute_dtype", "float32"))
-  return models.build_model(config.model_name, kwargs)
-
-
-def init_state_fn(model, tx, example_image: np.ndarray, use_ema: bool):
-  """Returns `init(rng) -> TrainState` for a batch-1 dummy input shaped like `example_image`."""
-
-  def init(rng):
-    init_rng, state_rng = jax.random.split(rng)
-    dummy = jnp.zeros((1,) + example_image.shape, jnp.float32)
-    variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
-    return TrainState.create(variables=variables, tx=tx, rng=state_rng, use_ema=use_ema)
-
-  return init
-
-
-def jit_train_step(model, objective, tx, mesh, state_sharding, *, accum_steps: int = 1, ema_decay: float = 0.0,
-                   augment_fn=None):
-  """`steps.train_step` bound to its hyperparameters and jitted over `mesh`, the state donated.
-
-  Batches come in split over the data axis; metrics come out replicated.
-  """
-  return jax.jit(
-      functools.partial(steps.train_step, apply_fn=model.apply, objective=objective, tx=tx,
-                        accum_steps=accum_steps, ema_decay=ema_decay, augment_fn=augment_fn),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=(0,))
 
 
 # ------------------------------------------------------------------------------------------ early stopping
@@ -148,15 +112,9 @@ class EarlyStopping:
 
 def make_early_stopping(config: mlc.ConfigDict) -> Optional[EarlyStopping]:
   """`EarlyStopping(**config.early_stopping)`, None when unset; the metric and mode default to
-  `config.best_metric` / `config.best_mode`."""
-  options = config.get("early_stopping")
-  if not options:
-    return None
-  kwargs = dict(options)
-  if "metric" not in kwargs:
-    kwargs["metric"] = config.best_metric
-    kwargs.setdefault("mode", config.get("best_mode", "max"))
-  return EarlyStopping(**kwargs)
+  `config.best_metric` / `config.best_mode` (`build.early_stopping_options`)."""
+  options = build.early_stopping_options(config)
+  return None if options is None else EarlyStopping(**options)
 
 
 def evaluation_history(workdir: str, ckpt: checkpoint.Checkpointer, metric: str,
@@ -176,13 +134,6 @@ def evaluation_history(workdir: str, ckpt: checkpoint.Checkpointer, metric: str,
       if record["step"] <= up_to_step and metric in record:
         by_step[int(record["step"])] = record
   return [by_step[step] for step in sorted(by_step)]
-
-
-def evaluation_apply_fn(model, config: mlc.ConfigDict) -> Callable[..., Any]:
-  """`model.apply`, or with `config.eval_flips` (mirrors, e.g. ((), (1,)) for 2D left-right) the flip-TTA
-  average of its logits; validation, test and `medjax.tools.evaluate` all use it."""
-  flips = config.get("eval_flips")
-  return inference.flip_tta_apply(model.apply, flips) if flips else model.apply
 
 
 def wall_time_before(workdir: str, start_step: int) -> float:
@@ -285,47 +236,36 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   """
   started = time.perf_counter()
   # ---- 1. config
-  config_lib.validate(config)
+  build.validate(config)
+  run = build.settings(config)
   total_steps = int(config.total_steps)
-  batch_size = int(config.input.batch_size)
+  batch_size = run.batch_size
   is_main = jax.process_index() == 0
 
   # ---- 2. components
-  mesh = sharding.make_mesh(config.get("mesh", (("data", -1),)))
+  mesh = build.mesh(config)
   sharding.check_batch_size(batch_size, mesh)
-  data_name, data_kwargs = config_lib.named(config.data, "data")
-  dataset = datasets.build_dataset(data_name, data_kwargs)
+  dataset = build.dataset(config)
   # Patches cut from whole cases when config.input.patch_size is set (see pipeline.prepare_source).
   prepare = functools.partial(pipeline.prepare_source, input_config=config.input, seed=config.seed,
                               num_classes=dataset.info.num_classes)
-  train_source = prepare(_split_source(dataset, "train", "the training split"), for_training=True)
-  val_source = prepare(_split_source(dataset, config.get("eval_split", "val"), "config.eval_split"))
-  test_split = config.get("test_split")
-  test_source = prepare(_split_source(dataset, test_split, "config.test_split")) if test_split else None
-  model = build_model(config)
-  loss_name, loss_kwargs = config_lib.named(config.get("loss", "xent"), "loss")
-  objective = losses.make_objective(loss_name, loss_kwargs)
-  tx, schedule_fn = optim.make_optimizer(config)
-  eval_name, eval_kwargs = config_lib.named(
-      config.get("evaluator", dataset.info.task), "evaluator")
-  evaluator = evaluators.EVALUATORS.get(eval_name)(info=dataset.info, **eval_kwargs)
-  ema_decay = float(config.get("ema_decay", 0.0))
+  train_source = prepare(build.split_source(dataset, "train", "the training split"), for_training=True)
+  val_source = prepare(build.split_source(dataset, run.eval_split, "config.eval_split"))
+  test_source = (prepare(build.split_source(dataset, run.test_split, "config.test_split"))
+                 if run.test_split else None)
+  model = build.model(config)
+  objective = build.objective(config)
+  tx, schedule_fn = build.optimizer(config)
+  evaluator = build.evaluator(config, dataset.info)
   early = make_early_stopping(config)
 
   # ---- 3. state: restore or initialise straight into its shardings
-  init_fn = init_state_fn(model, tx, train_source[0]["image"], use_ema=ema_decay > 0)
+  init_fn = build.init_state_fn(model, tx, train_source[0]["image"], use_ema=run.ema_decay > 0)
   abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  state_sharding = sharding.state_shardings(abstract_state, mesh, config.get("sharding", "data_parallel"))
+  state_sharding = sharding.state_shardings(abstract_state, mesh, run.sharding)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, state_sharding)
-  ckpt_options = dict(config.get("checkpoint", {}))
-  best_metric = config.get("best_metric")
-  ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_interval_steps=1,
-      max_to_keep=ckpt_options.get("max_to_keep", 2),
-      keep_best=ckpt_options.get("keep_best", 1) if best_metric else 0,
-      best_metric=best_metric, best_mode=config.get("best_mode", "max"),
-      async_save=ckpt_options.get("async_save", True))
+  ckpt = checkpoint.for_run(workdir, config)
   start_step = ckpt.latest_step() or 0
   wall_before = wall_time_before(workdir, start_step)
   if start_step:
@@ -337,20 +277,17 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
     state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
   if is_main:
     checkpoint.save_config(workdir, config)
+    provenance.write(workdir)
 
   # ---- 4. compiled steps
-  augment_config = config.get("augment") or {}
-  train_step = jit_train_step(model, objective, tx, mesh, state_sharding,
-                              accum_steps=int(config.get("grad_accum_steps", 1)), ema_decay=ema_decay,
-                              augment_fn=augment.make_augment(augment_config) if augment_config else None)
-  eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=evaluation_apply_fn(model, config),
+  train_step = build.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=run.grad_accum_steps,
+                                    ema_decay=run.ema_decay, augment_fn_=build.augment_fn(config))
+  eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=build.eval_apply_fn(model, config),
                                         stats_fn=evaluator.stats_fn))
-  eval_batch_size = int(config.input.get("eval_batch_size", batch_size))
-  sharding.check_batch_size(eval_batch_size, mesh, what="config.input.eval_batch_size")
-  use_ema_for_eval = ema_decay > 0 and config.get("eval_with_ema", True)
+  eval_batch_size = build.eval_batch_size(config, mesh)
 
   def run_evaluation(state, source, prefix: str) -> Dict[str, float]:
-    variables = state.variables(use_ema=use_ema_for_eval)
+    variables = state.variables(use_ema=run.use_ema_for_eval)
     batches = pipeline.device_batches(
         pipeline.eval_batches(source, global_batch_size=eval_batch_size), mesh)
     result = evaluators.evaluate(evaluator, lambda b: eval_step(variables, b), batches)
@@ -361,9 +298,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   progress = Progress(total_steps, start_step, enabled=is_main)
   train_batches = pipeline.train_stream(train_source, config.input, seed=config.seed, start_step=start_step,
                                        mesh=mesh)
-  log_every = int(config.get("log_every_steps", 50))
-  eval_every = config.get("eval_every_steps")
-  ckpt_every = config.get("checkpoint_every_steps")
+  log_every, eval_every, ckpt_every = run.log_every_steps, run.eval_every_steps, run.checkpoint_every_steps
   pending, last_eval, test, test_best, best = [], {}, {}, {}, None
   # A run that had already stopped early stays stopped when started again.
   stopped = _STATUS_CODES[_from_main_process(int(early is not None and early.should_stop))]
@@ -411,7 +346,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
     if not last_eval:  # nothing to train (a finished or stopped run started again) or no evaluation was due
       last_eval = run_evaluation(state, val_source, "val")
     ckpt.wait()
-    best = _best_checkpoint(ckpt, best_metric)
+    best = _best_checkpoint(ckpt, run.best_metric)
     if test_source is not None:
       test, test_best = _test_evaluations(state, test_source, run_evaluation, ckpt, target, best)
       writer.write(last_step, {**test, **test_best})
@@ -432,15 +367,6 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
                         f"Checkpoints: {ckpt.directory}; metrics: {writer.path}; "
                         f"results: {os.path.abspath(path)}."), flush=True)
   return {"step": last_step, **last_eval, **test, **test_best}
-
-
-def _split_source(dataset, split: str, where: str):
-  """The dataset's `split`, or a ConfigError naming the config key and the splits there are."""
-  try:
-    return dataset.source(split)
-  except KeyError:
-    raise config_lib.ConfigError(f"{where}: the dataset has no split {split!r}; it has "
-                                 f"{', '.join(map(repr, dataset.splits))}.") from None
 
 
 def _best_checkpoint(ckpt: checkpoint.Checkpointer, best_metric: Optional[str]) -> Optional[dict]:

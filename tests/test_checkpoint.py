@@ -121,7 +121,7 @@ def test_keep_best_k_plus_latest(tmp_path, mode):
 
 
 def test_steps_without_metric_or_nan_are_never_best(tmp_path):
-  c = _ckpt(tmp_path / "c", max_to_keep=1, keep_best=1, best_metric="val/dice_mean")
+  c = _ckpt(tmp_path / "c", max_to_keep=1, keep_best=1, best_metric="val/dice_mean", best_mode="max")
   state = _state()
   c.save(1, state)  # no metrics at all
   assert c.best_step() is None

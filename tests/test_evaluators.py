@@ -140,7 +140,7 @@ def test_segmentation_dice_iou_and_surface_metrics():
   assert values["hd95"][1, 0] == pytest.approx(2.0)
   assert np.isnan(values["hd95"][1, 1])  # no lesion in reference or prediction
   assert result["hd95/organ"] == pytest.approx(np.mean(values["hd95"][:, 0]))
-  expected_hd95 = metrics.hausdorff_distance(pred[0] == 1, labels[0] == 1, (1.0, 2.0))
+  expected_hd95 = metrics.hausdorff_distance(labels[0] == 1, pred[0] == 1, (1.0, 2.0))
   assert values["hd95"][0, 0] == pytest.approx(expected_hd95)
 
 
@@ -203,8 +203,8 @@ def test_report_bootstrap_patients_subgroups_and_cases():
     assert entry["value"] == pytest.approx(summary[name]) and entry["low"] <= entry["value"] <= entry["high"]
   # the shared-resample cache gives the same interval as bootstrapping the metric on its own
   probs = np.asarray(stats["probs"], np.float64)
-  direct = metrics.bootstrap_ci(lambda p, y: metrics.classification_metrics(p, y, task="binary")["auc"],
-                                probs, stats["label"], groups=np.array(metadata["patient_id"]), num_samples=200,
+  direct = metrics.bootstrap_ci(lambda y, p: metrics.classification_metrics(y, p, task="binary")["auc"],
+                                stats["label"], probs, groups=np.array(metadata["patient_id"]), num_samples=200,
                                 seed=1)
   assert (report["metrics"]["auc"]["low"], report["metrics"]["auc"]["high"]) == pytest.approx(
       (direct["low"], direct["high"]))

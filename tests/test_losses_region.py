@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from medjax import losses
+from medjax.data import preprocess
 
 
 def _hard_logits(labels, num_classes, scale=100.0):
@@ -54,7 +55,7 @@ def test_generalized_dice_hand_value_and_absent_class():
 def test_signed_distance_maps_anisotropic_hand_case():
   label = np.zeros((3, 5), np.int64)
   label[1, 2] = 1
-  maps = losses.signed_distance_maps(label, 3, spacing_mm=(2.0, 0.5))
+  maps = preprocess.signed_distance_maps(label, 3, spacing_mm=(2.0, 0.5))
   assert maps.shape == (3, 5, 3) and maps.dtype == np.float32
   fg = maps[..., 1]
   assert fg[1, 2] == pytest.approx(-0.5)  # nearest outside voxel one x-step (0.5 mm) away
@@ -65,12 +66,12 @@ def test_signed_distance_maps_anisotropic_hand_case():
   assert bg[0, 0] == pytest.approx(-np.sqrt(2.0 ** 2 + 1.0 ** 2))
   assert not maps[..., 2].any()  # absent class
   with pytest.raises(ValueError, match="spacing_mm"):
-    losses.signed_distance_maps(label, 3, spacing_mm=(1.0, 1.0, 1.0))
+    preprocess.signed_distance_maps(label, 3, spacing_mm=(1.0, 1.0, 1.0))
 
 
 def test_boundary_loss_hand_values():
   label = np.array([[0, 1, 1, 0]])
-  distance = losses.signed_distance_maps(label, 2, (1.0, 1.0))[None]  # class 1: [1, -1, -1, 1]
+  distance = preprocess.signed_distance_maps(label, 2, (1.0, 1.0))[None]  # class 1: [1, -1, -1, 1]
   np.testing.assert_allclose(distance[0, 0, :, 1], [1, -1, -1, 1])
   perfect = _hard_logits(label[None], 2)
   np.testing.assert_allclose(losses.boundary_loss(perfect, label[None], distance_map=distance), [-0.5], atol=1e-6)

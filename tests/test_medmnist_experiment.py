@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import medjax.models.acs  # noqa: F401  registers resnet*_acs / resnet*_2.5d (until models/__init__ imports it)
-from medjax import config_lib, train
+from medjax import build, config_lib, train
 from medjax.data.datasets import medmnist as mm
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "medmnist_resnet.py")
@@ -94,7 +94,7 @@ def test_improved_recipe():
     "subset=organmnist3d,conv=3d,recipe=improved",
 ])
 def test_choices_validate(arg):
-  c = config_lib.validate(_load(arg))
+  c = build.validate(_load(arg))
   assert c.total_steps == 4 if "quick" in arg else c.total_steps >= 100
 
 

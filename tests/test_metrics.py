@@ -20,26 +20,26 @@ def test_roc_auc_matches_pair_counting(seed):
   rng = np.random.default_rng(seed)
   scores = np.round(rng.normal(size=40), 1)  # rounding makes ties
   positives = rng.random(40) < 0.4
-  assert metrics.roc_auc(scores, positives) == pytest.approx(_auc_by_pairs(scores, positives))
+  assert metrics.roc_auc(positives, scores) == pytest.approx(_auc_by_pairs(scores, positives))
 
 
 def test_roc_auc_single_class_is_nan():
-  assert np.isnan(metrics.roc_auc(np.arange(4.0), np.zeros(4, bool)))
+  assert np.isnan(metrics.roc_auc(np.zeros(4, bool), np.arange(4.0)))
 
 
 def test_roc_auc_ovr_macro():
   probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
   labels = np.array([0, 1, 2, 1])
   expected = np.mean([_auc_by_pairs(probs[:, k], labels == k) for k in range(3)])
-  assert metrics.roc_auc_ovr(probs, labels) == pytest.approx(expected)
-  assert metrics.accuracy(probs, labels) == 0.75
+  assert metrics.roc_auc_ovr(labels, probs) == pytest.approx(expected)
+  assert metrics.accuracy(labels, probs) == 0.75
 
 
 def test_segmentation_counts_and_dice():
   labels = np.array([[[0, 1], [1, 2]]])
   pred = np.array([[[0, 1], [0, 0]]])
   logits = np.eye(3)[pred].astype(np.float32)
-  counts = np.asarray(metrics.segmentation_counts(logits, labels))
+  counts = np.asarray(metrics.segmentation_counts(labels, logits))
   assert counts.shape == (1, 3, 3)
   np.testing.assert_array_equal(counts[0, 1], [1, 1, 2])  # class 1: overlap 1, predicted 1, reference 2
   dice = metrics.dice_per_case(counts)

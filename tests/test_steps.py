@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from medjax import losses, models, sharding, steps, train
+from medjax import build, losses, models, sharding, steps
 from medjax.train_state import TrainState
 
 SHAPE_2D = (12, 16)
@@ -27,12 +27,12 @@ def _setup(mesh_spec, preset, *, accum_steps=1, ema_decay=0.0, lr=1e-2):
   model = models.build_model("unet", dict(spatial_dims=2, num_classes=3, features=(8, 16), norm="instance"))
   tx = optax.adam(lr)
   mesh = sharding.make_mesh(mesh_spec)
-  init_fn = train.init_state_fn(model, tx, np.zeros(SHAPE_2D + (1,), np.float32), use_ema=ema_decay > 0)
+  init_fn = build.init_state_fn(model, tx, np.zeros(SHAPE_2D + (1,), np.float32), use_ema=ema_decay > 0)
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   state_sharding = sharding.state_shardings(abstract, mesh, preset)
   state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(0))
   objective = losses.make_objective("dice_xent", {})
-  step = train.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=accum_steps,
+  step = build.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=accum_steps,
                               ema_decay=ema_decay)
   return mesh, state, step
 
@@ -114,8 +114,8 @@ def test_augment_fn_runs_inside_the_step_with_a_step_derived_key():
 
   mesh, state, _ = _setup((("data", 1),), "data_parallel")
   model = models.build_model("unet", dict(spatial_dims=2, num_classes=3, features=(8, 16), norm="instance"))
-  step = train.jit_train_step(model, losses.make_objective("dice_xent", {}), optax.adam(1e-2), mesh,
-                              jax.tree.map(lambda a: a.sharding, state), augment_fn=augment)
+  step = build.jit_train_step(model, losses.make_objective("dice_xent", {}), optax.adam(1e-2), mesh,
+                              jax.tree.map(lambda a: a.sharding, state), augment_fn_=augment)
   state, metrics = step(state, sharding.host_to_global(_batch(2), mesh))
   state, metrics = step(state, sharding.host_to_global(_batch(2), mesh))
   assert len(seen) == 1 and np.isfinite(float(metrics["loss"]))
@@ -127,10 +127,10 @@ def test_ema_averages_batch_statistics():
                                               small_input=True))
   tx = optax.adam(1e-2)
   mesh = sharding.make_mesh((("data", 1),))
-  init_fn = train.init_state_fn(model, tx, np.zeros(SHAPE_2D + (1,), np.float32), use_ema=True)
+  init_fn = build.init_state_fn(model, tx, np.zeros(SHAPE_2D + (1,), np.float32), use_ema=True)
   state_sharding = sharding.state_shardings(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh, "data_parallel")
   state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(0))
-  step = train.jit_train_step(model, losses.make_objective("xent", {}), tx, mesh, state_sharding, ema_decay=0.5)
+  step = build.jit_train_step(model, losses.make_objective("xent", {}), tx, mesh, state_sharding, ema_decay=0.5)
   rng = np.random.default_rng(0)
   for t in range(3):
     before = jax.device_get(state.ema_model_state)

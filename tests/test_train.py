@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from medjax import checkpoint, config_lib, metric_writer, train
+from medjax import build, checkpoint, config_lib, metric_writer, train
 from medjax.data import datasets, pipeline
 from medjax.data.datasets.base import Dataset
 from train_testing import Preempted, preempt_after_save, set_dotted
@@ -167,4 +167,4 @@ def test_bad_augment_key_fails_validation():
   config = _config()
   config.augment = dict(flp=dict(p=0.5))
   with pytest.raises(config_lib.ConfigError, match=r"config\.augment: .*'flp'.*Did you mean 'flip'"):
-    config_lib.validate(config)
+    build.validate(config)

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from medjax import config_lib, metric_writer, train
+from medjax import build, config_lib, metric_writer, train
 from medjax.data import plan as plan_lib
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_unet.py")
@@ -42,7 +42,7 @@ def test_plan_feeds_patch_and_topology(tmp_path):
   assert config.input.patch_size == tuple(planned["patch_size"])
   assert config.model.strides == tuple(tuple(s) for s in planned["strides"])
   assert len(config.model.features) == len(planned["features"])
-  config_lib.validate(config)
+  build.validate(config)
 
 
 def test_missing_plan_names_the_file(tmp_path):

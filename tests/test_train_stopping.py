@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medjax import checkpoint, config_lib, evaluators, metric_writer, train
+from medjax import build, checkpoint, config_lib, evaluators, metric_writer, train
 from medjax.data import datasets
 from train_testing import Preempted, preempt_after_save, set_dotted
 
@@ -173,7 +173,7 @@ def test_bad_early_stopping_config_fails_validation(early_stopping, message):
   config = _segmentation_config(eval_every_steps=2)
   config.early_stopping = early_stopping
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(config)
+    build.validate(config)
 
 
 def test_early_stopping_needs_periodic_evaluation_and_defaults_to_best_metric():
@@ -181,9 +181,9 @@ def test_early_stopping_needs_periodic_evaluation_and_defaults_to_best_metric():
   config.eval_every_steps = 0  # evaluate at the end only
   config.early_stopping = dict(patience=2)
   with pytest.raises(config_lib.ConfigError, match=r"set config.eval_every_steps"):
-    config_lib.validate(config)
+    build.validate(config)
   config.eval_every_steps, config.best_mode = 2, "min"
-  config_lib.validate(config)
+  build.validate(config)
   early = train.make_early_stopping(config)
   assert (early.metric, early.mode, early.patience, early.min_delta) == ("val/dice_mean", "min", 2, 0.0)
 

@@ -275,7 +275,7 @@ class DeviceCrops:
       step += 1
 
 
-# config.input keys and their defaults (batch_size and eval_batch_size are read by train.main itself).
+# config.input keys and their defaults (batch_size and eval_batch_size are resolved by `medjax.build.settings`).
 INPUT_OPTIONS = dict(
     batch_size=None, eval_batch_size=None,
     patch_size=None,            # spatial patch (voxels) cut from whole cases; None = examples are used whole
@@ -311,7 +311,7 @@ def input_options(input_config: Mapping[str, Any]) -> Dict[str, Any]:
 
 class WithDistanceMaps:
   """Adds "distance_map" (*spatial, K) float32, the signed distance in mm to each class's boundary
-  (`losses.signed_distance_maps`), to every example (and every patch draw) of a segmentation source.
+  (`preprocess.signed_distance_maps`), to every example (and every patch draw) of a segmentation source.
   Computed after cropping, so a patch's map measures distances within the patch."""
 
   def __init__(self, source, num_classes: int):

@@ -89,7 +89,7 @@ class ClassificationEvaluator:
     return probs, labels, task
 
   def _summarize(self, probs, labels, task) -> Metrics:
-    return metrics.classification_metrics(probs, labels, task=task, threshold=self.threshold)
+    return metrics.classification_metrics(labels, probs, task=task, threshold=self.threshold)
 
   def summarize(self, stats) -> Metrics:
     probs, labels, task = self._checked(stats)
@@ -99,24 +99,24 @@ class ClassificationEvaluator:
     """Plot data: "roc" / "pr" {curve name: arrays + area}, "calibration", "confusion_matrix"."""
     if task == "binary":
       columns = {self.class_names[1]: (probs[:, 1], labels == 1)}
-      confidence, correct = confidence_and_correct(probs[:, 1], labels)
-      ece = metrics.expected_calibration_error(probs[:, 1], labels)
+      confidence, correct = confidence_and_correct(labels, probs[:, 1])
+      ece = metrics.expected_calibration_error(labels, probs[:, 1])
     elif task == "multi-class":
       columns = {name: (probs[:, k], labels == k) for k, name in enumerate(self.class_names)}
-      confidence, correct = confidence_and_correct(probs, labels)
-      ece = metrics.expected_calibration_error(probs, labels)
+      confidence, correct = confidence_and_correct(labels, probs)
+      ece = metrics.expected_calibration_error(labels, probs)
     else:  # every (case, label) decision pooled for calibration
       columns = {name: (probs[:, k], labels[:, k] == 1) for k, name in enumerate(self.class_names)}
-      confidence, correct = confidence_and_correct(probs.ravel(), labels.ravel())
-      ece = metrics.expected_calibration_error(probs.ravel(), labels.ravel())
+      confidence, correct = confidence_and_correct(labels.ravel(), probs.ravel())
+      ece = metrics.expected_calibration_error(labels.ravel(), probs.ravel())
     roc, pr = {}, {}
     for name, (scores, positives) in columns.items():
-      fpr, tpr, thresholds = metrics.roc_curve(scores, positives)
-      roc[name] = {"fpr": fpr, "tpr": tpr, "thresholds": thresholds, "auc": metrics.roc_auc(scores, positives)}
-      precision, recall, thresholds = metrics.pr_curve(scores, positives)
+      fpr, tpr, thresholds = metrics.roc_curve(positives, scores)
+      roc[name] = {"fpr": fpr, "tpr": tpr, "thresholds": thresholds, "auc": metrics.roc_auc(positives, scores)}
+      precision, recall, thresholds = metrics.pr_curve(positives, scores)
       pr[name] = {"precision": precision, "recall": recall, "thresholds": thresholds,
-                  "average_precision": metrics.average_precision(scores, positives)}
-    bin_confidence, bin_accuracy, bin_count = metrics.calibration_curve(confidence, correct)
+                  "average_precision": metrics.average_precision(positives, scores)}
+    bin_confidence, bin_accuracy, bin_count = metrics.calibration_curve(correct, confidence)
     if task == "multi-label":
       predicted = probs >= self.threshold
       confusion = {"rows": list(self.class_names), "columns": ["TN", "FP", "FN", "TP"],

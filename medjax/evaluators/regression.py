@@ -55,7 +55,7 @@ class RegressionEvaluator:
 
   @staticmethod
   def _summarize(pred, target) -> Metrics:
-    result = dict(metrics.regression_metrics(pred.reshape(-1), target.reshape(-1)))
+    result = dict(metrics.regression_metrics(target.reshape(-1), pred.reshape(-1)))
     result["num_cases"] = float(len(pred))
     return result
 

@@ -60,7 +60,7 @@ class SegmentationEvaluator:
     labels = batch["label"]
     check_shapes(outputs.shape, labels.shape, f"logits (B, *spatial, {self.num_classes}) and labels "
                  "(B, *spatial)", _WHAT, outputs.shape[:-1] == labels.shape and outputs.shape[-1] == self.num_classes)
-    stats = {"counts": metrics.segmentation_counts(outputs, labels),
+    stats = {"counts": metrics.segmentation_counts(labels, outputs),
              **input_checks(outputs, labels, self.num_classes)}
     if self.surface_metrics:
       stats["prediction"] = jnp.argmax(outputs, axis=-1).astype(jnp.int32)
@@ -84,7 +84,7 @@ class SegmentationEvaluator:
       iou = np.where(reference > 0, intersection / (predicted + reference - intersection), np.nan)
     values = {"dice": dice, "iou": iou}
     if self.surface_metrics:
-      per_case = [metrics.segmentation_case_metrics(p, r, self.num_classes, s) for p, r, s in
+      per_case = [metrics.segmentation_case_metrics(r, p, self.num_classes, s) for p, r, s in
                   zip(stats["prediction"], stats["reference"], stats["spacing_mm"])]
       for key in (*SURFACE_METRICS, "volume_diff_ml"):
         values[key] = np.stack([np.asarray(case[key], np.float64) for case in per_case])

@@ -6,7 +6,8 @@ the train step averages them. All arithmetic runs in float32 whatever the comput
   voxelwise   "xent" (class weights, label smoothing, ignore_index, soft targets), "bce" (pos_weight),
               "focal" (softmax), "sigmoid_focal"
   overlap     "dice", "dice_xent", "generalized_dice", "tversky", "focal_tversky"
-  boundary    "boundary", "dice_boundary" (need batch["distance_map"]); host `signed_distance_maps`
+  boundary    "boundary", "dice_boundary" (need batch["distance_map"], made on the host by
+              `medjax.data.preprocess.signed_distance_maps`)
   topology    "cldice", "dice_cldice"
   regression  "l1", "l2" (= "mse"), "huber"
   objective   `make_objective` (deep supervision, multi-task sums), `validate_loss_config`,
@@ -16,7 +17,7 @@ The config format and its reserved keys are described in `medjax.losses.objectiv
 """
 
 from medjax.losses._base import BATCH_INPUTS, LOSSES
-from medjax.losses.boundary import boundary_loss, dice_boundary, signed_distance_maps
+from medjax.losses.boundary import boundary_loss, dice_boundary
 from medjax.losses.objective import (Objective, deep_supervision_weights, downsample_nearest, make_objective,
                                      nearest_indices, validate_loss_config)
 from medjax.losses.overlap import dice_cross_entropy, focal_tversky, generalized_dice, soft_dice, tversky
@@ -28,6 +29,6 @@ __all__ = [
     "BATCH_INPUTS", "LOSSES", "Objective", "boundary_loss", "deep_supervision_weights", "dice_boundary",
     "dice_cldice", "dice_cross_entropy", "downsample_nearest", "focal_tversky", "generalized_dice", "huber_loss",
     "l1_loss", "l2_loss", "make_objective", "nearest_indices", "sigmoid_binary_cross_entropy", "sigmoid_focal",
-    "signed_distance_maps", "soft_cldice", "soft_dice", "soft_dilate", "soft_erode", "soft_skeleton",
+    "soft_cldice", "soft_dice", "soft_dilate", "soft_erode", "soft_skeleton",
     "softmax_cross_entropy", "softmax_focal", "tversky", "validate_loss_config",
 ]

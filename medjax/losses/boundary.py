@@ -3,7 +3,7 @@
 The loss integrates the softmax probabilities against a precomputed signed distance map (SDM) of the
 reference: probability inside the object earns negative distance, probability outside costs its distance
 to the object, so the minimum is reached by covering exactly the object. SDMs are computed on the host
-per case, in mm (`signed_distance_maps`), and arrive in the batch as "distance_map".
+per case, in mm (`medjax.data.preprocess.signed_distance_maps`), and arrive in the batch as "distance_map".
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from medjax.losses._base import LOSSES, apply_ignore_index, mean_per_example
 from medjax.losses.overlap import soft_dice
-from medjax.data.preprocess import signed_distance_maps  # noqa: F401  (host side; re-exported)
 from medjax.typing import Array
 
 
@@ -28,7 +27,7 @@ def boundary_loss(logits: Array, labels: Array, *, distance_map: Array, mask: Op
     logits: (B, *spatial, K).
     labels: (B, *spatial) int; used only for `ignore_index` (the geometry comes from `distance_map`).
     distance_map: (B, *spatial, K) float32 signed distance maps, batch["distance_map"] (see
-      `signed_distance_maps`).
+      `medjax.data.preprocess.signed_distance_maps`).
     mask / ignore_index: voxels left out of the mean (they multiply).
     include_background: also integrate class 0 (Kervadec et al. use foreground classes only).
   Returns: (B,) float32, negative at a good prediction; its minimum is not 0, so it is usually added to a

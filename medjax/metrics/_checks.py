@@ -59,3 +59,33 @@ def same_shape(**arrays) -> tuple:
   if len(set(shapes.values())) != 1:
     raise ValueError(f"Arrays must have the same shape, got {shapes}.")
   return next(iter(shapes.values()))
+
+
+def _is_binary(values) -> bool:
+  values = np.asarray(values)
+  return values.size > 0 and (values.dtype == bool or bool(np.all(np.isin(values, (0, 1)))))
+
+
+def swapped_error(fn: str, second: str, detail: str) -> ValueError:
+  """The error for a call whose ground truth and prediction arguments look exchanged."""
+  return ValueError(f"{fn}: {detail}; the arguments look swapped. Pass the ground truth y_true first and "
+                    f"{second} second, as in scikit-learn.")
+
+
+def binary_truth(y_true, other, fn: str, second: str = "y_score") -> np.ndarray:
+  """`as_binary(y_true)`; when y_true is not binary but `other` (the second argument) is, the error says the
+  arguments look swapped. Only the message changes: a non-binary y_true raises either way."""
+  try:
+    return as_binary(y_true, "y_true")
+  except ValueError as error:
+    if _is_binary(other):
+      raise swapped_error(fn, second, f"y_true is not binary but {second} is") from error
+    raise
+
+
+def check_not_swapped_ranks(y_true, y_prob, fn: str, second: str = "y_prob") -> None:
+  """Raises when y_true is (N, K) and y_prob (N,): the shapes of (N, K) probabilities and (N,) class labels
+  passed in the wrong order. A correct call never has these ranks, so the check cannot misfire."""
+  if np.ndim(y_true) == 2 and np.ndim(y_prob) == 1:
+    raise swapped_error(fn, second, f"y_true has shape {np.shape(y_true)} (scores?) and {second} "
+                        f"{np.shape(y_prob)} (labels?)")

@@ -2,7 +2,8 @@
 
 Bins split [0, 1] into `num_bins` equal-width intervals ((m-1)/M, m/M] (the first also holds 0), and
 ECE = sum_m |B_m| / N * |acc(B_m) - conf(B_m)|, as defined by Guo et al., "On Calibration of Modern
-Neural Networks", ICML 2017 (Naeini et al., AAAI 2015, for the binned estimator).
+Neural Networks", ICML 2017 (Naeini et al., AAAI 2015, for the binned estimator). Arguments follow
+scikit-learn: the ground truth `y_true` first, then the probabilities `y_prob`.
 """
 
 from __future__ import annotations
@@ -14,23 +15,26 @@ import numpy as np
 from medjax.metrics import _checks
 
 
-def calibration_curve(confidences, correct, num_bins: int = 15) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per-bin mean confidence, accuracy and count.
+def calibration_curve(y_true, y_prob, num_bins: int = 15) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per-bin mean confidence, accuracy and count (scikit-learn's `calibration_curve(y_true, y_prob,
+  n_bins=num_bins)` gives the same accuracy and confidence for the non-empty bins).
 
   Args:
-    confidences: (N,) in [0, 1], the probability the model gave its own prediction.
-    correct: (N,) bool, whether that prediction was right.
+    y_true: (N,) bool or {0, 1}: whether the top-1 prediction was right (from `confidence_and_correct`), or
+      the binary outcome when y_prob is the positive-class probability.
+    y_prob: (N,) in [0, 1]: the probability the model gave its own prediction (or the positive class).
     num_bins: number of equal-width bins.
   Returns:
-    (bin_confidence, bin_accuracy, bin_count), each (num_bins,); empty bins have count 0 and NaN means.
+    (bin_confidence, bin_accuracy, bin_count), each (num_bins,): mean y_prob, mean y_true (fraction right)
+    and case count per bin; empty bins have count 0 and NaN means.
   """
   if int(num_bins) < 1:
     raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
-  confidences = _checks.as_scores(confidences, "confidences", ndim=1)
-  correct = _checks.as_binary(correct, "correct")
-  _checks.same_length(confidences=confidences, correct=correct)
+  correct = _checks.binary_truth(y_true, y_prob, "calibration_curve", "y_prob")
+  confidences = _checks.as_scores(y_prob, "y_prob", ndim=1)
+  _checks.same_length(y_true=correct, y_prob=confidences)
   if confidences.min() < 0.0 or confidences.max() > 1.0:
-    raise ValueError(f"confidences must lie in [0, 1], got range [{confidences.min()}, {confidences.max()}].")
+    raise ValueError(f"y_prob must lie in [0, 1], got range [{confidences.min()}, {confidences.max()}].")
   inner_edges = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
   bins = np.searchsorted(inner_edges, confidences, side="left")  # right-closed bins
   count = np.bincount(bins, minlength=num_bins)
@@ -40,29 +44,41 @@ def calibration_curve(confidences, correct, num_bins: int = 15) -> Tuple[np.ndar
   return mean_confidence, mean_accuracy, count.astype(np.int64)
 
 
-def confidence_and_correct(probs, labels) -> Tuple[np.ndarray, np.ndarray]:
+def confidence_and_correct(y_true, y_prob) -> Tuple[np.ndarray, np.ndarray]:
   """Confidence of the predicted class and whether it is right.
 
   Args:
-    probs: (N, K) class probabilities with labels (N,) class indices; or (N,) positive-class
-      probabilities with labels (N,) in {0, 1} (prediction: positive when p >= 0.5).
-  Returns: (confidences (N,), correct (N,) bool).
+    y_true: (N,) class indices with y_prob (N, K) class probabilities; or (N,) {0, 1} with y_prob (N,)
+      positive-class probabilities (prediction: positive when p >= 0.5).
+    y_prob: as above.
+  Returns: (confidences (N,), correct (N,) bool), in this order; `calibration_curve` takes them the other way
+    round, truth first: `calibration_curve(correct, confidences)`.
   """
-  probs = _checks.as_scores(probs, "probs", ndim=(1, 2))
-  if probs.ndim == 1:
-    labels = _checks.as_binary(labels, "labels")
-    _checks.same_length(probs=probs, labels=labels)
+  return _confidence_and_correct(y_true, y_prob, "confidence_and_correct")
+
+
+def _confidence_and_correct(y_true, y_prob, fn: str) -> Tuple[np.ndarray, np.ndarray]:
+  _checks.check_not_swapped_ranks(y_true, y_prob, fn)
+  if np.ndim(y_prob) == 1:
+    labels = _checks.binary_truth(y_true, y_prob, fn, "y_prob")
+    probs = _checks.as_scores(y_prob, "y_prob", ndim=1)
+    _checks.same_length(y_true=labels, y_prob=probs)
     predicted = probs >= 0.5
     return np.where(predicted, probs, 1.0 - probs), predicted == labels
-  labels = _checks.as_labels(labels, "labels", probs.shape[1])
-  _checks.same_length(probs=probs, labels=labels)
+  probs = _checks.as_scores(y_prob, "y_prob", ndim=2)
+  labels = _checks.as_labels(y_true, "y_true", probs.shape[1])
+  _checks.same_length(y_true=labels, y_prob=probs)
   return probs.max(axis=1), probs.argmax(axis=1) == labels
 
 
-def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
-  """Expected calibration error in [0, 1] of top-1 predictions; inputs as `confidence_and_correct`."""
-  confidences, correct = confidence_and_correct(probs, labels)
-  mean_confidence, mean_accuracy, count = calibration_curve(confidences, correct, num_bins)
+def expected_calibration_error(y_true, y_prob, num_bins: int = 15) -> float:
+  """Expected calibration error in [0, 1] of top-1 predictions.
+
+  Args: y_true (N,) class indices with y_prob (N, K) probabilities, or y_true (N,) {0, 1} with y_prob (N,)
+    positive-class probabilities (as `confidence_and_correct`); num_bins equal-width bins.
+  """
+  confidences, correct = _confidence_and_correct(y_true, y_prob, "expected_calibration_error")
+  mean_confidence, mean_accuracy, count = calibration_curve(correct, confidences, num_bins)
   filled = count > 0
   gaps = np.abs(mean_accuracy[filled] - mean_confidence[filled])
   return float(np.sum(count[filled] * gaps) / count.sum())

@@ -5,7 +5,8 @@ a ratio whose denominator is zero is undefined and returned as NaN (e.g. precisi
 predicted, sensitivity of a class absent from the reference); macro averages are means over the classes
 where the metric is defined. F1 = 2TP / (2TP + FP + FN) is 0, not NaN, for a class that is present in the
 reference or predicted but never hit, so a classifier that never predicts a class is still penalised.
-Binary tasks (two classes) report the positive class, index 1.
+Binary tasks (two classes) report the positive class, index 1. Arguments follow scikit-learn: the
+reference `y_true` first, then the predictions `y_pred` (class indices) or probabilities `y_prob`.
 """
 
 from __future__ import annotations
@@ -17,23 +18,32 @@ import numpy as np
 from medjax.metrics import _checks, calibration, ranking
 
 
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-  """Top-1 accuracy: probs (N, K), labels (N,) ints. Binary tasks use argmax, i.e. threshold 0.5."""
-  probs = _checks.as_scores(probs, "probs", ndim=2)
-  labels = _checks.as_labels(labels, "labels", probs.shape[1])
-  _checks.same_length(probs=probs, labels=labels)
+def accuracy(y_true, y_prob) -> float:
+  """Top-1 accuracy in [0, 1], scikit-learn's `accuracy_score(y_true, y_prob.argmax(1))`.
+
+  Args:
+    y_true: (N,) class indices in [0, K).
+    y_prob: (N, K) class probabilities or scores; the prediction is their argmax (threshold 0.5 for K = 2).
+  """
+  _checks.check_not_swapped_ranks(y_true, y_prob, "accuracy")
+  probs = _checks.as_scores(y_prob, "y_prob", ndim=2)
+  labels = _checks.as_labels(y_true, "y_true", probs.shape[1])
+  _checks.same_length(y_true=labels, y_prob=probs)
   return float(np.mean(np.argmax(probs, axis=-1) == labels))
 
 
-def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
-  """(K, K) int64 counts; entry [i, j] counts cases of reference class i predicted as class j.
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+  """(K, K) int64 counts; entry [i, j] counts cases of reference class i predicted as class j (scikit-learn's
+  `confusion_matrix(y_true, y_pred, labels=range(num_classes))`).
 
   Args:
-    labels, preds: (N,) class indices in [0, num_classes).
+    y_true: (N,) reference class indices in [0, num_classes).
+    y_pred: (N,) predicted class indices in [0, num_classes).
+    num_classes: K.
   """
-  labels = _checks.as_labels(labels, "labels", num_classes)
-  preds = _checks.as_labels(preds, "preds", num_classes)
-  _checks.same_shape(labels=labels, preds=preds)
+  labels = _checks.as_labels(y_true, "y_true", num_classes)
+  preds = _checks.as_labels(y_pred, "y_pred", num_classes)
+  _checks.same_shape(y_true=labels, y_pred=preds)
   flat = labels.ravel() * num_classes + preds.ravel()
   return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
@@ -62,51 +72,59 @@ def _nanmean(values: np.ndarray) -> float:
   return float(defined.mean()) if defined.size else float("nan")
 
 
-def _summary(name: str, labels, preds, num_classes: int) -> float:
-  values = per_class_metrics(confusion_matrix(labels, preds, num_classes))[name]
+def _summary(name: str, y_true, y_pred, num_classes: int) -> float:
+  values = per_class_metrics(confusion_matrix(y_true, y_pred, num_classes))[name]
   return float(values[1]) if num_classes == 2 else _nanmean(values)
 
 
-def sensitivity(labels, preds, num_classes: int = 2) -> float:
-  """Sensitivity (recall, TP / (TP + FN)): of the positive class when num_classes is 2, else the macro mean.
-  labels, preds: (N,) class indices."""
-  return _summary("sensitivity", labels, preds, num_classes)
+def sensitivity(y_true, y_pred, num_classes: int = 2) -> float:
+  """Sensitivity (recall, TP / (TP + FN)): of the positive class when num_classes is 2, else the macro mean
+  (scikit-learn's `recall_score(y_true, y_pred)`, or with average="macro").
+
+  Args: y_true, y_pred: (N,) reference and predicted class indices in [0, num_classes).
+  """
+  return _summary("sensitivity", y_true, y_pred, num_classes)
 
 
 recall = sensitivity
 
 
-def specificity(labels, preds, num_classes: int = 2) -> float:
-  """Specificity TN / (TN + FP); positive class when num_classes is 2, else the macro one-vs-rest mean."""
-  return _summary("specificity", labels, preds, num_classes)
+def specificity(y_true, y_pred, num_classes: int = 2) -> float:
+  """Specificity TN / (TN + FP); positive class when num_classes is 2, else the macro one-vs-rest mean.
+  y_true, y_pred: (N,) reference and predicted class indices."""
+  return _summary("specificity", y_true, y_pred, num_classes)
 
 
-def precision(labels, preds, num_classes: int = 2) -> float:
-  """Precision (PPV, TP / (TP + FP)); positive class when num_classes is 2, else the macro mean."""
-  return _summary("precision", labels, preds, num_classes)
+def precision(y_true, y_pred, num_classes: int = 2) -> float:
+  """Precision (PPV, TP / (TP + FP)); positive class when num_classes is 2, else the macro mean
+  (scikit-learn's `precision_score(y_true, y_pred)`). y_true, y_pred: (N,) class indices."""
+  return _summary("precision", y_true, y_pred, num_classes)
 
 
-def f1(labels, preds, num_classes: int = 2) -> float:
-  """F1 = 2TP / (2TP + FP + FN); positive class when num_classes is 2, else the macro mean."""
-  return _summary("f1", labels, preds, num_classes)
+def f1(y_true, y_pred, num_classes: int = 2) -> float:
+  """F1 = 2TP / (2TP + FP + FN); positive class when num_classes is 2, else the macro mean (scikit-learn's
+  `f1_score(y_true, y_pred)`). y_true, y_pred: (N,) class indices."""
+  return _summary("f1", y_true, y_pred, num_classes)
 
 
-def balanced_accuracy(labels, preds, num_classes: int) -> float:
-  """Mean per-class sensitivity over the classes present in the reference (Brodersen et al., ICPR 2010)."""
-  return _nanmean(per_class_metrics(confusion_matrix(labels, preds, num_classes))["sensitivity"])
+def balanced_accuracy(y_true, y_pred, num_classes: int) -> float:
+  """Mean per-class sensitivity over the classes present in the reference (Brodersen et al., ICPR 2010;
+  scikit-learn's `balanced_accuracy_score(y_true, y_pred)`). y_true, y_pred: (N,) class indices."""
+  return _nanmean(per_class_metrics(confusion_matrix(y_true, y_pred, num_classes))["sensitivity"])
 
 
-def cohen_kappa(labels, preds, num_classes: int, weights: Optional[str] = None) -> float:
+def cohen_kappa(y_true, y_pred, num_classes: int, weights: Optional[str] = None) -> float:
   """Cohen's kappa, 1 - sum(W * O) / sum(W * E), with O the observed confusion matrix and E the one expected
-  from its marginals by chance (Cohen 1960; weighted form Cohen 1968).
+  from its marginals by chance (Cohen 1960; weighted form Cohen 1968); scikit-learn's
+  `cohen_kappa_score(y_true, y_pred, weights=weights)`.
 
   Args:
-    labels, preds: (N,) class indices.
+    y_true, y_pred: (N,) reference and predicted class indices.
     weights: None (disagreement 1 off the diagonal), "linear" (|i - j|) or "quadratic" ((i - j)^2), with
       class indices taken as ordinal.
   Returns: kappa in [-1, 1]; NaN when chance disagreement is zero (e.g. a single class everywhere).
   """
-  observed = confusion_matrix(labels, preds, num_classes).astype(np.float64)
+  observed = confusion_matrix(y_true, y_pred, num_classes).astype(np.float64)
   expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
   distance = np.abs(np.subtract.outer(np.arange(num_classes), np.arange(num_classes))).astype(np.float64)
   if weights is None:
@@ -121,19 +139,26 @@ def cohen_kappa(labels, preds, num_classes: int, weights: Optional[str] = None) 
   return float(1.0 - np.sum(w * observed) / chance) if chance > 0 else float("nan")
 
 
-def roc_auc_ovr(probs: np.ndarray, labels: np.ndarray, average: str = "macro") -> float:
-  """ROC-AUC for (N, K) class probabilities and (N,) labels: the positive-class AUC for K = 2; else
-  one-vs-rest, "macro" (mean of per-class AUCs over classes present, as MedMNIST reports it) or "micro"
-  (all one-vs-rest decisions pooled)."""
-  probs = _checks.as_scores(probs, "probs", ndim=2)
-  labels = _checks.as_labels(labels, "labels", probs.shape[1])
-  _checks.same_length(probs=probs, labels=labels)
+def roc_auc_ovr(y_true, y_score, average: str = "macro") -> float:
+  """ROC-AUC of class probabilities: the positive-class AUC for K = 2; else one-vs-rest, "macro" (mean of
+  per-class AUCs over classes present, as MedMNIST reports it; scikit-learn's `roc_auc_score(y_true, y_score,
+  multi_class="ovr")` when every class is present) or "micro" (all one-vs-rest decisions pooled).
+
+  Args:
+    y_true: (N,) class indices in [0, K).
+    y_score: (N, K) class probabilities or scores.
+    average: "macro" or "micro".
+  """
+  _checks.check_not_swapped_ranks(y_true, y_score, "roc_auc_ovr", "y_score")
+  probs = _checks.as_scores(y_score, "y_score", ndim=2)
+  labels = _checks.as_labels(y_true, "y_true", probs.shape[1])
+  _checks.same_length(y_true=labels, y_score=probs)
   if probs.shape[-1] == 2:
-    return ranking.roc_auc(probs[:, 1], labels == 1)
-  return ranking.averaged(ranking.roc_auc, probs, np.eye(probs.shape[1], dtype=bool)[labels], average)
+    return ranking.roc_auc(labels == 1, probs[:, 1])
+  return ranking.averaged(ranking.roc_auc, np.eye(probs.shape[1], dtype=bool)[labels], probs, average)
 
 
-def _binary_metrics(scores, positives, threshold) -> Dict[str, float]:
+def _binary_metrics(positives, scores, threshold) -> Dict[str, float]:
   preds = (scores >= threshold).astype(np.int64)
   labels = positives.astype(np.int64)
   per_class = per_class_metrics(confusion_matrix(labels, preds, 2))
@@ -141,12 +166,12 @@ def _binary_metrics(scores, positives, threshold) -> Dict[str, float]:
   result.update(
       accuracy=float(np.mean(preds == labels)),
       balanced_accuracy=_nanmean(per_class["sensitivity"]),
-      auc=ranking.roc_auc(scores, positives), pr_auc=ranking.average_precision(scores, positives),
-      kappa=cohen_kappa(labels, preds, 2), ece=calibration.expected_calibration_error(scores, positives))
+      auc=ranking.roc_auc(positives, scores), pr_auc=ranking.average_precision(positives, scores),
+      kappa=cohen_kappa(labels, preds, 2), ece=calibration.expected_calibration_error(positives, scores))
   return result
 
 
-def _multiclass_metrics(probs, labels) -> Dict[str, float]:
+def _multiclass_metrics(labels, probs) -> Dict[str, float]:
   num_classes = probs.shape[1]
   preds = probs.argmax(axis=1)
   per_class = per_class_metrics(confusion_matrix(labels, preds, num_classes))
@@ -154,18 +179,18 @@ def _multiclass_metrics(probs, labels) -> Dict[str, float]:
   result = {name: _nanmean(values) for name, values in per_class.items()}
   result.update(
       accuracy=float(np.mean(preds == labels)), balanced_accuracy=result["sensitivity"],
-      auc=ranking.averaged(ranking.roc_auc, probs, one_hot, "macro"),
-      auc_micro=ranking.averaged(ranking.roc_auc, probs, one_hot, "micro"),
-      pr_auc=ranking.averaged(ranking.average_precision, probs, one_hot, "macro"),
-      pr_auc_micro=ranking.averaged(ranking.average_precision, probs, one_hot, "micro"),
+      auc=ranking.averaged(ranking.roc_auc, one_hot, probs, "macro"),
+      auc_micro=ranking.averaged(ranking.roc_auc, one_hot, probs, "micro"),
+      pr_auc=ranking.averaged(ranking.average_precision, one_hot, probs, "macro"),
+      pr_auc_micro=ranking.averaged(ranking.average_precision, one_hot, probs, "micro"),
       kappa=cohen_kappa(labels, preds, num_classes),
       kappa_linear=cohen_kappa(labels, preds, num_classes, "linear"),
       kappa_quadratic=cohen_kappa(labels, preds, num_classes, "quadratic"),
-      ece=calibration.expected_calibration_error(probs, labels))
+      ece=calibration.expected_calibration_error(labels, probs))
   return result
 
 
-def _multilabel_metrics(probs, positives, threshold) -> Dict[str, float]:
+def _multilabel_metrics(positives, probs, threshold) -> Dict[str, float]:
   preds = probs >= threshold
   per_label = [per_class_metrics(confusion_matrix(positives[:, k], preds[:, k], 2))
                for k in range(probs.shape[1])]
@@ -176,21 +201,21 @@ def _multilabel_metrics(probs, positives, threshold) -> Dict[str, float]:
   result.update(
       accuracy=float(np.mean(preds == positives)), subset_accuracy=float(np.mean(np.all(preds == positives, 1))),
       balanced_accuracy=_nanmean(balanced),
-      auc=ranking.averaged(ranking.roc_auc, probs, positives, "macro"),
-      auc_micro=ranking.averaged(ranking.roc_auc, probs, positives, "micro"),
-      pr_auc=ranking.averaged(ranking.average_precision, probs, positives, "macro"),
-      pr_auc_micro=ranking.averaged(ranking.average_precision, probs, positives, "micro"),
-      ece=calibration.expected_calibration_error(probs.ravel(), positives.ravel()))
+      auc=ranking.averaged(ranking.roc_auc, positives, probs, "macro"),
+      auc_micro=ranking.averaged(ranking.roc_auc, positives, probs, "micro"),
+      pr_auc=ranking.averaged(ranking.average_precision, positives, probs, "macro"),
+      pr_auc_micro=ranking.averaged(ranking.average_precision, positives, probs, "micro"),
+      ece=calibration.expected_calibration_error(positives.ravel(), probs.ravel()))
   return result
 
 
-def classification_metrics(probs, labels, *, task: str = "multi-class", threshold: float = 0.5) -> Dict[str, float]:
+def classification_metrics(y_true, y_prob, *, task: str = "multi-class", threshold: float = 0.5) -> Dict[str, float]:
   """Every summary metric of one split, as plain floats.
 
   Args:
-    probs: "binary": (N,) positive-class probabilities or (N, 2); "multi-class": (N, K); "multi-label":
+    y_true: (N,) {0, 1} for binary, (N,) class indices for multi-class, (N, K) {0, 1} for multi-label.
+    y_prob: "binary": (N,) positive-class probabilities or (N, 2); "multi-class": (N, K); "multi-label":
       (N, K) independent per-label probabilities.
-    labels: (N,) {0, 1} for binary, (N,) class indices for multi-class, (N, K) {0, 1} for multi-label.
     task: "binary", "multi-class" or "multi-label".
     threshold: decision threshold on the positive probability (binary, multi-label); multi-class uses argmax.
   Returns: accuracy, balanced_accuracy, sensitivity, specificity, precision, f1 (positive class, or macro),
@@ -198,24 +223,26 @@ def classification_metrics(probs, labels, *, task: str = "multi-class", threshol
     num_cases; binary and multi-class add kappa; multi-class adds kappa_linear, kappa_quadratic, auc_micro and
     pr_auc_micro; multi-label adds subset_accuracy (all labels right), auc_micro and pr_auc_micro.
   """
-  probs = _checks.as_scores(probs, "probs", ndim=(1, 2))
-  num_cases = _checks.same_length(probs=probs, labels=labels)
+  fn = "classification_metrics"
+  _checks.check_not_swapped_ranks(y_true, y_prob, fn)
+  probs = _checks.as_scores(y_prob, "y_prob", ndim=(1, 2))
+  num_cases = _checks.same_length(y_true=y_true, y_prob=probs)
   if task == "binary":
     if probs.ndim == 2:
       if probs.shape[1] != 2:
-        raise ValueError(f"binary task: probs must be (N,) or (N, 2), got {probs.shape}.")
+        raise ValueError(f"binary task: y_prob must be (N,) or (N, 2), got {probs.shape}.")
       probs = probs[:, 1]
-    result = _binary_metrics(probs, _checks.as_binary(labels, "labels"), threshold)
+    result = _binary_metrics(_checks.binary_truth(y_true, probs, fn, "y_prob"), probs, threshold)
   elif task == "multi-class":
     if probs.ndim != 2:
-      raise ValueError(f"multi-class task: probs must be (N, K), got {probs.shape}.")
-    result = _multiclass_metrics(probs, _checks.as_labels(labels, "labels", probs.shape[1]))
+      raise ValueError(f"multi-class task: y_prob must be (N, K), got {probs.shape}.")
+    result = _multiclass_metrics(_checks.as_labels(y_true, "y_true", probs.shape[1]), probs)
   elif task == "multi-label":
-    positives = _checks.as_binary(labels, "labels")
-    _checks.same_shape(probs=probs, labels=positives)
+    positives = _checks.binary_truth(y_true, probs, fn, "y_prob")
+    _checks.same_shape(y_true=positives, y_prob=probs)
     if probs.ndim != 2:
-      raise ValueError(f"multi-label task: probs and labels must be (N, K), got {probs.shape}.")
-    result = _multilabel_metrics(probs, positives, threshold)
+      raise ValueError(f"multi-label task: y_true and y_prob must be (N, K), got {probs.shape}.")
+    result = _multilabel_metrics(positives, probs, threshold)
   else:
     raise ValueError(f"task must be 'binary', 'multi-class' or 'multi-label', got {task!r}.")
   result["num_cases"] = float(num_cases)

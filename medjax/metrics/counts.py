@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from medjax.metrics import _checks
 from medjax.typing import Array
 
 
-def confusion_counts(logits_or_preds: Array, labels: Array, num_classes: int, weight: Array = None) -> Array:
-  """(K, K) int32 confusion counts of one batch, rows = reference class, columns = predicted class.
+def confusion_counts(y_true: Array, y_pred: Array, num_classes: int, weight: Array = None) -> Array:
+  """(K, K) int32 confusion counts of one batch, rows = reference class, columns = predicted class (the
+  device-side `confusion_matrix(y_true, y_pred, num_classes)`, argument order as in scikit-learn).
 
   Args:
-    logits_or_preds: (B, ..., K) scores (the prediction is their argmax) or (B, ...) predicted classes.
-    labels: (B, ...) reference classes; the spatial axes of a segmentation map are counted voxel by voxel.
+    y_true: (B, ...) reference classes; the spatial axes of a segmentation map are counted voxel by voxel.
+    y_pred: (B, ...) predicted classes, or (B, ..., K) scores/logits whose argmax is the prediction.
     num_classes: K.
     weight: optional (B,) per-example inclusion (nonzero = counted), e.g. the pipeline's padding weight;
       fractional weights are not counts, so only weight != 0 matters.
   Returns: int32 (K, K). Labels or predictions outside [0, K) are not counted (the device cannot raise;
     check labels on the host with `confusion_matrix`).
   """
-  labels = jnp.asarray(labels)
-  logits_or_preds = jnp.asarray(logits_or_preds)
+  labels = jnp.asarray(y_true)
+  logits_or_preds = jnp.asarray(y_pred)
   if logits_or_preds.shape == labels.shape:
     preds = logits_or_preds.astype(jnp.int32)
   elif logits_or_preds.shape[:-1] == labels.shape:
@@ -33,9 +35,12 @@ def confusion_counts(logits_or_preds: Array, labels: Array, num_classes: int, we
       raise ValueError(f"confusion_counts: logits have {logits_or_preds.shape[-1]} classes, "
                        f"num_classes is {num_classes}.")
     preds = jnp.argmax(logits_or_preds, axis=-1).astype(jnp.int32)
+  elif labels.shape[:-1] == logits_or_preds.shape:
+    raise _checks.swapped_error("confusion_counts", "y_pred", f"y_true has shape {labels.shape} (logits?) and "
+                                f"y_pred {logits_or_preds.shape} (labels?)")
   else:
-    raise ValueError(f"confusion_counts: logits/preds shape {logits_or_preds.shape} does not match labels "
-                     f"shape {labels.shape} (expected equal shapes, or labels.shape + (K,)).")
+    raise ValueError(f"confusion_counts: y_pred shape {logits_or_preds.shape} does not match y_true "
+                     f"shape {labels.shape} (expected equal shapes, or y_true.shape + (K,)).")
   labels = labels.astype(jnp.int32)
   valid = (labels >= 0) & (labels < num_classes) & (preds >= 0) & (preds < num_classes)
   if weight is not None:

@@ -1,6 +1,8 @@
 """Segmentation metrics: on-device overlap counts and host-side per-case overlap and surface distances.
 
 Conventions (the same for every function here):
+- Arguments follow scikit-learn: the reference (ground truth) `y_true` first, then the prediction `y_pred`
+  (or the `logits` it comes from).
 - Empty reference: Dice, IoU and recall are NaN, whatever the prediction (as MONAI's `ignore_empty=True`),
   so cases without a lesion neither reward nor punish the lesion class; NaN values are left out of means
   over cases. False positives on such cases still show: precision is 0 and volume_diff_ml is positive.
@@ -30,15 +32,19 @@ from medjax.metrics import _checks
 from medjax.typing import Array
 
 
-def segmentation_counts(logits: Array, labels: Array) -> Array:
+def segmentation_counts(y_true: Array, logits: Array) -> Array:
   """Per-example, per-class voxel counts of the argmax prediction (jittable).
 
   Args:
-    logits: (B, *spatial, K).
-    labels: (B, *spatial) integer classes.
+    y_true: (B, *spatial) integer reference classes.
+    logits: (B, *spatial, K) scores; the prediction is their argmax.
   Returns:
     (B, K, 3) float32: [intersection, predicted voxels, reference voxels] for each class.
   """
+  labels = y_true
+  if jnp.ndim(labels) == jnp.ndim(logits) + 1 and jnp.shape(labels)[:-1] == jnp.shape(logits):
+    raise _checks.swapped_error("segmentation_counts", "logits", f"y_true has shape {jnp.shape(labels)} and "
+                                f"logits {jnp.shape(logits)}, one axis fewer")
   num_classes = logits.shape[-1]
   axes = tuple(range(1, logits.ndim - 1))
   pred = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes, dtype=jnp.float32)
@@ -56,14 +62,14 @@ def dice_per_case(counts: np.ndarray) -> np.ndarray:
   return np.where(reference > 0, dice, np.nan)
 
 
-def _check_masks(pred_mask, ref_mask, spacing_mm) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  pred_mask, ref_mask = np.asarray(pred_mask, bool), np.asarray(ref_mask, bool)
-  _checks.same_shape(pred_mask=pred_mask, ref_mask=ref_mask)
+def _check_masks(ref_mask, pred_mask, spacing_mm) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  ref_mask, pred_mask = np.asarray(ref_mask, bool), np.asarray(pred_mask, bool)
+  _checks.same_shape(y_true=ref_mask, y_pred=pred_mask)
   spacing = np.asarray(spacing_mm, np.float64).reshape(-1)
   if spacing.size != pred_mask.ndim or not np.all(spacing > 0):
     raise ValueError(f"spacing_mm must hold {pred_mask.ndim} positive values (one per spatial axis of masks "
                      f"shaped {pred_mask.shape}), got {tuple(spacing)}.")
-  return pred_mask, ref_mask, spacing
+  return ref_mask, pred_mask, spacing
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -71,15 +77,17 @@ def _surface(mask: np.ndarray) -> np.ndarray:
   return mask & ~scipy.ndimage.binary_erosion(mask, faces, border_value=0)
 
 
-def surface_distances(pred_mask, ref_mask, spacing_mm: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+def surface_distances(y_true, y_pred, spacing_mm: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
   """Distances (mm) from each surface voxel of one mask to the nearest surface voxel of the other.
 
   Args:
-    pred_mask, ref_mask: (*spatial) bool, same shape; spacing_mm: one positive value per spatial axis.
-  Returns: (pred_to_ref (P,), ref_to_pred (R,)) for the P and R surface voxels; both empty when either
-    mask is empty.
+    y_true: (*spatial) bool reference mask.
+    y_pred: (*spatial) bool predicted mask, same shape.
+    spacing_mm: one positive voxel size (mm) per spatial axis.
+  Returns: (pred_to_ref (P,), ref_to_pred (R,)) in mm, in this order, for the P predicted and R reference
+    surface voxels; both empty when either mask is empty.
   """
-  pred_mask, ref_mask, spacing = _check_masks(pred_mask, ref_mask, spacing_mm)
+  ref_mask, pred_mask, spacing = _check_masks(y_true, y_pred, spacing_mm)
   if not pred_mask.any() or not ref_mask.any():
     return np.zeros(0), np.zeros(0)
   # Work in the bounding box of both masks plus one background voxel (where the image allows), which
@@ -105,33 +113,41 @@ def _assd(pred_to_ref, ref_to_pred) -> float:
   return float((pred_to_ref.sum() + ref_to_pred.sum()) / (pred_to_ref.size + ref_to_pred.size))
 
 
-def hausdorff_distance(pred_mask, ref_mask, spacing_mm: Sequence[float], percentile: float = 95) -> float:
+def hausdorff_distance(y_true, y_pred, spacing_mm: Sequence[float], percentile: float = 95) -> float:
   """Symmetric percentile Hausdorff distance in mm (HD95 by default); NaN if either mask is empty.
-  pred_mask, ref_mask: (*spatial) bool; spacing_mm: per spatial axis."""
+
+  Args:
+    y_true: (*spatial) bool reference mask; y_pred: (*spatial) bool predicted mask, same shape.
+    spacing_mm: voxel size (mm) per spatial axis.
+    percentile: q in [0, 100]; 100 gives the Hausdorff distance.
+  """
   if not 0 <= percentile <= 100:
     raise ValueError(f"percentile must lie in [0, 100], got {percentile}.")
-  return _hausdorff(*surface_distances(pred_mask, ref_mask, spacing_mm), percentile)
+  return _hausdorff(*surface_distances(y_true, y_pred, spacing_mm), percentile)
 
 
-def average_surface_distance(pred_mask, ref_mask, spacing_mm: Sequence[float]) -> float:
-  """Average symmetric surface distance (ASSD) in mm; NaN if either mask is empty."""
-  return _assd(*surface_distances(pred_mask, ref_mask, spacing_mm))
+def average_surface_distance(y_true, y_pred, spacing_mm: Sequence[float]) -> float:
+  """Average symmetric surface distance (ASSD) in mm; NaN if either mask is empty.
+  y_true, y_pred: (*spatial) bool reference and predicted masks; spacing_mm: voxel size (mm) per axis."""
+  return _assd(*surface_distances(y_true, y_pred, spacing_mm))
 
 
-def segmentation_case_metrics(pred_label, ref_label, num_classes: int,
+def segmentation_case_metrics(y_true, y_pred, num_classes: int,
                               spacing_mm: Sequence[float]) -> Dict[str, np.ndarray]:
   """All per-class metrics of one case (conventions in the module docstring).
 
   Args:
-    pred_label, ref_label: (*spatial) integer label maps in [0, num_classes), same shape.
+    y_true: (*spatial) integer reference label map in [0, num_classes).
+    y_pred: (*spatial) integer predicted label map in [0, num_classes), same shape.
     num_classes: K, background (class 0) included.
-    spacing_mm: voxel size per spatial axis, in the label maps' axis order.
-  Returns: dict of (K,) float64 arrays: dice, iou, precision, recall, hd95 (mm), assd (mm) and
-    volume_diff_ml (predicted minus reference volume, millilitres).
+    spacing_mm: voxel size (mm) per spatial axis, in the label maps' axis order.
+  Returns: dict of (K,) float64 arrays: dice, iou, precision, recall (scikit-learn's f1_score, jaccard_score,
+    precision_score, recall_score of the flattened maps with average=None, except NaN as above), hd95 (mm),
+    assd (mm) and volume_diff_ml (predicted minus reference volume, millilitres).
   """
-  pred_label = _checks.as_labels(pred_label, "pred_label", num_classes)
-  ref_label = _checks.as_labels(ref_label, "ref_label", num_classes)
-  _, _, spacing = _check_masks(pred_label, ref_label, spacing_mm)
+  ref_label = _checks.as_labels(y_true, "y_true", num_classes)
+  pred_label = _checks.as_labels(y_pred, "y_pred", num_classes)
+  _, _, spacing = _check_masks(ref_label, pred_label, spacing_mm)
   voxel_ml = float(np.prod(spacing)) / 1000.0
   names = ("dice", "iou", "precision", "recall", "hd95", "assd", "volume_diff_ml")
   result = {name: np.full(num_classes, np.nan) for name in names}
@@ -144,7 +160,7 @@ def segmentation_case_metrics(pred_label, ref_label, num_classes: int,
       result["recall"][k] = overlap / reference
     if predicted > 0:
       result["precision"][k] = overlap / predicted
-    distances = surface_distances(pred, ref, spacing)
+    distances = surface_distances(ref, pred, spacing)
     result["hd95"][k] = _hausdorff(*distances, 95)
     result["assd"][k] = _assd(*distances)
     result["volume_diff_ml"][k] = (predicted - reference) * voxel_ml

@@ -16,8 +16,10 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays, groups: Optional[np.n
   """Percentile bootstrap confidence interval of `metric_fn(*arrays)` (Efron & Tibshirani 1993, ch. 13).
 
   Args:
-    metric_fn: fn(*arrays) -> float, e.g. `lambda p, y: roc_auc(p, y)`.
-    *arrays: arrays sharing their first dimension N (rows = cases, or images/slices when `groups` is given).
+    metric_fn: fn(*arrays) -> float, e.g. `roc_auc` with arrays (y_true, y_score), in the metric's own
+      (scikit-learn) argument order.
+    *arrays: arrays sharing their first dimension N (rows = cases, or images/slices when `groups` is given),
+      passed to metric_fn positionally in this order, e.g. `bootstrap_ci(roc_auc, y_true, y_score)`.
     groups: optional (N,) group id per row (patient id). Whole groups are resampled with replacement, so rows
       of one patient stay together and the interval reflects patient-level variability; otherwise rows are.
     num_samples: bootstrap replicates; seed: the numpy Generator seed (same seed, same interval).
@@ -68,8 +70,9 @@ def subgroup_report(metric_fns: Mapping[str, Callable[..., float]], arrays: Sequ
   """Every metric per value of a metadata column (sex, site, scanner, age band), and the largest gaps.
 
   Args:
-    metric_fns: name -> fn(*arrays) -> float.
-    arrays: tuple of arrays sharing their first dimension N.
+    metric_fns: name -> fn(*arrays) -> float, e.g. {"sensitivity": sensitivity} with arrays (y_true, y_pred).
+    arrays: tuple of arrays sharing their first dimension N, passed to every metric positionally in this
+      order (ground truth first for the metrics of this package).
     column_values: (N,) the metadata value of each row.
     min_size: groups with fewer rows are not scored (a metric on 3 cases is noise) and are listed under
       "skipped".

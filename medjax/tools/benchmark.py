@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from medjax import augment, config_lib, losses, sharding, train
+from medjax import augment, build, config_lib, losses, sharding
 from medjax.tools import model_info
 
 _MODEL = flags.DEFINE_string("model", None, "Registered model name.", required=True)
@@ -69,13 +69,13 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
               warmup: int = 3, augment_config: Dict[str, Any] = None) -> Dict[str, Any]:
   """Times the modes; returns {"model", "device", ..., "results": [per-mode dicts]}."""
   model = model_info.build(model_name, kwargs, dtype)
-  mesh = sharding.make_mesh((("data", -1),))
+  mesh = sharding.make_mesh(build.DEFAULT_MESH)
   sharding.check_batch_size(batch_size, mesh, what="--batch_size")
   batch_sharding = sharding.batch_sharding(mesh)
   image = jax.jit(lambda key: jax.random.normal(key, (batch_size,) + tuple(input_shape)),
                   out_shardings=batch_sharding)(jax.random.PRNGKey(0))
   tx = optax.adam(1e-4)
-  init_fn = train.init_state_fn(model, tx, np.zeros(tuple(input_shape), np.float32), use_ema=False)
+  init_fn = build.init_state_fn(model, tx, np.zeros(tuple(input_shape), np.float32), use_ema=False)
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   state_sharding = sharding.state_shardings(abstract, mesh, "data_parallel")
   state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(0))
@@ -100,7 +100,7 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
     labels = jax.jit(lambda key: jax.random.randint(key, label_shape, 0, out_shape[-1]),
                      out_shardings=batch_sharding)(jax.random.PRNGKey(1))
     objective = losses.make_objective("dice_xent" if dense else "xent", {})
-    step = train.jit_train_step(model, objective, tx, mesh, state_sharding, augment_fn=augment_fn)
+    step = build.jit_train_step(model, objective, tx, mesh, state_sharding, augment_fn_=augment_fn)
     batch = {"image": image, "label": labels}
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()

@@ -33,52 +33,13 @@ import jax
 import numpy as np
 from absl import flags
 
-from medjax import atomic, checkpoint, config_lib, evaluators, sharding, train
-from medjax.data import datasets, pipeline
+from medjax import atomic, build, checkpoint, config_lib, evaluators, inference, provenance, sharding
+from medjax.data import pipeline
 from medjax.evaluators import plots, render
 from medjax.tools import cli
 
 # Keys of a host batch that are neither model input nor metadata.
 _NOT_METADATA = set(pipeline.DEVICE_KEYS) | {"id"}
-
-
-def _resolve_step(workdir: str, config, which: str) -> tuple:
-  """(step, how it was chosen, the metrics saved with it) for "best", "latest" or a step number."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), save_interval_steps=1,
-                                 max_to_keep=1, best_metric=config.get("best_metric"),
-                                 best_mode=config.get("best_mode", "max"), async_save=False, read_only=True)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoints in {ckpt.directory}.")
-    if which == "latest":
-      step, how = steps[-1], "latest"
-    elif which == "best":
-      best = ckpt.best_step() if config.get("best_metric") else None
-      step, how = (best, f"best by {config.best_metric}") if best is not None else (steps[-1], "latest (no best)")
-    else:
-      try:
-        step = int(which)
-      except ValueError:
-        raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}.") from None
-      if step not in steps:
-        raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; available steps: {steps}.")
-      how = "requested"
-    return step, how, ckpt.metrics(step)
-  finally:
-    ckpt.close()
-
-
-def _mesh_and_batch(config):
-  """The run's mesh when this machine can build it (so the numbers match training's validation), else
-  all devices; the eval batch rounded up to a multiple of the data axis."""
-  try:
-    mesh = sharding.make_mesh(config.get("mesh", (("data", -1),)))
-  except ValueError:
-    mesh = sharding.make_mesh((("data", -1),))
-  batch = int(config.input.get("eval_batch_size", config.input.batch_size))
-  n = sharding.data_axis_size(mesh) * jax.process_count()
-  return mesh, -(-batch // n) * n
 
 
 def _forward_fn(model, config):
@@ -90,10 +51,8 @@ def _forward_fn(model, config):
   options = dict(config.get("inference") or {})
   flips = config.get("eval_flips")
   if not options.get("roi_size"):
-    apply_fn = train.evaluation_apply_fn(model, config)  # the run's validation forward pass, TTA included
+    apply_fn = build.eval_apply_fn(model, config)  # the run's validation forward pass, TTA included
     return lambda variables, images: apply_fn(variables, images, train=False)
-
-  from medjax import inference  # pylint: disable=import-outside-toplevel
 
   roi_size = tuple(int(s) for s in options.pop("roi_size"))
   accepted = set(inspect.signature(inference.sliding_window_inference).parameters) - {"predict_fn", "image", "mesh"}
@@ -192,20 +151,16 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   """
   workdir = os.path.abspath(workdir)
   out = os.path.abspath(out or os.path.join(workdir, f"eval_{split}"))
-  config = checkpoint.load_config(workdir)
-  step, how, saved_metrics = _resolve_step(workdir, config, str(which))
-  use_ema = bool(config.get("ema_decay", 0.0)) and config.get("eval_with_ema", True)
-  loaded = checkpoint.load(workdir, step=step, use_ema=use_ema)
-  model = train.build_model(config)  # the run's compute dtype, so the numbers match its validation
-  data_name, data_kwargs = config_lib.named(config.data, "data")
-  dataset = datasets.build_dataset(data_name, data_kwargs)
-  source = dataset.source(split)
-  eval_name, eval_kwargs = config_lib.named(config.get("evaluator", dataset.info.task), "evaluator")
-  if "surface_metrics" in (evaluators.EVALUATORS.accepted_kwargs(eval_name) or ()):
-    eval_kwargs["surface_metrics"] = surface_metrics
-  evaluator = evaluators.EVALUATORS.get(eval_name)(info=dataset.info, **eval_kwargs)
+  loaded = checkpoint.load(workdir, step=str(which))  # the run's model, compute dtype and EMA choice
+  config, model, step = loaded.config, loaded.model, loaded.step
+  with checkpoint.for_run(workdir, config, read_only=True) as ckpt:
+    saved_metrics = ckpt.metrics(step)
+  dataset = build.dataset(config)
+  source = build.split_source(dataset, split, "--split")
+  evaluator = build.evaluator(config, dataset.info, surface_metrics=surface_metrics)
 
-  mesh, batch_size = _mesh_and_batch(config)
+  mesh = build.mesh(config, fallback=True)  # the run's mesh when this machine can build it
+  batch_size = build.eval_batch_size(config, mesh, round_up=True)
   variables = jax.device_put(loaded.variables, sharding.replicated(mesh))
   forward = _forward_fn(model, config)
 
@@ -219,7 +174,8 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
                              pipeline.device_batches(iter(recorder), mesh))
   report = evaluator.report(stats, recorder.ids, recorder.metadata or None, num_samples=num_samples, seed=seed)
   report.update(workdir=workdir, split=split, config=_config_summary(config),
-                checkpoint={"step": step, "selected": how, "saved_metrics": saved_metrics})
+                checkpoint={"step": step, "selected": loaded.selected, "saved_metrics": saved_metrics},
+                env=provenance.read(workdir))
 
   def forward_examples(examples):
     """Argmax predictions of a few examples, padded to the eval batch so the compiled shapes are reused."""

@@ -5,7 +5,7 @@
   python -m medjax.tools.predict --benchmark --size 256 --roi 128 --overlap 0.5 [--window_batch 4]
 
 Prediction restores the run's best checkpoint by its `best_metric` (or the latest, or `--step`), builds the
-model as training did (`train.build_model`: the configured compute dtype), and writes `<output>/<case>.nii.gz`
+model as training did (`checkpoint.load` -> `build.model`: the configured compute dtype), and writes `<output>/<case>.nii.gz`
 for every input, on the input's grid (`medjax.inference.Predictor`). The window is the training patch
 (`config.input.patch_size`, else `config.data.patch_size`, else `--roi`); preprocessing comes from
 `config.data` (`PreprocessSpec.from_data_config`), and the flags `--target_spacing`, `--normalization`,
@@ -38,7 +38,8 @@ _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                                 "Which checkpoint: best by config.best_metric (latest when unset), or latest.",
                                 flag_values=_FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "Restore this checkpoint step (overrides --checkpoint).", flag_values=_FLAGS)
-_USE_EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.", flag_values=_FLAGS)
+_USE_EMA = flags.DEFINE_bool("use_ema", None, "Use the EMA weights when the run kept them (default: as the run's "
+                             "validation did).", flag_values=_FLAGS)
 _OVERLAP = flags.DEFINE_float("overlap", 0.5, "Fraction of a window shared with its neighbour, in [0, 1).",
                               flag_values=_FLAGS)
 _MODE = flags.DEFINE_enum("mode", "gaussian", ["gaussian", "constant"], "Window blending.", flag_values=_FLAGS)
@@ -77,35 +78,20 @@ def _roi(values: Optional[Sequence[str]], default: Optional[Sequence[int]] = Non
 
 
 def _mesh(shard: bool):
-  import jax  # pylint: disable=import-outside-toplevel
-  from medjax import sharding  # pylint: disable=import-outside-toplevel
-  return sharding.make_mesh((("data", -1),), jax.local_devices()) if shard else None
-
-
-def load_run(workdir: str, which: str = "best", step: Optional[int] = None, use_ema: bool = True):
-  """(config, model, variables, step) of a training run, the model built as `train.build_model` does."""
-  from medjax import checkpoint, train  # pylint: disable=import-outside-toplevel
-  config = checkpoint.load_config(workdir)
-  if step is None:
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), save_interval_steps=1,
-                                   max_to_keep=1, best_metric=config.get("best_metric"),
-                                   best_mode=config.get("best_mode", "max"), async_save=False, read_only=True)
-    try:
-      step = ckpt.best_step() if which == "best" else None
-      step = ckpt.latest_step() if step is None else step
-    finally:
-      ckpt.close()
-  loaded = checkpoint.load(workdir, step, use_ema=use_ema)
-  return config, train.build_model(config), loaded.variables, loaded.step
+  import jax
+  from medjax import build, sharding
+  return sharding.make_mesh(build.DEFAULT_MESH, jax.local_devices()) if shard else None
 
 
 def run_prediction(workdir: str, input_path: str, output_dir: str, *, roi=None, which: str = "best",
-                   step: Optional[int] = None, use_ema: bool = True, overrides: Optional[Dict[str, Any]] = None,
+                   step: Optional[int] = None, use_ema: Optional[bool] = None,
+                   overrides: Optional[Dict[str, Any]] = None,
                    **predictor_kwargs) -> Dict[str, str]:
   """Predicts every case of `input_path` into `output_dir`; returns {case: written file}."""
-  from medjax import inference  # pylint: disable=import-outside-toplevel
+  from medjax import checkpoint, inference
   cases = inference.nifti_inputs(input_path)
-  config, model, variables, step = load_run(workdir, which, step, use_ema)
+  loaded = checkpoint.load(workdir, step if step is not None else which, use_ema=use_ema)
+  config, model, variables, step = loaded.config, loaded.model, loaded.variables, loaded.step
   spatial_dims = config.get("model", {}).get("spatial_dims", 3)
   if spatial_dims != 3:
     raise ValueError(f"{workdir}: config.model.spatial_dims={spatial_dims}; predict works on 3D models only.")
@@ -132,9 +118,9 @@ def benchmark(size: int, roi: Sequence[int], overlap: float, window_batch: int, 
               num_classes: int, dtype: str = "float32", steps: int = 5, warmup: int = 1,
               mode: str = "gaussian", shard: bool = False) -> Dict[str, Any]:
   """Times `sliding_window_inference` of a random-init 3D U-Net over a random (1, size^3, 1) volume."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from medjax import inference, models  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from medjax import inference, models
   model = models.build_model("unet", dict(spatial_dims=3, num_classes=num_classes, features=tuple(features),
                                           dtype=jnp.dtype(dtype)))
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + tuple(roi) + (1,)), train=False))(

@@ -26,7 +26,7 @@ from typing import Any, Dict
 
 from absl import app, flags, logging
 
-from medjax import config_lib
+from medjax import build, config_lib
 from medjax.sweep import local as local_lib
 from medjax.sweep import report as report_lib
 from medjax.sweep import slurm as slurm_lib
@@ -91,8 +91,9 @@ def resolve_settings(config, given: Dict[str, Any]) -> Dict[str, Any]:
     raise config_lib.ConfigError(f"config.sweep has unknown key(s) {unknown}; known: "
                                  f"{sorted(_LAUNCHER_KEYS | slurm_keys)}.")
   settings = {**_DEFAULTS, **{k: v for k, v in section.items() if k not in slurm_keys}}
-  settings["metric"] = section.get("metric", config.get("best_metric"))
-  settings["mode"] = section.get("mode", config.get("best_mode", "max"))
+  run = build.settings(config)
+  settings["metric"] = section.get("metric", run.best_metric)
+  settings["mode"] = section.get("mode", run.best_mode)
   slurm = {k: v for k, v in section.items() if k in slurm_keys}
   for key, value in given.items():
     if value is None:

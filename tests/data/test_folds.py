@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medjax import config_lib
+from medjax import build, config_lib
 from medjax.data import datasets
 
 KW = dict(spatial_dims=2, image_size=16, num_train=20, num_val=5, num_test=4)
@@ -37,7 +37,7 @@ def test_fold_keys_are_validated():
     datasets.build_dataset("synthetic_lesions", dict(KW, fold=5, num_folds=5))
   config = config_lib.load_config("experiments/synthetic_resnet.py:quick=true")
   config.data.fold, config.data.num_folds = 0, 3
-  config_lib.validate(config)
+  build.validate(config)
   config.data.fold = 3
   with pytest.raises(config_lib.ConfigError, match="fold < num_folds"):
-    config_lib.validate(config)
+    build.validate(config)

@@ -1,4 +1,4 @@
-"""Tests for medjax.data.plan: fingerprint statistics, planning rules, JSON round trip, CLI."""
+"""Tests for medjax.data.plan: fingerprint statistics, planning rules, JSON round trip (the CLI: tests/tools/test_plan.py)."""
 
 import json
 import math
@@ -114,13 +114,3 @@ def test_json_round_trip(tmp_path):
   (tmp_path / "bad.json").write_text("{")
   with pytest.raises(ValueError, match="bad.json"):
     planlib.read_fingerprint(tmp_path / "bad.json")
-
-
-def test_cli_main(tmp_path):
-  out = tmp_path / "out"
-  p = planlib.main(["plan", "--dataset", "synthetic_phantoms",
-                    "--kwargs", "spatial_dims=3,image_size=16,num_train=4", "--out", str(out)])
-  fp = json.loads((out / "fingerprint.json").read_text())
-  assert fp["num_cases"] == 4 and fp["spatial_dims"] == 3
-  assert json.loads((out / "plan.json").read_text()) == p
-  assert planlib.read_plan(out / "plan.json")["patch_size"] == p["patch_size"]

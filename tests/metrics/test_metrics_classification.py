@@ -36,27 +36,27 @@ def _multilabel_case(seed, n=50, k=3):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_binary_curves_match_sklearn(seed):
   scores, positives = _binary_case(seed)
-  fpr, tpr, thresholds = metrics.roc_curve(scores, positives)
+  fpr, tpr, thresholds = metrics.roc_curve(positives, scores)
   sk_fpr, sk_tpr, sk_thr = skm.roc_curve(positives, scores, drop_intermediate=False)
   np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
   np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
   np.testing.assert_array_equal(thresholds, sk_thr)
   assert (fpr[0], tpr[0]) == (0.0, 0.0) and np.all(np.diff(thresholds) < 0)
-  precision, recall, pr_thr = metrics.pr_curve(scores, positives)
+  precision, recall, pr_thr = metrics.pr_curve(positives, scores)
   sk_p, sk_r, sk_pr_thr = skm.precision_recall_curve(positives, scores)
   # scikit-learn orders by increasing threshold and appends the (recall 0, precision 1) end point.
   np.testing.assert_allclose(precision, sk_p[::-1], atol=1e-12)
   np.testing.assert_allclose(recall, sk_r[::-1], atol=1e-12)
   np.testing.assert_array_equal(pr_thr[1:], sk_pr_thr[::-1])
-  assert metrics.average_precision(scores, positives) == pytest.approx(
+  assert metrics.average_precision(positives, scores) == pytest.approx(
       skm.average_precision_score(positives, scores), abs=1e-6)
-  assert metrics.roc_auc(scores, positives) == pytest.approx(skm.roc_auc_score(positives, scores), abs=1e-6)
+  assert metrics.roc_auc(positives, scores) == pytest.approx(skm.roc_auc_score(positives, scores), abs=1e-6)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_binary_summary_matches_sklearn(seed):
   scores, positives = _binary_case(seed)
-  result = metrics.classification_metrics(scores, positives, task="binary", threshold=0.5)
+  result = metrics.classification_metrics(positives, scores, task="binary", threshold=0.5)
   preds = scores >= 0.5
   expected = {
       "accuracy": skm.accuracy_score(positives, preds), "sensitivity": skm.recall_score(positives, preds),
@@ -67,7 +67,7 @@ def test_binary_summary_matches_sklearn(seed):
   for name, value in expected.items():
     assert result[name] == pytest.approx(value, abs=1e-6), name
   assert result["num_cases"] == len(scores)
-  two_column = metrics.classification_metrics(np.stack([1 - scores, scores], 1), positives, task="binary")
+  two_column = metrics.classification_metrics(positives, np.stack([1 - scores, scores], 1), task="binary")
   assert two_column == pytest.approx(result, nan_ok=True)
   labels, preds = positives.astype(int), preds.astype(int)
   assert metrics.sensitivity(labels, preds) == pytest.approx(expected["sensitivity"], abs=1e-9)
@@ -82,7 +82,7 @@ def test_multiclass_matches_sklearn(seed):
   probs, labels = _multiclass_case(seed)
   k = probs.shape[1]
   preds = probs.argmax(1)
-  result = metrics.classification_metrics(probs, labels, task="multi-class")
+  result = metrics.classification_metrics(labels, probs, task="multi-class")
   onehot = np.eye(k)[labels]
   expected = {
       "accuracy": skm.accuracy_score(labels, preds),
@@ -104,14 +104,14 @@ def test_multiclass_matches_sklearn(seed):
   np.testing.assert_array_equal(metrics.confusion_matrix(labels, preds, k),
                                 skm.confusion_matrix(labels, preds, labels=range(k)))
   assert metrics.confusion_matrix(labels, preds, k).dtype == np.int64
-  assert metrics.roc_auc_ovr(probs, labels, average="micro") == pytest.approx(expected["auc_micro"], abs=1e-6)
+  assert metrics.roc_auc_ovr(labels, probs, average="micro") == pytest.approx(expected["auc_micro"], abs=1e-6)
   assert metrics.balanced_accuracy(labels, preds, k) == pytest.approx(expected["balanced_accuracy"], abs=1e-9)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_multilabel_matches_sklearn(seed):
   probs, positives = _multilabel_case(seed)
-  result = metrics.classification_metrics(probs, positives, task="multi-label", threshold=0.5)
+  result = metrics.classification_metrics(positives, probs, task="multi-label", threshold=0.5)
   preds = probs >= 0.5
   expected = {
       "auc": skm.roc_auc_score(positives, probs, average="macro"),
@@ -131,9 +131,9 @@ def test_multilabel_matches_sklearn(seed):
 
 def test_ranking_metrics_with_all_scores_tied():
   scores, positives = np.full(6, 0.3), np.array([1, 0, 1, 0, 0, 1], bool)
-  assert metrics.roc_auc(scores, positives) == 0.5
-  assert metrics.average_precision(scores, positives) == pytest.approx(0.5)
-  fpr, tpr, _ = metrics.roc_curve(scores, positives)
+  assert metrics.roc_auc(positives, scores) == 0.5
+  assert metrics.average_precision(positives, scores) == pytest.approx(0.5)
+  fpr, tpr, _ = metrics.roc_curve(positives, scores)
   np.testing.assert_array_equal(fpr, [0, 1])
   np.testing.assert_array_equal(tpr, [0, 1])
 
@@ -150,8 +150,8 @@ def test_undefined_per_class_ratios_are_nan_and_left_out_of_macro():
 
 
 def test_single_class_ranking_metrics_are_nan():
-  assert np.isnan(metrics.average_precision(np.arange(4.0), np.zeros(4, bool)))
-  assert np.isnan(metrics.roc_auc(np.arange(4.0), np.ones(4, bool)))
+  assert np.isnan(metrics.average_precision(np.zeros(4, bool), np.arange(4.0)))
+  assert np.isnan(metrics.roc_auc(np.ones(4, bool), np.arange(4.0)))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -164,7 +164,7 @@ def test_operating_point_matches_brute_force(seed):
     sens, spec = predicted[positives].mean(), (~predicted[~positives]).mean()
     if sens >= target and (best is None or spec > best[2] or (spec == best[2] and t > best[0])):
       best = (t, sens, spec)
-  point = metrics.operating_point(scores, positives, target)
+  point = metrics.operating_point(positives, scores, target)
   assert (point["threshold"], point["sensitivity"], point["specificity"]) == pytest.approx(best)
 
 
@@ -182,9 +182,9 @@ def _ece_by_loops(confidences, correct, num_bins):
 def test_calibration_matches_loops(seed):
   probs, labels = _multiclass_case(seed)
   confidences, correct = probs.max(1), probs.argmax(1) == labels
-  assert metrics.expected_calibration_error(probs, labels, 10) == pytest.approx(
+  assert metrics.expected_calibration_error(labels, probs, 10) == pytest.approx(
       _ece_by_loops(confidences, correct, 10), abs=1e-12)
-  mean_conf, mean_acc, count = metrics.calibration_curve(confidences, correct, 10)
+  mean_conf, mean_acc, count = metrics.calibration_curve(correct, confidences, 10)
   assert count.sum() == len(labels) and np.all(np.isnan(mean_conf[count == 0]))
   filled = count > 0
   bin_low, bin_high = np.arange(10)[filled] / 10, np.arange(1, 11)[filled] / 10
@@ -195,31 +195,31 @@ def test_calibration_matches_loops(seed):
 def test_calibration_known_values():
   # Two right-closed bins: (0, .5] holds 0.2 and 0.5, (.5, 1] holds 0.9 and 1.0.
   confidences, correct = np.array([0.2, 0.5, 0.9, 1.0]), np.array([False, True, True, True])
-  mean_conf, mean_acc, count = metrics.calibration_curve(confidences, correct, 2)
+  mean_conf, mean_acc, count = metrics.calibration_curve(correct, confidences, 2)
   np.testing.assert_array_equal(count, [2, 2])
   np.testing.assert_allclose(mean_conf, [0.35, 0.95])
   np.testing.assert_allclose(mean_acc, [0.5, 1.0])
   # Binary probabilities: confidence max(p, 1 - p); p = 0.1 predicts negative, so a label 0 is right.
-  assert metrics.expected_calibration_error(np.array([0.1, 0.8]), np.array([0, 0]), 10) == pytest.approx(
+  assert metrics.expected_calibration_error(np.array([0, 0]), np.array([0.1, 0.8]), 10) == pytest.approx(
       (abs(1 - 0.9) + abs(0 - 0.8)) / 2)
 
 
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="same length"):
-    metrics.classification_metrics(np.full((3, 2), 0.5), np.array([0, 1]), task="multi-class")
+    metrics.classification_metrics(np.array([0, 1]), np.full((3, 2), 0.5), task="multi-class")
   with pytest.raises(ValueError, match=r"\[0, 3\)"):
-    metrics.classification_metrics(np.full((2, 3), 0.3), np.array([0, 3]), task="multi-class")
+    metrics.classification_metrics(np.array([0, 3]), np.full((2, 3), 0.3), task="multi-class")
   with pytest.raises(ValueError, match="NaN"):
-    metrics.classification_metrics(np.array([0.2, np.nan]), np.array([0, 1]), task="binary")
+    metrics.classification_metrics(np.array([0, 1]), np.array([0.2, np.nan]), task="binary")
   with pytest.raises(ValueError, match="binary values"):
-    metrics.roc_auc(np.array([0.1, 0.2]), np.array([0, 2]))
+    metrics.roc_auc(np.array([0, 2]), np.array([0.1, 0.2]))
   with pytest.raises(ValueError, match="same shape"):
-    metrics.classification_metrics(np.full((2, 3), 0.3), np.zeros((2, 2)), task="multi-label")
+    metrics.classification_metrics(np.zeros((2, 2)), np.full((2, 3), 0.3), task="multi-label")
   with pytest.raises(ValueError, match="task must be"):
-    metrics.classification_metrics(np.full((2, 3), 0.3), np.zeros(2), task="multiclass")
+    metrics.classification_metrics(np.zeros(2), np.full((2, 3), 0.3), task="multiclass")
   with pytest.raises(ValueError, match="weights must be"):
     metrics.cohen_kappa([0, 1], [0, 1], 2, weights="cubic")
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
-    metrics.calibration_curve(np.array([1.2]), np.array([True]))
+    metrics.calibration_curve(np.array([True]), np.array([1.2]))
   with pytest.raises(ValueError, match="both positive and negative"):
-    metrics.operating_point(np.arange(3.0), np.ones(3, bool), 0.9)
+    metrics.operating_point(np.ones(3, bool), np.arange(3.0), 0.9)

@@ -43,14 +43,14 @@ def test_offset_squares_known_answers(dims, offset):
   shape = (9, 10, 14)[-dims:]
   ref = _square(shape, (2,) * dims, side)
   pred = _square(shape, (2,) * (dims - 1) + (2 + offset,), side)  # shifted along the last axis
-  case = metrics.segmentation_case_metrics(pred.astype(int), ref.astype(int), 2, spacing)
+  case = metrics.segmentation_case_metrics(ref.astype(int), pred.astype(int), 2, spacing)
   assert case["dice"][1] == pytest.approx((side - offset) / side)
   assert case["iou"][1] == pytest.approx((side - offset) / (side + offset))
   assert case["precision"][1] == case["recall"][1] == pytest.approx((side - offset) / side)
   assert case["volume_diff_ml"][1] == pytest.approx(0.0)
   # The faces across the shift are `offset` voxels apart along the last axis; no surface point is farther.
-  assert metrics.hausdorff_distance(pred, ref, spacing, percentile=100) == pytest.approx(offset * spacing[-1])
-  assert 0 < metrics.average_surface_distance(pred, ref, spacing) < offset * spacing[-1]
+  assert metrics.hausdorff_distance(ref, pred, spacing, percentile=100) == pytest.approx(offset * spacing[-1])
+  assert 0 < metrics.average_surface_distance(ref, pred, spacing) < offset * spacing[-1]
 
 
 def test_single_voxels_distance_is_the_spacing_scaled_offset():
@@ -58,8 +58,8 @@ def test_single_voxels_distance_is_the_spacing_scaled_offset():
   pred[1, 1, 1], ref[4, 2, 5] = True, True
   spacing = np.array([2.5, 0.8, 1.1])
   expected = np.linalg.norm(np.array([3, 1, 4]) * spacing)
-  assert metrics.hausdorff_distance(pred, ref, spacing) == pytest.approx(expected)
-  assert metrics.average_surface_distance(pred, ref, spacing) == pytest.approx(expected)
+  assert metrics.hausdorff_distance(ref, pred, spacing) == pytest.approx(expected)
+  assert metrics.average_surface_distance(ref, pred, spacing) == pytest.approx(expected)
 
 
 def test_identical_masks_have_zero_distance():
@@ -75,9 +75,9 @@ def test_surface_distances_match_all_pairs_brute_force(seed):
   spacing = rng.uniform(0.4, 3.0, size=len(shape))  # anisotropic
   pred, ref = rng.random(shape) < 0.35, rng.random(shape) < 0.35
   hd95, hd100, assd = _brute_force(pred, ref, spacing)
-  assert metrics.hausdorff_distance(pred, ref, spacing) == pytest.approx(hd95, rel=1e-9)
-  assert metrics.hausdorff_distance(pred, ref, spacing, percentile=100) == pytest.approx(hd100, rel=1e-9)
-  assert metrics.average_surface_distance(pred, ref, spacing) == pytest.approx(assd, rel=1e-9)
+  assert metrics.hausdorff_distance(ref, pred, spacing) == pytest.approx(hd95, rel=1e-9)
+  assert metrics.hausdorff_distance(ref, pred, spacing, percentile=100) == pytest.approx(hd100, rel=1e-9)
+  assert metrics.average_surface_distance(ref, pred, spacing) == pytest.approx(assd, rel=1e-9)
 
 
 def test_compact_blobs_away_from_border_match_brute_force():
@@ -88,20 +88,20 @@ def test_compact_blobs_away_from_border_match_brute_force():
   pred = ((grid - np.array([5, 7, 5])[:, None, None, None]) ** 2 * np.array([1, 2, 1])[:, None, None, None]
           ).sum(0) <= 9
   hd95, _, assd = _brute_force(pred, ref, spacing)
-  assert metrics.hausdorff_distance(pred, ref, spacing) == pytest.approx(hd95, rel=1e-9)
-  assert metrics.average_surface_distance(pred, ref, spacing) == pytest.approx(assd, rel=1e-9)
+  assert metrics.hausdorff_distance(ref, pred, spacing) == pytest.approx(hd95, rel=1e-9)
+  assert metrics.average_surface_distance(ref, pred, spacing) == pytest.approx(assd, rel=1e-9)
 
 
 def test_empty_mask_conventions():
   empty, blob = np.zeros((6, 7), bool), _square((6, 7), (1, 1), 3)
   for pred, ref in [(empty, empty), (blob, empty), (empty, blob)]:
-    assert np.isnan(metrics.hausdorff_distance(pred, ref, (1.0, 1.0)))
-    assert np.isnan(metrics.average_surface_distance(pred, ref, (1.0, 1.0)))
+    assert np.isnan(metrics.hausdorff_distance(ref, pred, (1.0, 1.0)))
+    assert np.isnan(metrics.average_surface_distance(ref, pred, (1.0, 1.0)))
   # Class 1: reference only (missed). Class 2: prediction only (false positive). Class 3: absent from both.
   ref_label, pred_label = np.zeros((6, 7), int), np.zeros((6, 7), int)
   ref_label[1:3, 1:3] = 1
   pred_label[4:6, 4:7] = 2
-  case = metrics.segmentation_case_metrics(pred_label, ref_label, 4, (2.0, 5.0))
+  case = metrics.segmentation_case_metrics(ref_label, pred_label, 4, (2.0, 5.0))
   assert case["dice"][1] == 0.0 and case["recall"][1] == 0.0 and np.isnan(case["precision"][1])
   assert np.isnan(case["dice"][2]) and np.isnan(case["recall"][2]) and case["precision"][2] == 0.0
   assert np.all(np.isnan([case[name][3] for name in ("dice", "iou", "precision", "recall", "hd95", "assd")]))
@@ -114,21 +114,21 @@ def test_case_metrics_agree_with_device_counts_and_distance_functions():
   ref_label = rng.integers(0, 3, size=(7, 8, 6))
   pred_label = np.where(rng.random(ref_label.shape) < 0.8, ref_label, rng.integers(0, 3, ref_label.shape))
   spacing = (2.0, 0.5, 1.5)
-  case = metrics.segmentation_case_metrics(pred_label, ref_label, 3, spacing)
-  counts = np.asarray(metrics.segmentation_counts(np.eye(3, dtype=np.float32)[pred_label][None], ref_label[None]))
+  case = metrics.segmentation_case_metrics(ref_label, pred_label, 3, spacing)
+  counts = np.asarray(metrics.segmentation_counts(ref_label[None], np.eye(3, dtype=np.float32)[pred_label][None]))
   np.testing.assert_allclose(case["dice"], metrics.dice_per_case(counts)[0])
   for k in range(3):
     pred, ref = pred_label == k, ref_label == k
-    assert case["hd95"][k] == pytest.approx(metrics.hausdorff_distance(pred, ref, spacing))
-    assert case["assd"][k] == pytest.approx(metrics.average_surface_distance(pred, ref, spacing))
+    assert case["hd95"][k] == pytest.approx(metrics.hausdorff_distance(ref, pred, spacing))
+    assert case["assd"][k] == pytest.approx(metrics.average_surface_distance(ref, pred, spacing))
     assert case["volume_diff_ml"][k] == pytest.approx((pred.sum() - ref.sum()) * 1.5 / 1000)
 
 
 def test_bad_segmentation_inputs_raise():
   with pytest.raises(ValueError, match="same shape"):
     metrics.segmentation_case_metrics(np.zeros((4, 5), int), np.zeros((5, 4), int), 2, (1.0, 1.0))
-  with pytest.raises(ValueError, match=r"ref_label.*\[0, 2\)"):
-    metrics.segmentation_case_metrics(np.zeros((4, 5), int), np.full((4, 5), 2), 2, (1.0, 1.0))
+  with pytest.raises(ValueError, match=r"y_true.*\[0, 2\)"):
+    metrics.segmentation_case_metrics(np.full((4, 5), 2), np.zeros((4, 5), int), 2, (1.0, 1.0))
   with pytest.raises(ValueError, match="spacing_mm must hold 2"):
     metrics.hausdorff_distance(np.ones((4, 5), bool), np.ones((4, 5), bool), (1.0, 1.0, 1.0))
   with pytest.raises(ValueError, match="percentile"):

@@ -18,11 +18,11 @@ def test_bootstrap_contains_estimate_and_is_deterministic():
   rng = np.random.default_rng(0)
   scores, positives = rng.random(80), rng.random(80) < 0.5
   scores = scores + 0.5 * positives
-  first = metrics.bootstrap_ci(metrics.roc_auc, scores, positives, num_samples=200, seed=3)
-  again = metrics.bootstrap_ci(metrics.roc_auc, scores, positives, num_samples=200, seed=3)
-  other = metrics.bootstrap_ci(metrics.roc_auc, scores, positives, num_samples=200, seed=4)
+  first = metrics.bootstrap_ci(metrics.roc_auc, positives, scores, num_samples=200, seed=3)
+  again = metrics.bootstrap_ci(metrics.roc_auc, positives, scores, num_samples=200, seed=3)
+  other = metrics.bootstrap_ci(metrics.roc_auc, positives, scores, num_samples=200, seed=4)
   assert first == again and first != other
-  assert first["value"] == metrics.roc_auc(scores, positives)
+  assert first["value"] == metrics.roc_auc(positives, scores)
   assert first["low"] < first["value"] < first["high"]
   assert first["num_samples"] == 200
 
@@ -46,9 +46,9 @@ def test_bootstrap_resamples_patients():
 
 def test_bootstrap_skips_nan_replicates():
   positives = np.array([True] + [False] * 9)  # most resamples lack the single positive: AUC NaN
-  result = metrics.bootstrap_ci(metrics.roc_auc, np.arange(10.0), positives, num_samples=100, seed=0)
+  result = metrics.bootstrap_ci(metrics.roc_auc, positives, np.arange(10.0), num_samples=100, seed=0)
   assert 0 < result["num_samples"] < 100 and np.isfinite(result["low"]) and np.isfinite(result["high"])
-  none_defined = metrics.bootstrap_ci(metrics.roc_auc, np.arange(3.0), np.zeros(3, bool), num_samples=5)
+  none_defined = metrics.bootstrap_ci(metrics.roc_auc, np.zeros(3, bool), np.arange(3.0), num_samples=5)
   assert none_defined["num_samples"] == 0 and np.isnan(none_defined["low"]) and np.isnan(none_defined["value"])
 
 
@@ -63,18 +63,18 @@ def test_subgroup_report_numbers():
   preds = np.array([1, 1, 0, 0, 1, 0, 1, 1])
   labels = np.array([1, 0, 0, 0, 1, 1, 1, 1])
   site = np.array(["a", "a", "a", "a", "b", "b", "c", "c"])
-  fns = {"accuracy": lambda p, y: float(np.mean(p == y)), "sensitivity": lambda p, y: metrics.sensitivity(y, p)}
-  report = metrics.subgroup_report(fns, (preds, labels), site, min_size=2)
+  fns = {"accuracy": lambda y, p: float(np.mean(p == y)), "sensitivity": metrics.sensitivity}  # (y_true, y_pred)
+  report = metrics.subgroup_report(fns, (labels, preds), site, min_size=2)
   assert report["groups"]["a"] == {"n": 4, "accuracy": 0.75, "sensitivity": 1.0}
   assert report["groups"]["b"] == {"n": 2, "accuracy": 0.5, "sensitivity": 0.5}
   assert report["groups"]["c"] == {"n": 2, "accuracy": 1.0, "sensitivity": 1.0}
   assert report["gaps"]["accuracy"] == {"gap": 0.5, "max_group": "c", "min_group": "b"}
   assert report["gaps"]["sensitivity"]["gap"] == 0.5 and report["gaps"]["sensitivity"]["min_group"] == "b"
   assert report["skipped"] == {}
-  small = metrics.subgroup_report(fns, (preds, labels), site, min_size=3)
+  small = metrics.subgroup_report(fns, (labels, preds), site, min_size=3)
   assert small["skipped"] == {"b": 2, "c": 2} and list(small["groups"]) == ["a"]
   assert np.isnan(small["gaps"]["accuracy"]["gap"]) and small["gaps"]["accuracy"]["max_group"] is None
-  numeric = metrics.subgroup_report(fns, (preds, labels), np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+  numeric = metrics.subgroup_report(fns, (labels, preds), np.array([0, 0, 0, 0, 1, 1, 1, 1]))
   assert set(numeric["groups"]) == {0, 1} and all(type(k) is int for k in numeric["groups"])
 
 
@@ -92,16 +92,16 @@ def test_regression_matches_numpy_and_scipy():
   rng = np.random.default_rng(0)
   target = rng.normal(50, 10, size=40)
   pred = target + rng.normal(2, 3, size=40)
-  result = metrics.regression_metrics(pred, target)
+  result = metrics.regression_metrics(target, pred)
   diff = pred - target
   assert result["mae"] == pytest.approx(np.mean(np.abs(diff)))
   assert result["rmse"] == pytest.approx(np.sqrt(np.mean(diff**2)))
   assert result["pearson_r"] == pytest.approx(scipy.stats.pearsonr(pred, target).statistic)
   assert result["bland_altman_bias"] == pytest.approx(np.mean(diff))
   assert result["loa_high"] - result["loa_low"] == pytest.approx(2 * 1.96 * np.std(diff, ddof=1))
-  assert np.isnan(metrics.regression_metrics(np.ones(3), np.arange(3.0))["pearson_r"])
+  assert np.isnan(metrics.regression_metrics(np.arange(3.0), np.ones(3))["pearson_r"])
   with pytest.raises(ValueError, match="NaN"):
-    metrics.regression_metrics(np.array([1.0, np.nan]), np.ones(2))
+    metrics.regression_metrics(np.ones(2), np.array([1.0, np.nan]))
 
 
 def test_confusion_counts_match_host_and_sum_over_batches_and_devices():
@@ -113,30 +113,30 @@ def test_confusion_counts_match_host_and_sum_over_batches_and_devices():
   weight[-3:] = 0  # padding examples
   expected = metrics.confusion_matrix(labels[:13].ravel(), logits[:13].argmax(-1).ravel(), num_classes)
   counts_fn = jax.jit(metrics.confusion_counts, static_argnums=2)
-  whole = np.asarray(counts_fn(logits, labels, num_classes, weight))
+  whole = np.asarray(counts_fn(labels, logits, num_classes, weight))
   assert whole.dtype == np.int32
   np.testing.assert_array_equal(whole, expected)
-  per_batch = sum(np.asarray(counts_fn(logits[i:i + 4], labels[i:i + 4], num_classes, weight[i:i + 4]),
+  per_batch = sum(np.asarray(counts_fn(labels[i:i + 4], logits[i:i + 4], num_classes, weight[i:i + 4]),
                              np.int64) for i in range(0, 16, 4))
   np.testing.assert_array_equal(per_batch, expected)
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   shard = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-  sharded = counts_fn(shard(logits), shard(labels), num_classes, shard(weight))
+  sharded = counts_fn(shard(labels), shard(logits), num_classes, shard(weight))
   np.testing.assert_array_equal(np.asarray(sharded), expected)
-  preds = np.asarray(counts_fn(jnp.asarray(logits.argmax(-1)), labels, num_classes, weight))
+  preds = np.asarray(counts_fn(labels, jnp.asarray(logits.argmax(-1)), num_classes, weight))
   np.testing.assert_array_equal(preds, expected)
 
 
 def test_confusion_counts_skips_out_of_range_labels():
   labels = jnp.array([[0, 1, -1, 3]])  # -1 (an ignore index) and 3 are outside [0, 3)
-  counts = np.asarray(metrics.confusion_counts(jnp.array([[0, 1, 1, 1]]), labels, 3))
+  counts = np.asarray(metrics.confusion_counts(labels, jnp.array([[0, 1, 1, 1]]), 3))
   np.testing.assert_array_equal(counts, np.diag([1, 1, 0]))
 
 
 def test_confusion_counts_rejects_mismatched_shapes():
-  with pytest.raises(ValueError, match="does not match labels"):
-    metrics.confusion_counts(jnp.zeros((2, 4, 3)), jnp.zeros((2, 5), jnp.int32), 3)
+  with pytest.raises(ValueError, match="does not match y_true"):
+    metrics.confusion_counts(jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 4, 3)), 3)
   with pytest.raises(ValueError, match="num_classes is 4"):
-    metrics.confusion_counts(jnp.zeros((2, 5, 3)), jnp.zeros((2, 5), jnp.int32), 4)
+    metrics.confusion_counts(jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 5, 3)), 4)
   with pytest.raises(ValueError, match="weight must be"):
-    metrics.confusion_counts(jnp.zeros((2, 5)), jnp.zeros((2, 5), jnp.int32), 3, jnp.ones(3))
+    metrics.confusion_counts(jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 5)), 3, jnp.ones(3))

@@ -129,7 +129,7 @@ def test_checkpoint_choice_and_sliding_window(seg_run, tmp_path):
   assert 0.0 <= report["metrics"]["dice_case_mean"]["value"] <= 1.0
   with pytest.raises(FileNotFoundError, match=r"No checkpoint for step 7 .*available steps: \[2, 4\]"):
     evaluate.run(str(copy), split="test", which="7")
-  with pytest.raises(ValueError, match="--checkpoint must be 'best', 'latest' or a step number"):
+  with pytest.raises(ValueError, match="must be 'best', 'latest' or a step number"):
     evaluate.run(str(copy), split="test", which="first")
   config.inference = dict(roi_size=(8, 8), overlapp=0.5)
   checkpoint.save_config(str(copy), config)

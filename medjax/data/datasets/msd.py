@@ -111,7 +111,7 @@ def msd(*, data_dir: str, task: Optional[str] = None, patch_size: Optional[Seque
     patch_size: training patch (z, y, x), voxels; DatasetInfo.image_shape. Default: the plan's.
     target_spacing_mm: resample every case to this spacing (z, y, x); None keeps each case's own, unless
       the plan gives one.
-    plan_path: a plan.json (`python -m medjax.data.plan`) giving patch_size / target_spacing_mm defaults.
+    plan_path: a plan.json (`python -m medjax.tools.plan`) giving patch_size / target_spacing_mm defaults.
     normalization: None (by modality), one scheme for every channel, or one per channel (`volumes`).
     intensity_stats: CT statistics: a fingerprint.json path or per-channel dicts; None computes them from
       the "train" split (once; cached).

@@ -100,7 +100,7 @@ def resolve_geometry(patch_size, target_spacing_mm, plan_path, spatial_dims: int
     target_spacing_mm = p["target_spacing_mm"] if target_spacing_mm is None else target_spacing_mm
   if patch_size is None:
     raise ValueError(f"{where}: set patch_size (the training patch, {spatial_dims} ints) or plan_path (a "
-                     "plan.json from `python -m medjax.data.plan`); cases have varying shapes.")
+                     "plan.json from `python -m medjax.tools.plan`); cases have varying shapes.")
   patch = tuple(int(n) for n in np.atleast_1d(patch_size))
   if len(patch) != spatial_dims or min(patch) < 1:
     raise ValueError(f"{where}: patch_size {patch_size} must be {spatial_dims} positive ints (z, y, x).")
@@ -216,7 +216,7 @@ def read_intensity_stats(source, num_channels: int, where: str) -> List[Dict[str
     fp = plan_lib._read_json(source, "fingerprint")  # pylint: disable=protected-access
     if "intensity" not in fp:
       raise ValueError(f"{where}: {os.fspath(source)} has no 'intensity' key; pass a fingerprint.json "
-                       "written by medjax.data.plan.")
+                       "written by `python -m medjax.tools.plan`.")
     stats, origin = fp["intensity"], os.fspath(source)
   else:
     stats, origin = list(source), "intensity_stats"

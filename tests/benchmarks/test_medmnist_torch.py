@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medjax.tools import medmnist_torch
+from benchmarks import medmnist_torch
 
 
 def _fake_npz(path, spatial, n=(8, 4, 4)):

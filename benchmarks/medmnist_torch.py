@@ -7,7 +7,7 @@ grayscale repeated to 3 channels in 2D, validation AUC every epoch, a copy of th
 evaluated on test. Needs torch (and scikit-learn for the AUC), which the GPU machines have; medjax itself
 does not depend on torch. ACS convolutions have no torch counterpart here.
 
-  python -m medjax.tools.medmnist_torch --subset pneumoniamnist --data_dir DIR [--epochs 100] [--device cuda]
+  python benchmarks/medmnist_torch.py --subset pneumoniamnist --data_dir DIR [--epochs 100] [--device cuda]
 
 prints one JSON line: wall_s (the whole run: data loading, training, evaluations), train_s, steps_per_s,
 and the best-validation and last-epoch test AUC / ACC.
@@ -30,7 +30,7 @@ def _torch():
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise SystemExit("medjax.tools.medmnist_torch needs PyTorch (pip install torch); medjax does not.") from e
+    raise SystemExit("benchmarks/medmnist_torch.py needs PyTorch (pip install torch); medjax does not.") from e
   return torch
 
 

@@ -1,11 +1,11 @@
-"""medjax.tools.paper_table on fake run workdirs (config.json + results.json as train.main writes them)."""
+"""benchmarks/paper_table.py on fake run workdirs (config.json + results.json as train.main writes them)."""
 
 import json
 import os
 
 import pytest
 
-from medjax.tools import paper_table
+from benchmarks import paper_table
 
 
 def _write_run(root, name, *, subset="breastmnist", model="resnet18", conv="2d", size=28, recipe="official",

@@ -1,7 +1,9 @@
 """MedMNIST results table: our test AUC / ACC per configuration (mean ± std over seeds) next to the
 published MedMNIST v2 numbers.
 
-  python -m medjax.tools.paper_table --runs runs/mm [more run dirs or parents ...] --out runs/mm/table.md
+  python -m benchmarks.paper_table --runs runs/mm [more run dirs or parents ...] --out runs/mm/table.md
+
+(from the repository root, with medjax installed).
 
 Each `--runs` entry is a run workdir (holding `results.json`) or a folder searched recursively for them
 (e.g. a sweep directory). A run contributes its `config.json` (`tags` written by
@@ -12,7 +14,8 @@ grouped by (subset, model, conv, size, recipe; a schedule other than 100 epochs 
 mixup as "... + mixup 0.4", class-balanced sampling as "... + balanced^0.5", evaluation with flip TTA as
 "... + flip TTA", quick-mode runs as "... (quick)"); each cell is the mean ± sample standard deviation
 (n - 1) over the group's seeds. A workdir with a config.json but no results.json yet is listed as
-unfinished. The Markdown goes to `--out` and to stdout.
+unfinished. The "commit" column lists the git commits the group's runs were trained at (`env.json`, "+dirty"
+for uncommitted changes; "?" for runs older than env.json). The Markdown goes to `--out` and to stdout.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import statistics
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from medjax import atomic
+from medjax import atomic, provenance
 
 RESULTS_FILE, CONFIG_FILE = "results.json", "config.json"
 GroupKey = Tuple[str, str, str, int, str]  # (subset, model, conv, size, recipe)
@@ -99,7 +102,8 @@ def read_run(workdir: str) -> Dict[str, Any]:
   config = _read_json(os.path.join(workdir, CONFIG_FILE))
   results = _read_json(os.path.join(workdir, RESULTS_FILE))
   run = {"workdir": workdir, "key": group_key(config, os.path.join(workdir, CONFIG_FILE)),
-         "seed": config.get("seed"), "status": results.get("status"), "wall_s": _whole_run_wall_s(workdir, results)}
+         "seed": config.get("seed"), "status": results.get("status"), "wall_s": _whole_run_wall_s(workdir, results),
+         "commit": provenance.short_commit(provenance.read(workdir)) or "?"}
   for section, key, _ in METRICS:
     run[key] = (results.get(section) or {}).get(key)
   return run
@@ -156,7 +160,7 @@ def build_table(runs: Sequence[Mapping[str, Any]], unfinished: Sequence[str] = (
     groups.setdefault(run["key"], []).append(run)
   titles = [title for _, _, title in METRICS]
   header = (["subset", "model", "conv", "size", "recipe", "seeds"] + titles +
-            ["published AUC / ACC", "ΔAUC", "ΔACC", "wall min/run"])
+            ["published AUC / ACC", "ΔAUC", "ΔACC", "wall min/run", "commit"])
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for key in sorted(groups):
     members = sorted(groups[key], key=lambda r: (r["seed"] is None, r["seed"]))
@@ -175,8 +179,9 @@ def build_table(runs: Sequence[Mapping[str, Any]], unfinished: Sequence[str] = (
       ref = f"{published[0]:.3f} / {published[1]:.3f}"
       d_auc = _signed(None if auc is None else auc - published[0])
       d_acc = _signed(None if acc is None else acc - published[1])
+    commits = ", ".join(sorted({r["commit"] for r in members}))
     row = [subset, model, conv, str(size), recipe, seeds] + cells + [ref, d_auc, d_acc,
-                                                                     _minutes([r["wall_s"] for r in members])]
+                                                                     _minutes([r["wall_s"] for r in members]), commits]
     lines.append("| " + " | ".join(row) + " |")
   notes = ["", "Test split, mean ± sample std over seeds. \"best val\": the checkpoint with the best validation "
            "AUC (the official selection rule); \"last\": the final state. Δ: ours (best val) minus published.",
@@ -187,7 +192,7 @@ def build_table(runs: Sequence[Mapping[str, Any]], unfinished: Sequence[str] = (
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-  parser = argparse.ArgumentParser(prog="python -m medjax.tools.paper_table", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_table", description=__doc__.split("\n")[0])
   parser.add_argument("--runs", nargs="+", required=True, help="run workdirs or folders holding them")
   parser.add_argument("--out", default=None, help="Markdown file to write (default: stdout only)")
   args = parser.parse_args(argv)
