@@ -28,7 +28,7 @@ import numpy as np
 
 def _torch():
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError as e:
     raise SystemExit("benchmarks/medmnist_torch.py needs PyTorch (pip install torch); medjax does not.") from e
   return torch
@@ -79,7 +79,7 @@ def load_split(npz, split: str, spatial_dims: int) -> Tuple[np.ndarray, np.ndarr
 def evaluate(model, loader, device) -> Dict[str, float]:
   """Test-style metrics: ROC-AUC (binary, or one-vs-rest macro) and accuracy (0.5 / argmax)."""
   torch = _torch()
-  from sklearn import metrics  # pylint: disable=import-outside-toplevel
+  from sklearn import metrics
   model.eval()
   probs, labels = [], []
   with torch.no_grad():

@@ -183,8 +183,8 @@ def build_table(runs: Sequence[Mapping[str, Any]], unfinished: Sequence[str] = (
     row = [subset, model, conv, str(size), recipe, seeds] + cells + [ref, d_auc, d_acc,
                                                                      _minutes([r["wall_s"] for r in members]), commits]
     lines.append("| " + " | ".join(row) + " |")
-  notes = ["", "Test split, mean ± sample std over seeds. \"best val\": the checkpoint with the best validation "
-           "AUC (the official selection rule); \"last\": the final state. Δ: ours (best val) minus published.",
+  notes = ["", 'Test split, mean ± sample std over seeds. "best val": the checkpoint with the best validation '
+           'AUC (the official selection rule); "last": the final state. Δ: ours (best val) minus published.',
            CITATION]
   if unfinished:
     notes.append("Unfinished (no results.json yet): " + ", ".join(unfinished) + ".")

@@ -57,7 +57,7 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """With `cv=k`: k-fold cross-validation of two learning rates. Otherwise a search space for optuna (or
   `--num_trials` random draws): learning rate, weight decay, width."""
-  from medjax import sweep  # pylint: disable=import-outside-toplevel  # only sweeps need it
+  from medjax import sweep  # only sweeps need it
   c = get_config(arg)
   folds = config_lib.parse_arg(arg, dims=2, size=32, steps=300, cv=0, quick=False).cv
   if folds:

@@ -79,7 +79,7 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   """Learning rate x network width: a 2 x 2 grid around this config's values (see medjax/sweep)."""
-  from medjax import sweep  # pylint: disable=import-outside-toplevel  # only sweeps need it
+  from medjax import sweep  # only sweeps need it
   c = get_config(arg)
   widths = [tuple(c.model.features), tuple(2 * f for f in c.model.features)]
   return sweep.product(lr=[c.lr, c.lr / 5], **{"model.features": widths})

@@ -301,7 +301,7 @@ def _bias_field(key: Array, shape, order: int, coefficient: float) -> Array:
   degree = sum(jnp.meshgrid(*[jnp.arange(order + 1)] * ndim, indexing="ij"))
   coef = jnp.where(degree <= order, coef, 0.0)
   letters = "abc"[:ndim]
-  spec = letters + "," + ",".join(f"{l}{l.upper()}" for l in letters) + "->" + letters.upper()
+  spec = letters + "," + ",".join(f"{axis}{axis.upper()}" for axis in letters) + "->" + letters.upper()
   return jnp.exp(jnp.einsum(spec, coef, *powers, precision=jax.lax.Precision.HIGHEST))[..., None]
 
 

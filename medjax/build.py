@@ -253,7 +253,7 @@ def early_stopping_options(config: mlc.ConfigDict) -> Optional[dict]:
     return None
   if not isinstance(options, (mlc.ConfigDict, Mapping)):
     raise ConfigError(f"config.early_stopping must be a dict({', '.join(_EARLY_STOPPING_KEYS)}), got {options!r}.")
-  for key in options.keys():
+  for key in options:
     if key not in _EARLY_STOPPING_KEYS:
       raise ConfigError(f"Unknown key config.early_stopping.{key}.{suggest(key, _EARLY_STOPPING_KEYS)} "
                         f"Known keys: {', '.join(_EARLY_STOPPING_KEYS)}.")

@@ -219,7 +219,7 @@ class Checkpointer:
     """Waits for pending saves and releases Orbax's threads; call once at the end of a run."""
     self._manager.close()
 
-  def __enter__(self) -> "Checkpointer":
+  def __enter__(self) -> Checkpointer:
     return self
 
   def __exit__(self, *exc: Any) -> None:
@@ -334,7 +334,7 @@ class Checkpointer:
     meta = self.state_metadata(step)
     meta = getattr(meta, "tree", meta)
     sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-    wanted = {k: meta[k] for k in fields if k in meta and meta[k]}
+    wanted = {k: meta[k] for k in fields if meta.get(k)}
     if not wanted:
       return {}
     abstract = jax.tree.map(
@@ -355,7 +355,7 @@ class Checkpointer:
     """Names the key paths whose shapes differ (Orbax's own error does not say which leaf)."""
     try:
       saved = _shapes_by_path(self.state_metadata(step))
-    except Exception:  # unreadable metadata: let the restore itself report  # pylint: disable=broad-except
+    except Exception:  # unreadable metadata: let the restore itself report
       return
     wanted = _shapes_by_path(abstract_state)
     bad = [f"{k}: checkpoint {saved[k]} vs requested {v}" for k, v in wanted.items()

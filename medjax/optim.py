@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from medjax.registry import Registry
+import itertools
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULES = Registry("schedule")
@@ -136,7 +137,7 @@ def step_schedule(peak_value: float, total_steps: int, warmup_steps: int, bounda
       steps.append(int(b))
     else:
       raise ValueError(f"schedule 'step': boundary {b!r} is neither a fraction in (0, 1) nor a whole step.")
-  if any(b2 <= b1 for b1, b2 in zip(steps, steps[1:])):
+  if any(b2 <= b1 for b1, b2 in itertools.pairwise(steps)):
     raise ValueError(f"schedule 'step': boundaries must be strictly increasing, got steps {steps}.")
   if steps and (steps[0] < warmup_steps or steps[-1] > total_steps):
     raise ValueError(f"schedule 'step': boundary steps {steps} must lie in [warmup_steps={warmup_steps}, "
@@ -158,7 +159,7 @@ def exponential(peak_value: float, total_steps: int, warmup_steps: int, decay_ra
 
   `transition_steps` defaults to the post-warmup span, so the rate reaches peak * decay_rate at the end.
   """
-  if not 0.0 < decay_rate:
+  if not decay_rate > 0.0:
     raise ValueError(f"schedule 'exponential': decay_rate must be > 0, got {decay_rate!r}.")
   if transition_steps is None:
     transition_steps = max(1, total_steps - warmup_steps)

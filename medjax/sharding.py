@@ -2,8 +2,8 @@
 
 Parallelism is carried by shardings only: the train step is the same function on 1 CPU or 256 GPUs.
 The mesh comes from `config.mesh`, axis names and sizes such as `(("data", 4), ("model", 2))` (-1 takes
-what the other axes leave; the default, `medjax.build.DEFAULT_MESH`, is one "data" axis over all devices). Batches are split along the mesh's "data" axis; a preset decides how the state is laid
-out:
+what the other axes leave; the default, `medjax.build.DEFAULT_MESH`, is one "data" axis over all devices).
+Batches are split along the mesh's "data" axis; a preset decides how the state is laid out:
 
 - `data_parallel`: every parameter (and optimizer/EMA leaf) replicated on every device.
 - `fsdp`: every leaf with at least `min_shard_size` elements is split along the data axis on its largest

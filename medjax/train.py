@@ -47,7 +47,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _due(step: int, every: Optional[int], total: int) -> bool:
-  return step == total or bool(every) and step % every == 0
+  return step == total or (bool(every) and step % every == 0)
 
 
 # ------------------------------------------------------------------------------------------ early stopping
@@ -154,7 +154,7 @@ def _from_main_process(code: int) -> int:
   next collective."""
   if jax.process_count() == 1:
     return code
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils
   return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
 
 

@@ -41,7 +41,7 @@ class TrainState:
   ema_model_state: Optional[PyTree] = None
 
   @classmethod
-  def create(cls, *, variables: PyTree, tx: Any, rng: jax.Array, use_ema: bool) -> "TrainState":
+  def create(cls, *, variables: PyTree, tx: Any, rng: jax.Array, use_ema: bool) -> TrainState:
     """Builds the state at step 0 from freshly initialised Flax `variables` and an optax transform."""
     variables = dict(variables)
     params = variables.pop("params")

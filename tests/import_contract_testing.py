@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "medjax"
@@ -47,7 +47,7 @@ _LINT = "from importlinter.cli import lint_imports_command; lint_imports_command
 
 def read_contracts(config: Path = CONFIG) -> Dict[str, dict]:
   """The contracts of `config` by id: {"name", "type", and the contract's options as lists or strings}."""
-  from importlinter import api  # pylint: disable=import-outside-toplevel  # tests importorskip it first
+  from importlinter import api  # tests importorskip it first
   return {c["id"]: c for c in api.read_configuration(str(config))["contracts_options"]}
 
 
@@ -150,7 +150,7 @@ def module_cycles(root: Path = ROOT) -> List[dict]:
 
 
 def _find_module_cycles() -> List[dict]:
-  import grimp  # pylint: disable=import-outside-toplevel
+  import grimp
   graph = grimp.build_graph(PACKAGE, cache_dir=None)
   modules = sorted(graph.modules)
   edges = {m: sorted(graph.find_modules_directly_imported_by(m)) for m in modules}
@@ -266,7 +266,7 @@ def heavy_modules_after_loading(paths: Sequence[Path], root: Path = ROOT) -> Dic
 def _load_experiments(paths: Sequence[str]) -> Dict[str, dict]:
   def heavy():
     return {m for m in sys.modules if m in HEAVY_MODULES}
-  from medjax import config_lib  # pylint: disable=import-outside-toplevel
+  from medjax import config_lib
   results = {}
   for path in paths:
     before = heavy()
@@ -274,7 +274,7 @@ def _load_experiments(paths: Sequence[str]) -> Dict[str, dict]:
     result = {"config": sorted(heavy() - before), "sweep": None}
     tree = ast.parse(Path(path).read_text())
     if any(isinstance(n, ast.FunctionDef) and n.name == "get_sweep" for n in tree.body):
-      from medjax.sweep import trials  # pylint: disable=import-outside-toplevel
+      from medjax.sweep import trials
       before = heavy()
       trials.load_sweep(path)
       result["sweep"] = sorted(heavy() - before)

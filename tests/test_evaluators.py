@@ -232,7 +232,7 @@ def test_report_without_metadata_resamples_cases_and_is_json_safe():
   assert report["bootstrap"]["unit"] == "case" and report["subgroups"] == {}
   assert report["cases"][1]["dice/lesion"] is None  # NaN (no lesion) becomes null
   assert report["metrics"]["num_cases"] == {"value": 2.0, "low": None, "high": None}
-  import json  # pylint: disable=import-outside-toplevel
+  import json
   json.dumps(report, allow_nan=False)
 
 
@@ -249,7 +249,7 @@ def test_collect_drops_padding_and_evaluate_summarizes():
 
 
 def test_multilabel_and_regression_reports_plot(tmp_path):
-  from medjax.evaluators import plots, render  # pylint: disable=import-outside-toplevel
+  from medjax.evaluators import plots, render
   rng = np.random.default_rng(6)
   labels = (rng.random((20, 3)) < 0.5).astype(np.int32)
   evaluator = ClassificationEvaluator(_cls_info(3), threshold=0.4)

@@ -1,16 +1,14 @@
 """The compiled train step: device-count invariance, gradient accumulation, EMA, the non-finite guard."""
 
-import functools
 
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
 
-from medjax import build, losses, models, sharding, steps
+from medjax import build, losses, models, sharding
 from medjax.train_state import TrainState
 
 SHAPE_2D = (12, 16)

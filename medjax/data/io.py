@@ -95,7 +95,7 @@ class Volume:
 
   @classmethod
   def from_array(cls, array: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
-                 affine: Optional[np.ndarray] = None) -> "Volume":
+                 affine: Optional[np.ndarray] = None) -> Volume:
     """A Volume from an array (z, y, x[, C]); without `affine`, an axis-aligned RAS one from `spacing_mm`."""
     if affine is None:
       affine = affine_from_spacing(spacing_mm)
@@ -113,7 +113,7 @@ class Volume:
     """C for a (z, y, x, C) array, None for (z, y, x)."""
     return self.array.shape[3] if self.array.ndim == 4 else None
 
-  def replace(self, **changes) -> "Volume":
+  def replace(self, **changes) -> Volume:
     return dataclasses.replace(self, **changes)
 
 
@@ -201,7 +201,7 @@ def write_nifti(path: PathLike, volume: Volume, nifti2: Optional[bool] = None) -
   import nibabel as nib
 
   path = os.fspath(path)
-  if not (path.endswith(".nii") or path.endswith(".nii.gz")):
+  if not (path.endswith((".nii", ".nii.gz"))):
     raise ValueError(f"NIfTI path must end with .nii or .nii.gz, got {path}.")
   if not isinstance(volume, Volume):
     raise ValueError(f"write_nifti({path}) expects a Volume, got {type(volume).__name__}.")

@@ -123,8 +123,8 @@ class TrainBatches:
     Grain maps step -> host batch one to one, so the stream is the same whatever the worker count, and a
     resumed run starts at `start_step` with no iterator state to restore.
     """
-    import grain  # pylint: disable=import-outside-toplevel  (worker processes are optional)
-    from absl import flags  # pylint: disable=import-outside-toplevel
+    import grain  # worker processes are optional
+    from absl import flags
     if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside an absl app take their defaults
       flags.FLAGS.mark_as_parsed()
     steps = grain.MapDataset.range(start_step, start_step + 2**40).map(_HostBatchAt(self))

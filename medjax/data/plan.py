@@ -49,7 +49,7 @@ def _case_arrays(index: int, case) -> Tuple[np.ndarray, Optional[np.ndarray], np
   try:
     image, label, spacing = case
   except (TypeError, ValueError):
-    raise ValueError(f"case {index}: expected (image, label or None, spacing_mm), got {type(case).__name__}.")
+    raise ValueError(f"case {index}: expected (image, label or None, spacing_mm), got {type(case).__name__}.") from None
   image = np.asarray(image)
   spacing = np.asarray(spacing, dtype=np.float64).reshape(-1)
   nd = spacing.size
@@ -209,7 +209,7 @@ def _total(strides, nd: int) -> List[int]:
 
 
 def plan(fp: Dict[str, Any], *, memory_budget_voxels: Optional[int] = None,
-         max_patch: Union[None, int, Sequence[int]] = None, min_feature_size: int = 4,
+         max_patch: Union[int, Sequence[int], None] = None, min_feature_size: int = 4,
          base_features: int = 32, max_features: int = 320, batch_size: int = 2,
          max_stages: int = 6) -> Dict[str, Any]:
   """Plans target spacing, patch size and U-Net topology from a fingerprint (rules in the module doc).

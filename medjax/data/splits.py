@@ -209,7 +209,7 @@ def _round_table(sizes: np.ndarray, fractions: np.ndarray, rng: np.random.Genera
   room = np.concatenate([np.cumsum(can_round_up[::-1], axis=0)[::-1], np.zeros((1, num_splits), np.int64)])
 
   def options(c):
-    choices = [s for s in itertools.combinations(np.flatnonzero(can_round_up[c]).tolist(), int(leftover[c]))]
+    choices = list(itertools.combinations(np.flatnonzero(can_round_up[c]).tolist(), int(leftover[c])))
     return iter([choices[i] for i in rng.permutation(len(choices))])
 
   # Iterative depth-first search (the number of classes can exceed Python's recursion limit). `failed`

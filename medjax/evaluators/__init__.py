@@ -11,4 +11,4 @@ whatever the batch size and device count.
 from medjax.evaluators.base import EVALUATORS, collect, evaluate
 from medjax.evaluators import classification, regression, segmentation  # registers the evaluators
 
-__all__ = ["EVALUATORS", "collect", "evaluate", "classification", "regression", "segmentation"]
+__all__ = ["EVALUATORS", "classification", "collect", "evaluate", "regression", "segmentation"]

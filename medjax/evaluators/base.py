@@ -30,7 +30,7 @@ NONFINITE_KEY, OUT_OF_RANGE_KEY = "num_nonfinite_outputs", "num_labels_out_of_ra
 def _gather_to_host(tree):
   """Global (possibly multi-host) arrays -> numpy on every process."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
 

@@ -73,6 +73,13 @@ def _intro(report: Mapping[str, Any]) -> List[str]:
   if config:
     lines.append(f"- model: {config.get('model_name')}; data: {config.get('data', {}).get('name')}; "
                  f"evaluator: {evaluator}; inference: {config.get('inference') or 'whole image'}")
+  env = report.get("env")
+  if env:
+    commit = env.get("git_commit")
+    dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
+    code = f"commit {commit[:7]}{dirty}" if commit else "no git commit"
+    versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())
+    lines.append(f"- trained with: {code}; {versions}; {env.get('device_count')} x {env.get('device_kind')}")
   lines.append(f"- confidence intervals: percentile bootstrap over {boot['num_units']} {boot['unit']}s, "
                f"{boot['num_samples']} resamples, seed {boot['seed']}")
   for column, reason in report.get("subgroups_skipped", {}).items():

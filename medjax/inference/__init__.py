@@ -13,9 +13,8 @@ from medjax.inference.volume import (PreprocessSpec, Predictor, keep_largest_com
                                      nifti_inputs, predict_volume_to_nifti, preprocess_volume, restore_label)
 
 __all__ = [
-  "MIN_IMPORTANCE", "PreprocessSpec", "Predictor", "all_flips", "ensemble", "ensemble_of_variables", "flip_tta",
-  "flip_tta_apply",
-  "gaussian_importance_map", "keep_largest_component", "label_dtype", "make_predict_fn", "nifti_inputs",
-  "predict_volume_to_nifti", "preprocess_volume", "restore_label", "sliding_window_inference",
-  "window_origins", "window_starts",
+    "MIN_IMPORTANCE", "Predictor", "PreprocessSpec", "all_flips", "ensemble", "ensemble_of_variables", "flip_tta",
+    "flip_tta_apply", "gaussian_importance_map", "keep_largest_component", "label_dtype", "make_predict_fn",
+    "nifti_inputs", "predict_volume_to_nifti", "preprocess_volume", "restore_label", "sliding_window_inference",
+    "window_origins", "window_starts",
 ]

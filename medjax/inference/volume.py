@@ -57,7 +57,7 @@ class PreprocessSpec:
   target_spacing_mm: Optional[Tuple[float, float, float]] = None
   crop_nonzero: bool = False
   normalization: Union[str, Tuple[str, ...]] = "zscore"
-  intensity_stats: Union[None, str, Tuple[Mapping[str, float], ...]] = None
+  intensity_stats: Union[str, Tuple[Mapping[str, float], ...], None] = None
   image_order: int = 3
 
   def __post_init__(self):
@@ -93,7 +93,7 @@ class PreprocessSpec:
       raise ValueError(f"preprocessing image_order={self.image_order} must be 0..5.")
 
   @classmethod
-  def from_dict(cls, spec: Union[None, "PreprocessSpec", Mapping[str, Any]]) -> "PreprocessSpec":
+  def from_dict(cls, spec: Union[PreprocessSpec, Mapping[str, Any], None]) -> PreprocessSpec:
     """A spec from a dict with the field names (unknown keys raise, naming them); None gives the defaults."""
     if spec is None:
       return cls()
@@ -106,7 +106,7 @@ class PreprocessSpec:
     return cls(**dict(spec))
 
   @classmethod
-  def from_data_config(cls, data: Mapping[str, Any], **overrides: Any) -> "PreprocessSpec":
+  def from_data_config(cls, data: Mapping[str, Any], **overrides: Any) -> PreprocessSpec:
     """The spec a volume dataset config (`config.data` of an "msd" / "nifti_folder" run) trained with.
 
     Picks the spec's fields from `data` (target spacing from `plan_path` when not set), then applies the
@@ -186,7 +186,7 @@ def label_dtype(num_classes: int) -> np.dtype:
 
 
 def restore_label(probabilities: np.ndarray, context: _Context, label_resample: str = "linear",
-                  lcc_classes: Union[None, bool, Sequence[int]] = None) -> io.Volume:
+                  lcc_classes: Union[bool, Sequence[int], None] = None) -> io.Volume:
   """Steps 6-7: probabilities `(z', y', x', K)` on the network grid -> label Volume on the input grid."""
   if label_resample not in LABEL_RESAMPLING:
     raise ValueError(f"label_resample must be one of {LABEL_RESAMPLING}, got {label_resample!r}.")

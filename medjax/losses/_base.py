@@ -66,7 +66,7 @@ def targets_of(logits: Array, labels: Array) -> Array:
   return jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
 
 
-def class_vector(values: Union[None, float, Sequence[float]], num_classes: int, what: str) -> Optional[Array]:
+def class_vector(values: Union[float, Sequence[float], None], num_classes: int, what: str) -> Optional[Array]:
   """A per-class float32 vector (K,) from a tuple of K numbers (None passes through)."""
   if values is None:
     return None
@@ -76,7 +76,7 @@ def class_vector(values: Union[None, float, Sequence[float]], num_classes: int, 
   return vector
 
 
-def label_weight_vector(values: Union[None, float, Sequence[float]], num_labels: int,
+def label_weight_vector(values: Union[float, Sequence[float], None], num_labels: int,
                         what: str) -> Optional[Array]:
   """A scalar, or a per-label vector (K,), for sigmoid losses (None passes through)."""
   if values is None:

@@ -79,7 +79,7 @@ def _sigmoid_cross_entropy(logits: Array, targets: Array, pos_weight: Optional[A
 
 @LOSSES.register("bce")
 def sigmoid_binary_cross_entropy(logits: Array, labels: Array, *, mask: Optional[Array] = None,
-                                 pos_weight: Union[None, float, Sequence[float]] = None,
+                                 pos_weight: Union[float, Sequence[float], None] = None,
                                  ignore_index: Optional[int] = None) -> Array:
   """Binary cross-entropy per label, mean over labels (and voxels): multi-label or binary tasks.
 

@@ -155,13 +155,13 @@ def run_optuna(workdir: str, config_spec: str, space: Mapping[str, Any], *, num_
     trial.set_user_attr("best_step", best["step"])
     return best["value"]
 
-  previous = local_lib._raise_on_sigterm()  # pylint: disable=protected-access
+  previous = local_lib._raise_on_sigterm()
   try:
     if num_trials > done:
       study.optimize(objective, n_trials=num_trials - done, catch=(Exception,), gc_after_trial=True,
                      callbacks=[optuna.study.MaxTrialsCallback(num_trials, states=counted)])
   finally:
-    local_lib._restore_sigterm(previous)  # pylint: disable=protected-access
+    local_lib._restore_sigterm(previous)
     write_sweep_file(workdir, study, config_spec, metric, mode)
   return write_best(workdir, study, config_spec)
 

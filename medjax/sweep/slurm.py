@@ -45,7 +45,7 @@ class SlurmOptions:
   setup: Sequence[str] = ()  # shell lines before the job starts (module load, conda activate, ...)
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "SlurmOptions":
+  def from_mapping(cls, values: Mapping[str, Any]) -> SlurmOptions:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -72,7 +72,7 @@ def sbatch_script(folder: str, options: SlurmOptions, num_trials: int) -> str:
   """The sbatch script submitit would submit for an array of `num_trials` trials (nothing is submitted)."""
   from submitit.slurm import slurm  # submitit's own script builder: what SlurmExecutor writes to disk
   command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-  return slurm._make_sbatch_string(command=command, folder=folder, map_count=num_trials,  # pylint: disable=protected-access
+  return slurm._make_sbatch_string(command=command, folder=folder, map_count=num_trials,
                                    **sbatch_parameters(options))
 
 
@@ -149,7 +149,7 @@ def run_submitit(state: trials_lib.SweepState, config_spec: str, executor, *,
   for i, job in zip(todo, jobs):
     try:
       outcome = job.results()[0]
-    except Exception as e:  # pylint: disable=broad-except  # a dead job must not stop the others
+    except Exception as e:  # a dead job must not stop the others
       outcome = dict(returncode=None, error="\n".join(str(e).strip().splitlines()[-local_lib.ERROR_LINES:]))
     if outcome.get("returncode") == 0:
       result = trials_lib.read_results_json(state.records[i]["workdir"]) or {}

@@ -66,7 +66,7 @@ def _result(mode: str, compile_s: float, times: Sequence[float], batch_size: int
 
 def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int], batch_size: int,
               dtype: str = "float32", modes: Sequence[str] = ("forward", "train"), steps: int = 20,
-              warmup: int = 3, augment_config: Dict[str, Any] = None) -> Dict[str, Any]:
+              warmup: int = 3, augment_config: Dict[str, Any] | None = None) -> Dict[str, Any]:
   """Times the modes; returns {"model", "device", ..., "results": [per-mode dicts]}."""
   model = model_info.build(model_name, kwargs, dtype)
   mesh = sharding.make_mesh(build.DEFAULT_MESH)
@@ -81,7 +81,8 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
   state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(0))
   augment_fn = augment.make_augment(augment_config) if augment_config else None
   report = {"model": model_name, "kwargs": kwargs, "input_shape": [batch_size] + list(input_shape),
-            "augment": augment_config or {}, "dtype": dtype, "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
+            "augment": augment_config or {}, "dtype": dtype, "device": str(jax.devices()[0].device_kind),
+            "device_count": jax.device_count(),
             "results": []}
 
   if "forward" in modes:

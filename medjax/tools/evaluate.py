@@ -124,7 +124,7 @@ def _write_plots(report, evaluator, out, overlay_fn) -> List[str]:
         title="Per-label counts at the threshold" if per_label else plots.CONFUSION_TITLE))
     written.append(plots.calibration(curves["calibration"], os.path.join(out, "calibration.png")))
   elif task == "segmentation":
-    names = [n for n in (f"dice/{c}" for c in evaluator.reported_names)]
+    names = [f"dice/{c}" for c in evaluator.reported_names]
     values = {n.split("/", 1)[1]: [c.get(n) for c in report["cases"]] for n in names}
     written.append(plots.case_boxplot(values, os.path.join(out, "dice_per_case.png")))
     written += overlay_fn()

@@ -5,11 +5,11 @@
   python -m medjax.tools.predict --benchmark --size 256 --roi 128 --overlap 0.5 [--window_batch 4]
 
 Prediction restores the run's best checkpoint by its `best_metric` (or the latest, or `--step`), builds the
-model as training did (`checkpoint.load` -> `build.model`: the configured compute dtype), and writes `<output>/<case>.nii.gz`
-for every input, on the input's grid (`medjax.inference.Predictor`). The window is the training patch
-(`config.input.patch_size`, else `config.data.patch_size`, else `--roi`); preprocessing comes from
-`config.data` (`PreprocessSpec.from_data_config`), and the flags `--target_spacing`, `--normalization`,
-`--crop_nonzero` override it.
+model as training did (`checkpoint.load` -> `build.model`: the configured compute dtype), and writes
+`<output>/<case>.nii.gz` for every input, on the input's grid (`medjax.inference.Predictor`). The window is
+the training patch (`config.input.patch_size`, else `config.data.patch_size`, else `--roi`); preprocessing
+comes from `config.data` (`PreprocessSpec.from_data_config`), and the flags `--target_spacing`,
+`--normalization`, `--crop_nonzero` override it.
 
 The benchmark times `sliding_window_inference` of a randomly initialised 3D U-Net (no checkpoint) on one
 random `size^3` volume and prints one JSON object: compile seconds, median seconds per volume over `--steps`

@@ -85,7 +85,7 @@ def _absolute_spec(spec: str) -> str:
 def resolve_settings(config, given: Dict[str, Any]) -> Dict[str, Any]:
   """Settings from `given` (None = not given), else the config's `sweep` section, else defaults."""
   section = dict(config.get("sweep", {}) or {})
-  slurm_keys = {f for f in slurm_lib.SlurmOptions.__dataclass_fields__}
+  slurm_keys = set(slurm_lib.SlurmOptions.__dataclass_fields__)
   unknown = sorted(set(section) - _LAUNCHER_KEYS - slurm_keys)
   if unknown:
     raise config_lib.ConfigError(f"config.sweep has unknown key(s) {unknown}; known: "

@@ -35,7 +35,7 @@ def test_one_epoch_on_cpu(tmp_path, subset, spatial):
 def test_same_parameter_count_as_medjax_resnet18():
   pytest.importorskip("torch")
   jax = pytest.importorskip("jax")
-  from medjax import models  # pylint: disable=import-outside-toplevel
+  from medjax import models
   ours = models.build_model("resnet18", dict(spatial_dims=2, num_classes=2, small_input=True))
   shapes = jax.eval_shape(lambda: ours.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 28, 28, 3)), train=False))
   expected = sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))

@@ -1,6 +1,5 @@
 """Cross-validation folds of any dataset through config.data.fold / num_folds."""
 
-import numpy as np
 import pytest
 
 from medjax import build, config_lib

@@ -75,7 +75,7 @@ def test_classification_csv_patient_kfold_and_metadata(tmp_path):
     patients[split] = list(meta["patient_id"])
     assert list(src.patient_ids()) == patients[split]
     np.testing.assert_array_equal(src.labels(), [src[i]["label"] for i in range(4)])
-    assert sorted(set(src[i]["label"].item() for i in range(4))) == [0, 1]  # stratified by class
+    assert sorted({src[i]["label"].item() for i in range(4)}) == [0, 1]  # stratified by class
   splits.check_no_leakage(patients)
   ids = sorted(int(ds.source(s)[i]["id"]) for s in ("train", "val") for i in range(4))
   assert ids == list(range(8))

@@ -1,6 +1,5 @@
 """Tests for medjax.data.plan: fingerprint statistics, planning rules, JSON round trip (the CLI: tests/tools/test_plan.py)."""
 
-import json
 import math
 
 import numpy as np

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from medjax.data import preprocess as P
+from medjax.data import preprocess as P  # noqa: N812  (P, as jax.sharding.PartitionSpec is written)
 
 # (spacing, target): isotropic, mild up/down, and thick-slice (max/min > 3) cases; 2D and 3D.
 SPACINGS = [

@@ -76,6 +76,9 @@ def test_segmentation_report_matches_cases_and_training(seg_run):
   assert _is_png(out / "overlays.png") and _is_png(out / "dice_per_case.png")
   report = json.loads((out / "report.json").read_text())
   assert report["checkpoint"]["step"] == 4 and report["checkpoint"]["selected"] == "best by val/dice_mean"
+  with open(workdir / "env.json") as f:
+    assert report["env"] == json.load(f)  # the run's provenance travels with its report
+  assert "- trained with: " in (out / "report.md").read_text()
   assert report["checkpoint"]["saved_metrics"]["val/dice_mean"] == pytest.approx(trained["val/dice_mean"])
   assert [c["id"] for c in report["cases"]] == _split_ids(workdir, "val")
   values = {name: entry["value"] for name, entry in report["metrics"].items()}
@@ -156,6 +159,6 @@ def test_recorder_keeps_ids_and_metadata_of_real_cases():
               "image": np.zeros((2, 4, 4, 1), np.float32), "spacing_mm": np.ones((2, 2), np.float32)},
              {"id": np.array([7, 5]), "sex": np.array(["M", "F"]), "weight": np.array([1, 0], np.float32),
               "image": np.zeros((2, 4, 4, 1), np.float32), "spacing_mm": np.ones((2, 2), np.float32)}]
-  recorder = evaluate._Recorder(iter(batches))  # pylint: disable=protected-access
+  recorder = evaluate._Recorder(iter(batches))
   assert len(list(recorder)) == 2
   assert recorder.ids == [5, 6, 7] and recorder.metadata == {"sex": ["F", "M", "M"]}

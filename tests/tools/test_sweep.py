@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from medjax import config_lib
-from medjax.sweep import local, report, space, trials
+from medjax.sweep import local, space, trials
 from medjax.tools import sweep as sweep_tool
 from sweep_testing import ROOT, calls, fake_score, write_fixture
 

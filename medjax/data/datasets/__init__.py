@@ -15,7 +15,7 @@ from medjax.data.datasets import msd, nifti_folder  # noqa: F401  (registers msd
 from medjax.data.datasets import synthetic  # noqa: F401  (registers synthetic_phantoms, synthetic_lesions)
 from medjax.data.datasets import folds
 
-__all__ = ["DATASETS", "Dataset", "DataSource", "DatasetInfo", "GeneratedSource", "build_dataset"]
+__all__ = ["DATASETS", "DataSource", "Dataset", "DatasetInfo", "GeneratedSource", "build_dataset"]
 
 
 def build_dataset(name: str, kwargs: Optional[Mapping[str, Any]] = None) -> Dataset:

@@ -417,7 +417,7 @@ def medmnist(*, subset: str, data_dir: str, size: int = 28, channels: Optional[i
 
 def _make_builder_class():
   """Defines MedMNISTBuilder on first use, so importing this module does not import tensorflow_datasets."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   configs = [tfds.core.BuilderConfig(name=f"{s.name}_{n}", description=f"{s.name} at {n} px ({s.task})")
              for s in _SUBSETS for n in s.sizes]
@@ -522,7 +522,7 @@ def tfds_sources(*, subset: str, data_dir: str, tfds_dir: str, size: int = 28,
   `data_dir` holds the official .npz (the builder's manual dir). Needs tensorflow_datasets and array_record,
   not TensorFlow. Examples equal those of `medmnist(...)` with the same id (in another order).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   base = medmnist(subset=subset, data_dir=data_dir, size=size, channels=channels,
                   verify_md5=verify_md5)
   builder_cls = __getattr__("MedMNISTBuilder")

@@ -100,7 +100,7 @@ def _resolve(root: str, relative: str) -> str:
 @DATASETS.register("msd")
 def msd(*, data_dir: str, task: Optional[str] = None, patch_size: Optional[Sequence[int]] = None,
         target_spacing_mm: Optional[Sequence[float]] = None, plan_path: Optional[str] = None,
-        normalization: Union[None, str, Sequence[str]] = None, intensity_stats=None,
+        normalization: Union[str, Sequence[str], None] = None, intensity_stats=None,
         crop_nonzero: bool = False, image_order: int = 3, fold: Union[int, str] = 0, num_folds: int = 5,
         val_fraction: float = 0.2, fold_seed: int = 0, cache_dir: Optional[str] = None) -> Dataset:
   """An MSD task (module doc) with "train", "val" (labelled) and "test" (unlabelled) sources.

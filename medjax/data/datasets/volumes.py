@@ -213,7 +213,7 @@ def load_case(case: Case, settings: Settings, cache_dir: str) -> Dict[str, np.nd
 def read_intensity_stats(source, num_channels: int, where: str) -> List[Dict[str, float]]:
   """Per-channel CT statistics (p005, p995, mean, std) from a fingerprint.json path or a list of dicts."""
   if isinstance(source, (str, os.PathLike)):
-    fp = plan_lib._read_json(source, "fingerprint")  # pylint: disable=protected-access
+    fp = plan_lib._read_json(source, "fingerprint")
     if "intensity" not in fp:
       raise ValueError(f"{where}: {os.fspath(source)} has no 'intensity' key; pass a fingerprint.json "
                        "written by `python -m medjax.tools.plan`.")

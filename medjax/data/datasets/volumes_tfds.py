@@ -35,7 +35,7 @@ def builder_class(dataset_name: str):
 
 
 def _make_builder_class(dataset_name: str):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   class VolumeBuilder(tfds.core.GeneratorBasedBuilder):
     """Writes the preprocessed cases of a medjax volume dataset (module doc) as array_record.
