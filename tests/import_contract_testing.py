@@ -47,7 +47,7 @@ _LINT = "from importlinter.cli import lint_imports_command; lint_imports_command
 
 def read_contracts(config: Path = CONFIG) -> Dict[str, dict]:
   """The contracts of `config` by id: {"name", "type", and the contract's options as lists or strings}."""
-  from importlinter import api  # tests importorskip it first
+  from importlinter import api
   return {c["id"]: c for c in api.read_configuration(str(config))["contracts_options"]}
 
 

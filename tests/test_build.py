@@ -21,6 +21,9 @@ def _demo(arg="quick"):
   return config_lib.load_config(str(ROOT / "experiments" / f"synthetic_unet.py:{arg}"))
 
 
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("*.py") if not p.name.startswith(("_", "common")))
+
+
 def _package_sources():
   return {str(p.relative_to(ROOT)): p.read_text() for p in PACKAGE.rglob("*.py")}
 
@@ -169,3 +172,66 @@ def test_git_state_outside_a_checkout(tmp_path):
   assert provenance.git_state(str(tmp_path)) == {"git_commit": None, "git_dirty": None}
   assert provenance.short_commit({"git_commit": "0123456789abcdef", "git_dirty": True}) == "0123456+dirty"
   assert provenance.short_commit(None) == ""
+
+
+# ------------------------------------------------------------------ validation (moved from test_config_lib)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_validates_in_quick_mode(path):
+  config = config_lib.load_config(f"{path}:quick=true")
+  build.validate(config)
+  assert config.total_steps <= 20
+
+
+@pytest.fixture
+def demo_config():
+  return _demo("quick=true")
+
+
+def test_validate_unknown_model_suggests(demo_config):
+  demo_config.model_name = "unett"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model_name: Unknown model 'unett'\. Did you mean 'unet'"):
+    build.validate(demo_config)
+
+
+def test_validate_bad_model_kwarg(demo_config):
+  demo_config.model.featurs = (4, 8)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model: unknown key 'featurs'.*Did you mean 'features'"):
+    build.validate(demo_config)
+
+
+def test_validate_unknown_dataset_loss_optimizer(demo_config):
+  bad = mlc.ConfigDict(demo_config.to_dict())
+  bad.sharding = "fsdpp"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.sharding: Unknown sharding preset 'fsdpp'\. Did you mean 'fsdp'"):
+    build.validate(bad)
+  bad = mlc.ConfigDict(demo_config.to_dict())
+  bad.loss.name = "dice_xnet"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.loss: Unknown loss 'dice_xnet'\. Did you mean 'dice_xent'"):
+    build.validate(bad)
+  bad = mlc.ConfigDict(demo_config.to_dict())
+  bad.loss.batch_dcie = True
+  with pytest.raises(config_lib.ConfigError, match=r"config\.loss: unknown key 'batch_dcie'.*Did you mean 'batch_dice'"):
+    build.validate(bad)
+  bad = mlc.ConfigDict(demo_config.to_dict())
+  bad.data.name = "synthetic_phantom"
+  with pytest.raises(config_lib.ConfigError, match="Did you mean 'synthetic_phantoms'"):
+    build.validate(bad)
+  bad = mlc.ConfigDict(demo_config.to_dict())
+  bad.optim.name = "adamww"
+  with pytest.raises(config_lib.ConfigError, match="config.optim.name: .*Did you mean 'adamw'"):
+    build.validate(bad)
+
+
+def test_validate_types(demo_config):
+  bad = mlc.ConfigDict({**demo_config.to_dict(), "total_steps": "100"})
+  with pytest.raises(config_lib.ConfigError, match=r"config\.total_steps must be int"):
+    build.validate(bad)
+
+
+def test_validate_accumulation_divides_batch(demo_config):
+  demo_config.grad_accum_steps = 3
+  demo_config.input.batch_size = 4
+  with pytest.raises(config_lib.ConfigError, match="multiple of config.grad_accum_steps=3"):
+    build.validate(demo_config)

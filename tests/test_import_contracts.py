@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("importlinter", reason="pip install import-linter (>=2.17) to check the import rules")
-
-import import_contract_testing as ict
+from tests import import_contract_testing as ict
 
 EXPERIMENTS = sorted(Path(p) for p in glob.glob(str(ict.ROOT / "experiments" / "*.py")))
 

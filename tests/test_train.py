@@ -11,7 +11,7 @@ import pytest
 from medjax import build, checkpoint, config_lib, metric_writer, train
 from medjax.data import datasets, pipeline
 from medjax.data.datasets.base import Dataset
-from train_testing import Preempted, preempt_after_save, set_dotted
+from tests.train_testing import Preempted, preempt_after_save, set_dotted
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_unet.py")
 

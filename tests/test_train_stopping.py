@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from medjax import build, checkpoint, config_lib, evaluators, metric_writer, train
 from medjax.data import datasets
-from train_testing import Preempted, preempt_after_save, set_dotted
+from tests.train_testing import Preempted, preempt_after_save, set_dotted
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 

@@ -16,7 +16,7 @@ import pytest
 from medjax import config_lib
 from medjax.sweep import local, space, trials
 from medjax.tools import sweep as sweep_tool
-from sweep_testing import ROOT, calls, fake_score, write_fixture
+from tests.tools.sweep_testing import ROOT, calls, fake_score, write_fixture
 
 
 @pytest.fixture(autouse=True)

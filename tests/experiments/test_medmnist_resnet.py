@@ -13,8 +13,8 @@ import medjax.models.acs  # noqa: F401  registers resnet*_acs / resnet*_2.5d (un
 from medjax import build, config_lib, train
 from medjax.data.datasets import medmnist as mm
 
-EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "medmnist_resnet.py")
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "medmnist_resnet.py")
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _load(arg=""):
