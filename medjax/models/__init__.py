@@ -8,10 +8,9 @@ Every model's `__call__(x, *, train)` takes channels-last `(B, *spatial, C)` inp
 
 from medjax.models.base import MODELS, build_model
 # Imported for their registrations (each file registers its models in MODELS).
-from medjax.models import (acs, densenet, efficientnet, graph, inception, mobilenet, resnet, sequence, shufflenet,
-                           swin_unetr, transunet, unet, unetr, vgg, vit)
+from medjax.models import (acs, densenet, efficientnet, graph, inception, mobilenet, resnet, sequence,  # noqa: F401
+                           shufflenet, swin_unetr, transunet, unet, unetr, vgg, vit)
 from medjax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, ResNet101
 from medjax.models.unet import UNet
 
-__all__ = ["MODELS", "build_model", "ResNet", "ResNet18", "ResNet34", "ResNet50",
-           "ResNet101", "UNet"]
+__all__ = ["MODELS", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "UNet", "build_model"]

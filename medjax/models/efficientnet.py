@@ -1,8 +1,10 @@
 """Rank-generic EfficientNet B0-B3 (Tan & Le 2019) for 2D and 3D classification.
 
-The layer structure, torchvision's channel rounding (`mobile.make_divisible` of `width * width_mult`) and
-depth rounding (`ceil(blocks * depth_mult)`) reproduce torchvision's parameter counts exactly (B0 with 3
-input channels and 1000 classes: 5,288,548). Registered as "efficientnet_b0" .. "efficientnet_b3".
+The layer structure, torchvision's channel rounding (`mobile_blocks.make_divisible` of
+`width * width_mult`) and depth rounding (`ceil(blocks * depth_mult)`) reproduce torchvision's parameter
+counts exactly (B0 with 3 input channels and 1000 classes: 5,288,548). Registered as "efficientnet_b0" ..
+"efficientnet_b3". The MBConv block (`InvertedResidual`) and the other shared blocks are in
+`mobile_blocks.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.models import layers, mobile
+from medjax.models import layers, mobile_blocks
 from medjax.models.base import MODELS
 
 Dtype = Any
@@ -40,7 +42,7 @@ class EfficientNet(nn.Module):
   Fields:
     num_classes: classifier outputs.
     spatial_dims: 2 or 3 (input rank is checked). The input must be at least 17 voxels on every axis
-      (five stride-2 stages; `mobile.check_downsample`).
+      (five stride-2 stages; `mobile_blocks.check_downsample`).
     width_mult / depth_mult: compound-scaling multipliers (set by the registered variants).
     dropout: dropout rate before the classifier ("dropout" rng stream, only when `train`).
     stochastic_depth: block i of N drops its residual branch at rate `stochastic_depth * i / N`
@@ -69,31 +71,31 @@ class EfficientNet(nn.Module):
     name = type(self).__name__
     layers.check_rank(x, self.spatial_dims, name)
     input_shape = x.shape[1:-1]
-    min_size = mobile.min_input_size(1 + sum(s[2] == 2 for s in STAGES))
+    min_size = mobile_blocks.min_input_size(1 + sum(s[2] == 2 for s in STAGES))
     kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
-    width = lambda c: mobile.make_divisible(c * self.width_mult)
+    width = lambda c: mobile_blocks.make_divisible(c * self.width_mult)
 
     x = x.astype(self.dtype)
-    mobile.check_downsample(x, input_shape, name, "stem", min_size)
-    x = mobile.ConvNormAct(width(STAGES[0][3]), 3, 2, act="silu", name="stem", **kw)(x, train)
+    mobile_blocks.check_downsample(x, input_shape, name, "stem", min_size)
+    x = layers.ConvNormAct(width(STAGES[0][3]), 3, 2, act="silu", name="stem", **kw)(x, train)
 
-    block_cls = mobile.maybe_remat(mobile.InvertedResidual, self.remat)
+    block_cls = mobile_blocks.maybe_remat(mobile_blocks.InvertedResidual, self.remat)
     depths = [int(math.ceil(s[5] * self.depth_mult)) for s in STAGES]
     total, index, stages = sum(depths), 0, []
     for i, ((expand, kernel, stride, c_in, c_out, _), depth) in enumerate(zip(STAGES, depths)):
       if stride == 2:
         stages.append(x)
-        mobile.check_downsample(x, input_shape, name, f"stage{i + 1}", min_size)
+        mobile_blocks.check_downsample(x, input_shape, name, f"stage{i + 1}", min_size)
       for j in range(depth):
         in_width = width(c_in) if j == 0 else width(c_out)
         x = block_cls(
-          width(c_out), mobile.make_divisible(in_width * expand), kernel, stride if j == 0 else 1,
+          width(c_out), mobile_blocks.make_divisible(in_width * expand), kernel, stride if j == 0 else 1,
           act="silu", se_squeeze=max(1, in_width // 4), se_act="silu", se_gate="sigmoid",
           drop_rate=self.stochastic_depth * index / total, name=f"stage{i + 1}_block{j}", **kw)(x, train)
         index += 1
     stages.append(x)
 
-    x = mobile.ConvNormAct(4 * width(STAGES[-1][4]), 1, act="silu", name="head_conv", **kw)(x, train)
+    x = layers.ConvNormAct(4 * width(STAGES[-1][4]), 1, act="silu", name="head_conv", **kw)(x, train)
     features = layers.global_avg_pool(x)
     y = nn.Dropout(self.dropout, deterministic=not train)(features.astype(self.dtype))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier")(y)

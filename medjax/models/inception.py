@@ -39,24 +39,11 @@ INCEPTION_CONFIG = (
 AUX_AFTER = ("inception4a", "inception4d")  # where the two auxiliary heads branch off
 
 
-class ConvBN(nn.Module):
-  """Conv (no bias) -> batch norm (eps 1e-3) -> ReLU, torchvision's `BasicConv2d`.
-  `(B, *s, C) -> (B, *s / stride, features)`."""
-  features: int
-  kernel_size: int = 1
-  stride: int = 1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    nd = x.ndim - 2
-    x = layers.conv(self.features, (self.kernel_size,) * nd, (self.stride,) * nd, use_bias=False,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-    # Flax's BatchNorm reduces its statistics in float32 whatever `dtype` is.
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="norm")(x)
-    return nn.relu(x)
+def conv_bn(features: int, kernel_size: int = 1, stride: int = 1, **kw) -> layers.ConvNormAct:
+  """Conv (no bias) -> batch norm (eps 1e-3) -> ReLU, torchvision's `BasicConv2d`, as a `layers.ConvNormAct`
+  (submodules "conv" and "norm"). `(B, *s, C) -> (B, *s / stride, features)`; `kw`: name, dtype, param_dtype."""
+  return layers.ConvNormAct(features, kernel_size, stride, norm="batch", act="relu", bn_epsilon=BN_EPSILON,
+                            **kw)
 
 
 class Inception(nn.Module):
@@ -75,18 +62,18 @@ class Inception(nn.Module):
   def __call__(self, x, train: bool):
     nd = x.ndim - 2
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    b1 = ConvBN(self.ch1x1, 1, name="branch1", **kw)(x, train)
-    b2 = ConvBN(self.ch3x3_reduce, 1, name="branch2_reduce", **kw)(x, train)
-    b2 = ConvBN(self.ch3x3, 3, name="branch2", **kw)(b2, train)
-    b3 = ConvBN(self.ch5x5_reduce, 1, name="branch3_reduce", **kw)(x, train)
-    b3 = ConvBN(self.ch5x5, 3, name="branch3", **kw)(b3, train)  # 3^d, as torchvision (the paper: 5^d)
+    b1 = conv_bn(self.ch1x1, 1, name="branch1", **kw)(x, train)
+    b2 = conv_bn(self.ch3x3_reduce, 1, name="branch2_reduce", **kw)(x, train)
+    b2 = conv_bn(self.ch3x3, 3, name="branch2", **kw)(b2, train)
+    b3 = conv_bn(self.ch5x5_reduce, 1, name="branch3_reduce", **kw)(x, train)
+    b3 = conv_bn(self.ch5x5, 3, name="branch3", **kw)(b3, train)  # 3^d, as torchvision (the paper: 5^d)
     b4 = nn.max_pool(x, (3,) * nd, strides=(1,) * nd, padding=((1, 1),) * nd)
-    b4 = ConvBN(self.pool_proj, 1, name="branch4", **kw)(b4, train)
+    b4 = conv_bn(self.pool_proj, 1, name="branch4", **kw)(b4, train)
     return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
 
 class AuxHead(nn.Module):
-  """Auxiliary classifier: adaptive average pool to 4 per axis -> 1^d ConvBN(128) -> flatten -> dense 1024
+  """Auxiliary classifier: adaptive average pool to 4 per axis -> 1^d conv_bn(128) -> flatten -> dense 1024
   -> ReLU -> dropout -> dense `num_classes`. `(B, *s, C) -> (B, num_classes)` float32."""
   num_classes: int
   dropout: float = 0.7
@@ -96,7 +83,7 @@ class AuxHead(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = layers.adaptive_avg_pool(x, 4)
-    x = ConvBN(128, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x, train)
+    x = conv_bn(128, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x, train)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(1024, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -108,7 +95,7 @@ class AuxHead(nn.Module):
 class GoogLeNet(nn.Module):
   """GoogLeNet classifier: `(B, *spatial, C)` -> `(logits (B, num_classes) float32, aux)`.
 
-  Stem (7^d stride-2 ConvBN, ceil-mode max-pool, 1^d and 3^d ConvBN, max-pool), Inception modules 3a-3b,
+  Stem (7^d stride-2 conv_bn, ceil-mode max-pool, 1^d and 3^d conv_bn, max-pool), Inception modules 3a-3b,
   max-pool, 4a-4e, max-pool (2^d), 5a-5b, global average pooling, dropout and the dense layer "head".
   Max-pools use PyTorch's ceil mode; every spatial axis needs at least 15 voxels.
 
@@ -149,10 +136,10 @@ class GoogLeNet(nn.Module):
     ], name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.astype(self.dtype)
-    x = ConvBN(64, 7, 2, name="conv1", **kw)(x, train)
+    x = conv_bn(64, 7, 2, name="conv1", **kw)(x, train)
     x = layers.max_pool_ceil(x, 3, 2)
-    x = ConvBN(64, 1, name="conv2", **kw)(x, train)
-    x = ConvBN(192, 3, name="conv3", **kw)(x, train)
+    x = conv_bn(64, 1, name="conv2", **kw)(x, train)
+    x = conv_bn(192, 3, name="conv3", **kw)(x, train)
     stages = [x]
     x = layers.max_pool_ceil(x, 3, 2)
 

@@ -7,6 +7,10 @@ per-axis tuple such as `(1, 3, 3)` for thick-slice volumes.
 Numerics: convolutions compute in `dtype` (e.g. bfloat16) with parameters in `param_dtype` (float32);
 normalisation statistics are always reduced in float32 (Flax's float32 promotion of mean/variance), and the
 normalised result is cast back to `dtype`.
+
+This file holds the one activation table (`ACTIVATIONS` / `activation`), the one `make_norm` and the one
+`ConvNormAct` of every model family. The blocks of the mobile classifiers (inverted residual / MBConv,
+squeeze-excitation, stochastic depth, channel rounding) are built on them in `mobile_blocks.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,11 +27,17 @@ Dtype = Any
 IntOrTuple = Union[int, Sequence[int]]
 
 NORMS = ("batch", "instance", "group", "none")
+# Activations by name (module fields stay hashable strings, so blocks can be rematerialised with static
+# arguments). "hard_sigmoid" is relu6(x + 3) / 6 and "hard_swish" x * hard_sigmoid(x), as in PyTorch.
 ACTIVATIONS = {
   "relu": nn.relu,
+  "relu6": jax.nn.relu6,
   "leaky_relu": lambda x: nn.leaky_relu(x, negative_slope=0.01),  # nnU-Net's slope
   "gelu": nn.gelu,
   "silu": nn.silu,
+  "sigmoid": nn.sigmoid,
+  "hard_sigmoid": jax.nn.hard_sigmoid,
+  "hard_swish": jax.nn.hard_swish,
   "none": lambda x: x,
 }
 NORM_EPSILON = 1e-5  # PyTorch's default for batch / instance / group norm, so ported weights agree
@@ -77,16 +88,18 @@ def activation(name: str) -> Callable[[Any], Any]:
 
 def make_norm(kind: str, *, train: bool, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
               name: Optional[str] = None, scale_init: Callable = nn.initializers.ones,
-              momentum: float = 0.9) -> Callable[[Any], Any]:
+              momentum: float = 0.9, epsilon: float = NORM_EPSILON) -> Callable[[Any], Any]:
   """Returns a normalisation layer `(B, *spatial, C) -> same shape` of the given kind; call it inside a
   compact method so it is bound to the caller.
 
   kind: "batch" (statistics over batch + space, running averages in the "batch_stats" collection,
     PyTorch momentum 0.1 == Flax momentum 0.9), "instance" (per sample and channel over space, with a
     per-channel affine), "group" (gcd(C, 32) groups, so tiny test widths still divide), or "none".
+  momentum: batch norm's running-average momentum (Flax convention: 1 - PyTorch's momentum).
+  epsilon: added to the variance (PyTorch's 1e-5 by default, so ported weights agree).
   Statistics are reduced in float32 whatever `dtype` is; the output has `dtype`.
   """
-  common = dict(epsilon=NORM_EPSILON, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)
+  common = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)
   if kind == "batch":
     return nn.BatchNorm(use_running_average=not train, momentum=momentum, **common)
   if kind == "instance":
@@ -112,26 +125,53 @@ class _GroupNormGcd(nn.Module):
                         param_dtype=self.param_dtype, scale_init=self.scale_init, name="norm")(x)
 
 
-def conv(features: int, kernel_size: Tuple[int, ...], strides: Tuple[int, ...] = None, *, use_bias: bool,
-         dtype: Dtype, param_dtype: Dtype, name: Optional[str] = None) -> nn.Conv:
+def conv(features: int, kernel_size: Tuple[int, ...], strides: Optional[Tuple[int, ...]] = None, *, use_bias: bool,
+         dtype: Dtype, param_dtype: Dtype, name: Optional[str] = None, groups: int = 1,
+         padding: Any = None) -> nn.Conv:
   """An N-D convolution with symmetric `k // 2` padding (PyTorch / nnU-Net convention): stride s maps a
-  length n to ceil(n / s) for odd kernels, and ported PyTorch weights give identical outputs."""
+  length n to ceil(n / s) for odd kernels, and ported PyTorch weights give identical outputs.
+
+  groups: channel groups (Flax `feature_group_count`); `groups == C_in == features` is a depthwise conv.
+  padding: None for the symmetric `k // 2` padding, else anything `nn.Conv` takes ("SAME", "VALID",
+    per-axis `(low, high)` pairs). Convolution factories standing in for `conv` (`ResNet.conv_factory`,
+    `acs.CONV_KINDS`) need not take `groups` or `padding`: ResNet never passes them.
+  """
   strides = strides or (1,) * len(kernel_size)
-  padding = [(k // 2, k // 2) for k in kernel_size]
-  return nn.Conv(features, kernel_size, strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
-                 param_dtype=param_dtype, kernel_init=nn.initializers.he_normal(), name=name)
+  if padding is None:
+    padding = [(k // 2, k // 2) for k in kernel_size]
+  return nn.Conv(features, kernel_size, strides=strides, padding=padding, feature_group_count=groups,
+                 use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.he_normal(),
+                 name=name)
 
 
 class ConvNormAct(nn.Module):
-  """Conv -> norm -> activation on `(B, *spatial, C_in)` -> `(B, *spatial / strides, features)`.
+  """Conv -> norm -> activation on `(B, *spatial, C_in)` -> `(B, *spatial / strides, features)`, the
+  conv-norm-activation unit of every model family (U-Net blocks, the mobile classifiers' expand / depthwise
+  / project convs, GoogLeNet's `BasicConv2d`, ...). Submodules: "conv" and "norm" (no "norm" params for
+  norm="none").
 
-  The conv has no bias when a norm follows it (the norm's shift makes it redundant).
+  Fields:
+    features: output channels.
+    kernel_size / strides: an int (every axis) or a per-axis tuple.
+    norm: a `make_norm` kind; act: an `ACTIVATIONS` name.
+    groups: conv channel groups; `groups == C_in == features` is a depthwise conv.
+    use_bias: conv bias; None (default) gives one only when norm="none" (a norm's shift makes it redundant).
+    padding: None for symmetric `k // 2` padding, else as `nn.Conv` (see `conv`).
+    bn_epsilon / bn_momentum: batch norm's epsilon and running-average momentum (Flax convention), e.g.
+      MobileNetV3's PyTorch eps 1e-3 / momentum 0.01 == 0.99. Batch norm only: instance and group norm
+      keep `NORM_EPSILON`.
+    dtype / param_dtype: compute / parameter dtypes (norm statistics in float32).
   """
   features: int
   kernel_size: IntOrTuple = 3
   strides: IntOrTuple = 1
   norm: str = "instance"
   act: str = "leaky_relu"
+  groups: int = 1
+  use_bias: Optional[bool] = None
+  padding: Any = None
+  bn_epsilon: float = NORM_EPSILON
+  bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -140,9 +180,14 @@ class ConvNormAct(nn.Module):
     nd = x.ndim - 2
     k = to_tuple(self.kernel_size, nd, "kernel_size")
     s = to_tuple(self.strides, nd, "strides")
-    x = conv(self.features, k, s, use_bias=self.norm == "none", dtype=self.dtype,
-             param_dtype=self.param_dtype, name="conv")(x)
-    x = make_norm(self.norm, train=train, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+    use_bias = self.norm == "none" if self.use_bias is None else self.use_bias
+    x = conv(self.features, k, s, use_bias=use_bias, groups=self.groups, padding=self.padding,
+             dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+    # The batch-norm settings are scoped to batch norm so that e.g. MobileNetV3 with norm="group" keeps the
+    # group norm's usual epsilon.
+    bn = self.norm == "batch"
+    x = make_norm(self.norm, train=train, dtype=self.dtype, param_dtype=self.param_dtype, name="norm",
+                  epsilon=self.bn_epsilon if bn else NORM_EPSILON, momentum=self.bn_momentum)(x)
     return activation(self.act)(x)
 
 

@@ -1,7 +1,11 @@
-"""Rank-generic MobileNetV2 (Sandler et al. 2018) and MobileNetV3 Small / Large (Howard et al. 2019) for 2D
-and 3D classification.
+"""The MobileNet models: rank-generic MobileNetV2 (Sandler et al. 2018) and MobileNetV3 Small / Large
+(Howard et al. 2019) for 2D and 3D classification.
 
-Layer structure and torchvision's channel rounding (`mobile.make_divisible`) reproduce torchvision's
+This file holds only the model definitions (stage tables, stem, head). The blocks they are built from
+(`InvertedResidual`, `SqueezeExcite`, `make_divisible`, ...) are in `mobile_blocks.py`, shared with
+EfficientNet and ShuffleNetV2; `layers.ConvNormAct` and `layers.activation` come from `layers.py`.
+
+Layer structure and torchvision's channel rounding (`mobile_blocks.make_divisible`) reproduce torchvision's
 parameter counts exactly at 3 input channels and 1000 classes: mobilenet_v2 3,504,872, mobilenet_v3_large
 5,483,032, mobilenet_v3_small 2,542,856. Registered as "mobilenet_v2", "mobilenet_v3_small" and
 "mobilenet_v3_large".
@@ -14,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.models import layers, mobile
+from medjax.models import layers, mobile_blocks
 from medjax.models.base import MODELS
 
 Dtype = Any
@@ -58,8 +62,9 @@ V3_BLOCKS = {
   ),
 }
 V3_LAST_CHANNEL = {"large": 1280, "small": 1024}
-# MobileNetV3's batch norm: PyTorch eps 1e-3 and momentum 0.01 (Flax momentum 0.99).
-V3_NORM = dict(norm_epsilon=1e-3, norm_momentum=0.99)
+# MobileNetV3's batch norm: PyTorch eps 1e-3 and momentum 0.01 (Flax momentum 0.99); other norm kinds keep
+# their usual epsilon.
+V3_NORM = dict(bn_epsilon=1e-3, bn_momentum=0.99)
 
 
 @MODELS.register("mobilenet_v2")
@@ -72,7 +77,7 @@ class MobileNetV2(nn.Module):
   Fields:
     num_classes: classifier outputs.
     spatial_dims: 2 or 3 (input rank is checked). The input must be at least 17 voxels on every axis
-      (five stride-2 stages; `mobile.check_downsample`).
+      (five stride-2 stages; `mobile_blocks.check_downsample`).
     width_mult: channel multiplier (torchvision's rounding to multiples of 8; the head keeps at least 1280).
     dropout: dropout rate before the classifier ("dropout" rng stream, only when `train`).
     norm: "batch" (running averages in "batch_stats") | "group" | "instance" | "none".
@@ -97,26 +102,26 @@ class MobileNetV2(nn.Module):
     name = type(self).__name__
     layers.check_rank(x, self.spatial_dims, name)
     input_shape = x.shape[1:-1]
-    min_size = mobile.min_input_size(1 + sum(s[3] == 2 for s in V2_STAGES))
+    min_size = mobile_blocks.min_input_size(1 + sum(s[3] == 2 for s in V2_STAGES))
     kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
-    width = lambda c: mobile.make_divisible(c * self.width_mult)
+    width = lambda c: mobile_blocks.make_divisible(c * self.width_mult)
 
     x = x.astype(self.dtype)
-    mobile.check_downsample(x, input_shape, name, "stem", min_size)
-    x = mobile.ConvNormAct(width(32), 3, 2, act="relu6", name="stem", **kw)(x, train)
-    block_cls = mobile.maybe_remat(mobile.InvertedResidual, self.remat)
+    mobile_blocks.check_downsample(x, input_shape, name, "stem", min_size)
+    x = layers.ConvNormAct(width(32), 3, 2, act="relu6", name="stem", **kw)(x, train)
+    block_cls = mobile_blocks.maybe_remat(mobile_blocks.InvertedResidual, self.remat)
     stages = []
     for i, (expand, c_out, blocks, stride) in enumerate(V2_STAGES):
       if stride == 2:
         stages.append(x)
-        mobile.check_downsample(x, input_shape, name, f"stage{i + 1}", min_size)
+        mobile_blocks.check_downsample(x, input_shape, name, f"stage{i + 1}", min_size)
       for j in range(blocks):
         # torchvision rounds the expanded width to the nearest integer, not to a multiple of 8.
         x = block_cls(width(c_out), int(round(x.shape[-1] * expand)), 3, stride if j == 0 else 1,
                       act="relu6", name=f"stage{i + 1}_block{j}", **kw)(x, train)
     stages.append(x)
 
-    x = mobile.ConvNormAct(mobile.make_divisible(1280 * max(1.0, self.width_mult)), 1, act="relu6",
+    x = layers.ConvNormAct(mobile_blocks.make_divisible(1280 * max(1.0, self.width_mult)), 1, act="relu6",
                            name="head_conv", **kw)(x, train)
     features = layers.global_avg_pool(x)
     y = nn.Dropout(self.dropout, deterministic=not train)(features.astype(self.dtype))
@@ -135,7 +140,7 @@ class MobileNetV3(nn.Module):
   Fields:
     num_classes: classifier outputs.
     spatial_dims: 2 or 3 (input rank is checked). The input must be at least 17 voxels on every axis
-      (five stride-2 stages; `mobile.check_downsample`).
+      (five stride-2 stages; `mobile_blocks.check_downsample`).
     arch: "large" or "small" (set by the registered variants).
     width_mult: channel multiplier (torchvision's rounding to multiples of 8).
     dropout: dropout rate inside the classifier ("dropout" rng stream, only when `train`).
@@ -165,28 +170,28 @@ class MobileNetV3(nn.Module):
       raise ValueError(f"{name}: arch={self.arch!r} must be one of {', '.join(map(repr, V3_BLOCKS))}.")
     blocks = V3_BLOCKS[self.arch]
     input_shape = x.shape[1:-1]
-    min_size = mobile.min_input_size(1 + sum(b[5] == 2 for b in blocks))
+    min_size = mobile_blocks.min_input_size(1 + sum(b[5] == 2 for b in blocks))
     kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype, **V3_NORM)
-    width = lambda c: mobile.make_divisible(c * self.width_mult)
+    width = lambda c: mobile_blocks.make_divisible(c * self.width_mult)
 
     x = x.astype(self.dtype)
-    mobile.check_downsample(x, input_shape, name, "stem", min_size)
-    x = mobile.ConvNormAct(width(16), 3, 2, act="hard_swish", name="stem", **kw)(x, train)
-    block_cls = mobile.maybe_remat(mobile.InvertedResidual, self.remat)
+    mobile_blocks.check_downsample(x, input_shape, name, "stem", min_size)
+    x = layers.ConvNormAct(width(16), 3, 2, act="hard_swish", name="stem", **kw)(x, train)
+    block_cls = mobile_blocks.maybe_remat(mobile_blocks.InvertedResidual, self.remat)
     stages = []
     for i, (kernel, expanded, c_out, se, act, stride) in enumerate(blocks):
       if stride == 2:
         stages.append(x)
-        mobile.check_downsample(x, input_shape, name, f"block{i}", min_size)
+        mobile_blocks.check_downsample(x, input_shape, name, f"block{i}", min_size)
       x = block_cls(width(c_out), width(expanded), kernel, stride, act=act,
-                    se_squeeze=mobile.make_divisible(width(expanded) // 4) if se else 0, se_act="relu",
+                    se_squeeze=mobile_blocks.make_divisible(width(expanded) // 4) if se else 0, se_act="relu",
                     se_gate="hard_sigmoid", name=f"block{i}", **kw)(x, train)
     stages.append(x)
 
-    x = mobile.ConvNormAct(6 * x.shape[-1], 1, act="hard_swish", name="head_conv", **kw)(x, train)
+    x = layers.ConvNormAct(6 * x.shape[-1], 1, act="hard_swish", name="head_conv", **kw)(x, train)
     features = layers.global_avg_pool(x)
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    y = mobile.activation("hard_swish")(dense(width(V3_LAST_CHANNEL[self.arch]), "classifier_hidden")(
+    y = layers.activation("hard_swish")(dense(width(V3_LAST_CHANNEL[self.arch]), "classifier_hidden")(
       features.astype(self.dtype)))
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     logits = dense(self.num_classes, "classifier")(y)

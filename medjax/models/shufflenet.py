@@ -1,4 +1,6 @@
-"""Rank-generic ShuffleNetV2 (Ma et al. 2018) for 2D and 3D classification.
+"""Rank-generic ShuffleNetV2 (Ma et al. 2018) for 2D and 3D classification: the shuffle unit, channel
+shuffle and the model. Its conv units are `layers.ConvNormAct`; the too-small-input check and remat helper
+come from `mobile_blocks.py`.
 
 Layer structure reproduces torchvision's parameter counts exactly (x1.0 with 3 input channels and 1000
 classes: 2,278,604). Registered as "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5" and
@@ -12,7 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.models import layers, mobile
+from medjax.models import layers, mobile_blocks
 from medjax.models.base import MODELS
 
 Dtype = Any
@@ -44,14 +46,14 @@ class ShuffleBlock(nn.Module):
     if self.stride == 1:
       left, right = jnp.split(x, 2, axis=-1)
     else:
-      left = mobile.ConvNormAct(x.shape[-1], 3, self.stride, groups=x.shape[-1], act="none",
+      left = layers.ConvNormAct(x.shape[-1], 3, self.stride, groups=x.shape[-1], act="none",
                                 name="left_depthwise", **kw)(x, train)
-      left = mobile.ConvNormAct(half, 1, act="relu", name="left_project", **kw)(left, train)
+      left = layers.ConvNormAct(half, 1, act="relu", name="left_project", **kw)(left, train)
       right = x
-    right = mobile.ConvNormAct(half, 1, act="relu", name="right_expand", **kw)(right, train)
-    right = mobile.ConvNormAct(half, 3, self.stride, groups=half, act="none", name="right_depthwise",
+    right = layers.ConvNormAct(half, 1, act="relu", name="right_expand", **kw)(right, train)
+    right = layers.ConvNormAct(half, 3, self.stride, groups=half, act="none", name="right_depthwise",
                                **kw)(right, train)
-    right = mobile.ConvNormAct(half, 1, act="relu", name="right_project", **kw)(right, train)
+    right = layers.ConvNormAct(half, 1, act="relu", name="right_project", **kw)(right, train)
     return channel_shuffle(jnp.concatenate([left.astype(right.dtype), right], axis=-1), 2)
 
 
@@ -64,7 +66,7 @@ class ShuffleNetV2(nn.Module):
   Fields:
     num_classes: classifier outputs.
     spatial_dims: 2 or 3 (input rank is checked). The input must be at least 17 voxels on every axis
-      (five stride-2 layers; `mobile.check_downsample`).
+      (five stride-2 layers; `mobile_blocks.check_downsample`).
     stage_channels: widths of stem, stages 2-4 and head conv (set by the registered variants).
     stage_blocks: shuffle units per stage.
     norm: "batch" (running averages in "batch_stats") | "group" | "instance" | "none".
@@ -92,24 +94,24 @@ class ShuffleNetV2(nn.Module):
                        f"entries (stem, one per stage in stage_blocks={tuple(self.stage_blocks)}, head).")
     nd = self.spatial_dims
     input_shape = x.shape[1:-1]
-    min_size = mobile.min_input_size(2 + len(self.stage_blocks))
+    min_size = mobile_blocks.min_input_size(2 + len(self.stage_blocks))
     kw = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
 
     x = x.astype(self.dtype)
-    mobile.check_downsample(x, input_shape, name, "stem", min_size)
-    x = mobile.ConvNormAct(self.stage_channels[0], 3, 2, act="relu", name="stem", **kw)(x, train)
-    mobile.check_downsample(x, input_shape, name, "max_pool", min_size)
+    mobile_blocks.check_downsample(x, input_shape, name, "stem", min_size)
+    x = layers.ConvNormAct(self.stage_channels[0], 3, 2, act="relu", name="stem", **kw)(x, train)
+    mobile_blocks.check_downsample(x, input_shape, name, "max_pool", min_size)
     x = nn.max_pool(x, (3,) * nd, strides=(2,) * nd, padding=((1, 1),) * nd)
 
-    block_cls = mobile.maybe_remat(ShuffleBlock, self.remat)
+    block_cls = mobile_blocks.maybe_remat(ShuffleBlock, self.remat)
     stages = []
     for i, (blocks, width) in enumerate(zip(self.stage_blocks, self.stage_channels[1:-1])):
-      mobile.check_downsample(x, input_shape, name, f"stage{i + 2}", min_size)
+      mobile_blocks.check_downsample(x, input_shape, name, f"stage{i + 2}", min_size)
       for j in range(blocks):
         x = block_cls(width, 2 if j == 0 else 1, name=f"stage{i + 2}_block{j}", **kw)(x, train)
       stages.append(x)
 
-    x = mobile.ConvNormAct(self.stage_channels[-1], 1, act="relu", name="head_conv", **kw)(x, train)
+    x = layers.ConvNormAct(self.stage_channels[-1], 1, act="relu", name="head_conv", **kw)(x, train)
     features = layers.global_avg_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="classifier")(
       features.astype(self.dtype))

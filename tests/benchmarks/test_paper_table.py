@@ -35,9 +35,13 @@ def _rows(table):
 
 def test_table_means_stds_published_and_deltas(tmp_path, capsys):
   sweep = tmp_path / "sweep"
+  envs = [{"git_commit": "a" * 40, "git_dirty": False}, {"git_commit": "b" * 40, "git_dirty": True}, None]
   for seed, (auc, acc) in enumerate([(0.90, 0.80), (0.92, 0.84), (0.94, 0.88)]):
-    _write_run(str(sweep), f"trial_{seed}", seed=seed, auc_best=auc, acc_best=acc, auc_last=auc - 0.1,
-               acc_last=acc - 0.1, wall_s=60.0 * (seed + 1))
+    workdir = _write_run(str(sweep), f"trial_{seed}", seed=seed, auc_best=auc, acc_best=acc, auc_last=auc - 0.1,
+                         acc_last=acc - 0.1, wall_s=60.0 * (seed + 1))
+    if envs[seed]:  # env.json as train.main writes it; trial_2 predates env.json
+      with open(os.path.join(workdir, "env.json"), "w") as f:
+        json.dump(envs[seed], f)
   single = _write_run(str(tmp_path), "acs", subset="adrenalmnist3d", conv="acs", seed=0, auc_best=0.85,
                       acc_best=0.75, auc_last=0.8, acc_last=None, wall_s=90.0)
   out = tmp_path / "tables" / "table.md"
@@ -47,9 +51,9 @@ def test_table_means_stds_published_and_deltas(tmp_path, capsys):
   breast = rows[("breastmnist", "resnet18", "2d", "28", "official")]
   # mean ± sample std: AUC 0.92 ± 0.02, ACC 0.84 ± 0.04; published 0.901 / 0.863 (MedMNIST v2, Table 3)
   assert breast[5:] == ["0,1,2", "0.920 ± 0.020", "0.840 ± 0.040", "0.820 ± 0.020", "0.740 ± 0.040",
-                        "0.901 / 0.863", "+0.019", "-0.023", "2.0 ± 1.0"]
+                        "0.901 / 0.863", "+0.019", "-0.023", "2.0 ± 1.0", "?, aaaaaaa, bbbbbbb+dirty"]
   acs = rows[("adrenalmnist3d", "resnet18", "acs", "28", "official")]
-  assert acs[5:] == ["0", "0.850", "0.750", "0.800", "-", "0.839 / 0.754", "+0.011", "-0.004", "1.5"]
+  assert acs[5:] == ["0", "0.850", "0.750", "0.800", "-", "0.839 / 0.754", "+0.011", "-0.004", "1.5", "?"]
   assert "Scientific Data 10, 41" in table
 
 
@@ -110,4 +114,4 @@ def test_partial_wall_time_of_an_old_resumed_run_is_left_out(tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
       f.writelines(json.dumps({"step": 1 + 100 * i, "compile_s": 3.0}) + "\n" for i in range(sessions))
   row = _rows(paper_table.main(["--runs", str(tmp_path)]))[("breastmnist", "resnet18", "2d", "28", "official")]
-  assert row[-1] == "10.0 (1 partial left out)"
+  assert row[-2:] == ["10.0 (1 partial left out)", "?"]

@@ -5,16 +5,13 @@ import numpy as np
 import pytest
 
 from medjax import losses
-
-
-def _perfect_logits(labels, num_classes, scale=50.0):
-  return scale * (np.eye(num_classes)[labels] * 2 - 1).astype(np.float32)
+from tests.losses.losses_testing import confident_logits
 
 
 @pytest.mark.parametrize("spatial", [(5, 7), (3, 4, 5)])
 def test_perfect_prediction_has_near_zero_dice_and_xent(spatial):
   labels = np.random.default_rng(0).integers(0, 3, size=(2,) + spatial)
-  logits = _perfect_logits(labels, 3)
+  logits = confident_logits(labels, 3, scale=50.0)
   assert np.allclose(losses.soft_dice(logits, labels), 0.0, atol=1e-6)
   assert np.allclose(losses.softmax_cross_entropy(logits, labels), 0.0, atol=1e-6)
 
@@ -38,7 +35,7 @@ def test_cross_entropy_matches_gather_formula_and_label_smoothing():
 
 def test_mask_ignores_voxels():
   labels = np.array([[0, 1, 1, 0]])
-  logits = _perfect_logits(labels, 2)
+  logits = confident_logits(labels, 2, scale=50.0)
   logits[0, 0] = [-50, 50]  # wrong at voxel 0
   mask = np.array([[0, 1, 1, 1]], np.float32)
   assert float(losses.softmax_cross_entropy(logits, labels, mask=mask)[0]) < 1e-6
@@ -49,14 +46,14 @@ def test_dice_known_value():
   # Hard probabilities: prediction covers 2 voxels of class 1, reference 4 of which 2 overlap -> Dice 2*2/(2+4).
   labels = np.array([[1, 1, 1, 1, 0, 0]])
   pred = np.array([[1, 1, 0, 0, 0, 0]])
-  logits = _perfect_logits(pred, 2, scale=100.0)
+  logits = confident_logits(pred, 2, scale=100.0)
   np.testing.assert_allclose(losses.soft_dice(logits, labels), 1 - 4 / 6, rtol=1e-5)
 
 
 def test_batch_dice_pools_examples():
   labels = np.array([[1, 1, 0, 0], [0, 0, 0, 0]])
   pred = np.array([[1, 1, 0, 0], [1, 0, 0, 0]])  # one false-positive voxel in the empty case
-  logits = _perfect_logits(pred, 2, scale=100.0)
+  logits = confident_logits(pred, 2, scale=100.0)
   per_case = np.asarray(losses.soft_dice(logits, labels))
   assert per_case[0] < 1e-5 and per_case[1] > 0.99  # the empty case is punished fully
   pooled = np.asarray(losses.soft_dice(logits, labels, batch_dice=True))

@@ -4,17 +4,14 @@ import numpy as np
 import pytest
 
 from medjax import losses
+from tests.losses.losses_testing import confident_logits
 from medjax.data import preprocess
-
-
-def _hard_logits(labels, num_classes, scale=100.0):
-  return scale * (np.eye(num_classes)[labels] * 2 - 1).astype(np.float32)
 
 
 @pytest.mark.parametrize("spatial", [(5, 7), (3, 4, 5)])
 def test_perfect_prediction_gives_near_zero_region_losses(spatial):
   labels = np.random.default_rng(0).integers(0, 3, size=(2,) + spatial)
-  logits = _hard_logits(labels, 3)
+  logits = confident_logits(labels, 3, scale=100.0)
   for fn in (losses.soft_dice, losses.tversky, losses.generalized_dice, losses.focal_tversky):
     np.testing.assert_allclose(fn(logits, labels), 0.0, atol=1e-4, err_msg=fn.__name__)
     np.testing.assert_allclose(fn(logits, labels, batch_dice=True), 0.0, atol=1e-4, err_msg=fn.__name__)
@@ -28,7 +25,7 @@ def test_tversky_half_half_equals_dice_and_hand_value():
                              rtol=1e-5)
   # Class 1: TP 2, FP 1, FN 2 -> TI = 2 / (2 + 0.3 * 1 + 0.7 * 2).
   labels = np.array([[1, 1, 1, 1, 0, 0]])
-  logits = _hard_logits(np.array([[1, 1, 0, 0, 1, 0]]), 2)
+  logits = confident_logits(np.array([[1, 1, 0, 0, 1, 0]]), 2, scale=100.0)
   np.testing.assert_allclose(losses.tversky(logits, labels), [1 - 2 / 3.7], rtol=1e-5)
   np.testing.assert_allclose(losses.focal_tversky(logits, labels, gamma=2.0), [(1 - 2 / 3.7) ** 0.5], rtol=1e-5)
   np.testing.assert_allclose(losses.focal_tversky(logits, labels, gamma=1.0), losses.tversky(logits, labels),
@@ -40,13 +37,13 @@ def test_generalized_dice_hand_value_and_absent_class():
   pred = np.array([[1, 1, 0, 0, 1, 0]])
   # Class 0: V 2, TP 1, P 3; class 1: V 4, TP 2, P 3; w = 1/V^2.
   expected = 1 - 2 * (1 / 4 * 1 + 1 / 16 * 2) / (1 / 4 * 5 + 1 / 16 * 7)
-  np.testing.assert_allclose(losses.generalized_dice(_hard_logits(pred, 2), labels, include_background=True),
+  np.testing.assert_allclose(losses.generalized_dice(confident_logits(pred, 2, scale=100.0), labels, include_background=True),
                              [expected], rtol=1e-5)
   # An absent class 2 that is not predicted changes nothing; predicting it costs at the largest weight.
-  np.testing.assert_allclose(losses.generalized_dice(_hard_logits(pred, 3), labels, include_background=True),
+  np.testing.assert_allclose(losses.generalized_dice(confident_logits(pred, 3, scale=100.0), labels, include_background=True),
                              [expected], rtol=1e-5)
   false_positive = np.array([[1, 1, 0, 0, 1, 2]])
-  worse = losses.generalized_dice(_hard_logits(false_positive, 3), labels, include_background=True)
+  worse = losses.generalized_dice(confident_logits(false_positive, 3, scale=100.0), labels, include_background=True)
   # Class 0 loses its TP voxel and P (3 -> 2); class 2 gets P 1 at weight 1/4.
   hand = 1 - 2 * (1 / 16 * 2) / (1 / 4 * 4 + 1 / 16 * 7 + 1 / 4 * 1)
   np.testing.assert_allclose(worse, [hand], rtol=1e-5)
@@ -73,9 +70,9 @@ def test_boundary_loss_hand_values():
   label = np.array([[0, 1, 1, 0]])
   distance = preprocess.signed_distance_maps(label, 2, (1.0, 1.0))[None]  # class 1: [1, -1, -1, 1]
   np.testing.assert_allclose(distance[0, 0, :, 1], [1, -1, -1, 1])
-  perfect = _hard_logits(label[None], 2)
+  perfect = confident_logits(label[None], 2, scale=100.0)
   np.testing.assert_allclose(losses.boundary_loss(perfect, label[None], distance_map=distance), [-0.5], atol=1e-6)
-  everywhere = _hard_logits(np.ones((1, 1, 4), np.int64), 2)
+  everywhere = confident_logits(np.ones((1, 1, 4), np.int64), 2, scale=100.0)
   np.testing.assert_allclose(losses.boundary_loss(everywhere, label[None], distance_map=distance), [0.0], atol=1e-6)
   combo = losses.dice_boundary(perfect, label[None], distance_map=distance, boundary_weight=0.1)
   np.testing.assert_allclose(combo, [-0.05], atol=1e-5)
@@ -97,11 +94,11 @@ def test_cldice_on_a_tube(shape, tube, gap):
   labels = _tube(shape, tube)
   skeleton = np.asarray(losses.soft_skeleton(np.eye(2, dtype=np.float32)[labels], iterations=3))[..., 1]
   assert skeleton.max() > 0.99 and np.all(skeleton[labels == 0] == 0)  # a centreline inside the tube
-  perfect = _hard_logits(labels, 2)
+  perfect = confident_logits(labels, 2, scale=100.0)
   np.testing.assert_allclose(losses.soft_cldice(perfect, labels), 0.0, atol=1e-4)
   np.testing.assert_allclose(losses.dice_cldice(perfect, labels), 0.0, atol=1e-4)
   broken = labels.copy()
   broken[(0,) + gap] = 0  # cut the tube: a topology error of a few voxels
-  loss = float(losses.soft_cldice(_hard_logits(broken, 2), labels)[0])
-  dice = float(losses.soft_dice(_hard_logits(broken, 2), labels)[0])
+  loss = float(losses.soft_cldice(confident_logits(broken, 2, scale=100.0), labels)[0])
+  dice = float(losses.soft_dice(confident_logits(broken, 2, scale=100.0), labels)[0])
   assert loss > 0.05 and loss > dice  # clDice weighs the cut more than the voxel count does

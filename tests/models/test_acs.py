@@ -9,7 +9,7 @@ import pytest
 
 from medjax import models
 from medjax.models import acs
-from zoo_testing import KEY, host_variables_for, num_params, train_mode_gradients
+from tests.models.zoo_testing import KEY, host_variables_for, num_params, train_mode_gradients
 
 PLANES = acs.PLANES
 

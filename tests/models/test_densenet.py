@@ -8,7 +8,7 @@ import pytest
 
 from medjax.models import base
 from medjax.models.densenet import DenseNet121
-from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
+from tests.models.zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
 
 TINY = dict(growth_rate=4, init_features=8, bn_size=2)
 

@@ -1,4 +1,4 @@
-"""Tests for medjax.models.efficientnet and the shared blocks in medjax.models.mobile."""
+"""Tests for medjax.models.efficientnet and the shared blocks in medjax.models.mobile_blocks."""
 
 import chex
 import flax.linen as nn
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from medjax import models
-from medjax.models import efficientnet, mobile  # noqa: F401  (registers the models)
+from medjax.models import efficientnet, mobile_blocks  # noqa: F401  (registers the models)
 from medjax.models.efficientnet import EfficientNetB0, EfficientNetB3
-from zoo_testing import (KEY, host_variables_for as _numpy_variables, init_shapes as _init_shapes,
+from tests.models.zoo_testing import (KEY, host_variables_for as _numpy_variables, init_shapes as _init_shapes,
                          num_params as _num_params, train_mode_gradients)
 
 
@@ -61,7 +61,7 @@ def test_stochastic_depth_rates_increase_linearly():
   rates = []
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, mobile.InvertedResidual) and context.method_name == "__call__":
+    if isinstance(context.module, mobile_blocks.InvertedResidual) and context.method_name == "__call__":
       rates.append(context.module.drop_rate)
     return next_fun(*args, **kwargs)
 
@@ -76,7 +76,7 @@ def test_stochastic_depth_drops_whole_samples():
   class Drop(nn.Module):
     @nn.compact
     def __call__(self, x, train):
-      return mobile.stochastic_depth(x, 0.25, train)
+      return mobile_blocks.stochastic_depth(x, 0.25, train)
 
   out = Drop().apply({}, x, True, rngs={"dropout": KEY})
   per_sample = np.asarray(out).reshape(256, -1)
@@ -87,7 +87,7 @@ def test_stochastic_depth_drops_whole_samples():
 
 
 def test_make_divisible_follows_torchvision():
-  assert [mobile.make_divisible(v) for v in (3, 16 * 1.2, 32 * 1.1, 40 * 1.1, 1280)] == [8, 24, 32, 48, 1280]
+  assert [mobile_blocks.make_divisible(v) for v in (3, 16 * 1.2, 32 * 1.1, 40 * 1.1, 1280)] == [8, 24, 32, 48, 1280]
 
 
 def test_train_step_gradients_are_finite():

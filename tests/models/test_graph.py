@@ -9,7 +9,7 @@ import pytest
 from medjax import models
 from medjax.models import graph  # noqa: F401  (registers "cnn_gnn")
 from medjax.models.graph import CNNGNN, GCNLayer, GraphNetwork, grid_adjacency, knn_adjacency
-from zoo_testing import KEY, num_params as _num_params, init_shapes as _init_apply
+from tests.models.zoo_testing import KEY, num_params as _num_params, init_shapes as _init_apply
 
 TINY = dict(features=(4, 8), graph_features=8, num_heads=2)
 

@@ -9,7 +9,7 @@ import pytest
 from medjax.models import base
 from medjax.models.inception import GoogLeNet
 from medjax.models.layers import max_pool_ceil
-from zoo_testing import KEY, num_params as _num_params, host_variables as _host_init
+from tests.models.zoo_testing import KEY, num_params as _num_params, host_variables as _host_init
 
 
 @pytest.mark.parametrize("aux_heads,expected", [(False, 6_624_904), (True, 13_004_888)])

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from medjax import models
-from medjax.models import mobile, mobilenet  # noqa: F401  (registers the models)
+from medjax.models import layers, mobilenet
 from medjax.models.mobilenet import MobileNetV2, MobileNetV3Large, MobileNetV3Small
-from zoo_testing import (KEY, host_variables_for as _numpy_variables, init_shapes as _init_shapes,
+from tests.models.zoo_testing import (KEY, host_variables_for as _numpy_variables, init_shapes as _init_shapes,
                          num_params as _num_params, train_mode_gradients)
 
 
@@ -62,8 +62,8 @@ def test_v3_squeeze_widths_and_bf16_params():
 def test_hard_activations_match_pytorch_definitions():
   x = jnp.linspace(-5.0, 5.0, 41)
   relu6 = jnp.clip(x + 3.0, 0.0, 6.0)
-  np.testing.assert_allclose(mobile.activation("hard_sigmoid")(x), relu6 / 6.0, atol=1e-6)
-  np.testing.assert_allclose(mobile.activation("hard_swish")(x), x * relu6 / 6.0, atol=1e-6)
+  np.testing.assert_allclose(layers.activation("hard_sigmoid")(x), relu6 / 6.0, atol=1e-6)
+  np.testing.assert_allclose(layers.activation("hard_swish")(x), x * relu6 / 6.0, atol=1e-6)
 
 
 def test_train_step_gradients_are_finite():

@@ -8,7 +8,7 @@ import pytest
 
 from medjax import models
 from medjax.models.resnet import ResNet18, ResNet50
-from zoo_testing import KEY, num_params as _num_params
+from tests.models.zoo_testing import KEY, num_params as _num_params
 
 
 @pytest.mark.parametrize("name,expected", [

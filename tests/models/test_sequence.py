@@ -10,7 +10,7 @@ from medjax import models
 from medjax.models import sequence  # noqa: F401  (registers "cnn_lstm")
 from medjax.models.resnet import ResNet18
 from medjax.models.sequence import CNNLSTM
-from zoo_testing import KEY, num_params as _num_params, init_shapes as _init_apply
+from tests.models.zoo_testing import KEY, num_params as _num_params, init_shapes as _init_apply
 
 TINY = dict(features=(4, 8), hidden_size=6)
 

@@ -9,7 +9,7 @@ import pytest
 from medjax import models
 from medjax.models import shufflenet  # noqa: F401  (registers the models)
 from medjax.models.shufflenet import ShuffleNetV2x05, ShuffleNetV2x10, ShuffleNetV2x20, channel_shuffle
-from zoo_testing import KEY, num_params as _num_params, init_shapes as _init_shapes, host_variables_for as _numpy_variables
+from tests.models.zoo_testing import KEY, num_params as _num_params, init_shapes as _init_shapes, host_variables_for as _numpy_variables
 
 
 @pytest.mark.parametrize("name,expected", [

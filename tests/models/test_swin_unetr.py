@@ -12,7 +12,7 @@ from medjax.models import layers
 from medjax.models.base import build_model
 from medjax.models.swin_unetr import (SwinUNETR, WindowAttention, space_to_depth, window_merge,
                                       window_partition)
-from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply, host_variables as _fill
+from tests.models.zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply, host_variables as _fill
 
 TINY = dict(feature_size=12, depths=(2, 1, 1, 1), window_size=4)  # stage 1 alternates plain / shifted
 

@@ -8,7 +8,7 @@ import pytest
 
 from medjax.models.base import build_model
 from medjax.models.transunet import TransUNet
-from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply, host_variables as _fill
+from tests.models.zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply, host_variables as _fill
 
 TINY = dict(width=4, stage_sizes=(1, 1, 1), hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
             head_features=16, decoder_features=(16, 8, 8, 4))

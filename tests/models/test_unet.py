@@ -10,7 +10,7 @@ import pytest
 from medjax import models
 from medjax.models import layers
 from medjax.models.unet import UNet
-from zoo_testing import KEY, variables_and_outputs as _init_apply
+from tests.models.zoo_testing import KEY, variables_and_outputs as _init_apply
 
 SHAPES = [(12, 16), (8, 12, 16)]  # non-square on purpose
 

@@ -9,7 +9,7 @@ import pytest
 from medjax import models
 from medjax.models import unetr  # noqa: F401  (registers "unetr")
 from medjax.models.unetr import UNETR
-from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
+from tests.models.zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, feature_size=4)
 MONAI_UNETR_96 = 92_802_478  # MONAI 1.6.1 UNETR(1, 14, 96, feature_size=16), sum of p.numel()

@@ -9,7 +9,7 @@ import pytest
 from medjax.models import base
 from medjax.models.layers import adaptive_avg_pool, check_min_size, pool_out_size
 from medjax.models.vgg import VGG11, VGG16
-from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
+from tests.models.zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
 
 TINY = dict(width=4, head_features=(8, 8), pool_size=1)
 

@@ -9,7 +9,7 @@ import pytest
 from medjax import models
 from medjax.models import layers, vit
 from medjax.models.vit import PatchEmbed, ViT, ViTHybrid
-from zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
+from tests.models.zoo_testing import KEY, num_params as _num_params, variables_and_outputs as _init_apply
 
 TINY = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
 # 2D and 3D, non-square, with per-axis patches; (image_size, patch_size, token grid)

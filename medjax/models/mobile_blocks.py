@@ -1,6 +1,11 @@
-"""Rank-generic building blocks of the mobile classifier families (EfficientNet, MobileNetV2/V3,
-ShuffleNetV2): grouped / depthwise convolutions, squeeze-excitation, the inverted-residual (MBConv) block,
-per-sample stochastic depth, torchvision's channel rounding and the too-small-input check.
+"""Rank-generic building blocks shared by the mobile classifier families: the inverted-residual (MBConv)
+block, squeeze-excitation, per-sample stochastic depth, torchvision's channel rounding (`make_divisible`),
+optional rematerialisation and the too-small-input check.
+
+The models built from them live elsewhere: `mobilenet.py` (MobileNetV2 / V3), `efficientnet.py`
+(EfficientNet B0-B3) and `shufflenet.py` (ShuffleNetV2, whose shuffle unit and `channel_shuffle` are
+ShuffleNet's own). The conv -> norm -> activation unit (`layers.ConvNormAct`, grouped / depthwise via
+`groups`) and the activation table (`layers.activation`) come from `layers.py`, shared with every other family.
 
 Channel widths follow torchvision's rounding (`make_divisible`), so parameter counts match the reference
 models exactly. Every block reads the rank from its input `(B, *spatial, C)`; 2D and 3D are the same code.
@@ -8,34 +13,14 @@ models exactly. Every block reads the rank from its input `(B, *spatial, C)`; 2D
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from medjax.models import layers
 
 Dtype = Any
-
-# Activations by name (module fields stay hashable strings, so blocks can be rematerialised with
-# static arguments). "hard_sigmoid" is relu6(x + 3) / 6 and "hard_swish" x * hard_sigmoid(x), as in PyTorch.
-ACTIVATIONS = {
-  "relu": nn.relu,
-  "relu6": jax.nn.relu6,
-  "silu": nn.silu,
-  "sigmoid": nn.sigmoid,
-  "hard_sigmoid": jax.nn.hard_sigmoid,
-  "hard_swish": jax.nn.hard_swish,
-  "none": lambda x: x,
-}
-
-
-def activation(name: str) -> Callable[[Any], Any]:
-  try:
-    return ACTIVATIONS[name]
-  except KeyError:
-    raise ValueError(f"Unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}.") from None
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -45,50 +30,6 @@ def make_divisible(value: float, divisor: int = 8) -> int:
   if rounded < 0.9 * value:
     rounded += divisor
   return rounded
-
-
-def make_norm(kind: str, *, train: bool, dtype: Dtype, param_dtype: Dtype, name: str,
-              epsilon: float = layers.NORM_EPSILON, momentum: float = 0.9) -> Callable[[Any], Any]:
-  """`layers.make_norm`, except that batch norm takes `epsilon` (MobileNetV3 uses PyTorch eps 1e-3,
-  momentum 0.01 == Flax momentum 0.99). Statistics are reduced in float32."""
-  if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype,
-                        param_dtype=param_dtype, name=name)
-  return layers.make_norm(kind, train=train, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-def conv(features: int, kernel_size: Tuple[int, ...], strides: Optional[Tuple[int, ...]] = None, *,
-         groups: int = 1, use_bias: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
-  """`layers.conv` (symmetric `k // 2` padding, stride s maps n to ceil(n / s)) with `groups` channel
-  groups; `groups == C_in == features` is a depthwise convolution."""
-  strides = strides or (1,) * len(kernel_size)
-  return nn.Conv(features, kernel_size, strides=strides, padding=[(k // 2, k // 2) for k in kernel_size],
-                 feature_group_count=groups, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=nn.initializers.he_normal(), name=name)
-
-
-class ConvNormAct(nn.Module):
-  """Conv (optionally grouped) -> norm -> activation. `(B, *spatial, C) -> (B, *spatial / stride, features)`.
-  The conv has a bias only without a norm."""
-  features: int
-  kernel_size: int = 3
-  stride: int = 1
-  groups: int = 1
-  act: str = "relu"
-  norm: str = "batch"
-  norm_epsilon: float = layers.NORM_EPSILON
-  norm_momentum: float = 0.9
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    nd = x.ndim - 2
-    x = conv(self.features, (self.kernel_size,) * nd, (self.stride,) * nd, groups=self.groups,
-             use_bias=self.norm == "none", dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-    x = make_norm(self.norm, train=train, dtype=self.dtype, param_dtype=self.param_dtype, name="norm",
-                  epsilon=self.norm_epsilon, momentum=self.norm_momentum)(x)
-    return activation(self.act)(x)
 
 
 class SqueezeExcite(nn.Module):
@@ -104,10 +45,9 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x):
     s = layers.global_avg_pool(x).astype(self.dtype)  # (B, C), mean accumulated in float32
-    s = activation(self.act)(nn.Dense(self.squeeze, dtype=self.dtype, param_dtype=self.param_dtype,
-                                      name="fc1")(s))
-    s = activation(self.gate)(nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                                       name="fc2")(s))
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    s = layers.activation(self.act)(dense(self.squeeze, "fc1")(s))
+    s = layers.activation(self.gate)(dense(x.shape[-1], "fc2")(s))
     return x * s.reshape(s.shape[0], *(1,) * (x.ndim - 2), s.shape[-1])
 
 
@@ -128,6 +68,7 @@ class InvertedResidual(nn.Module):
   `(B, *spatial, C_in) -> (B, *spatial / stride, features)`.
 
   se_squeeze: squeeze width of the SE layer; 0 disables it.
+  bn_epsilon / bn_momentum: batch norm settings of the three convs (`layers.ConvNormAct`).
   """
   features: int
   expanded: int
@@ -139,24 +80,24 @@ class InvertedResidual(nn.Module):
   se_gate: str = "sigmoid"
   drop_rate: float = 0.0
   norm: str = "batch"
-  norm_epsilon: float = layers.NORM_EPSILON
-  norm_momentum: float = 0.9
+  bn_epsilon: float = layers.NORM_EPSILON
+  bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(norm=self.norm, norm_epsilon=self.norm_epsilon, norm_momentum=self.norm_momentum,
+    kw = dict(norm=self.norm, bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum,
               dtype=self.dtype, param_dtype=self.param_dtype)
     y = x
     if self.expanded != x.shape[-1]:
-      y = ConvNormAct(self.expanded, 1, act=self.act, name="expand", **kw)(y, train)
-    y = ConvNormAct(self.expanded, self.kernel_size, self.stride, groups=self.expanded, act=self.act,
-                    name="depthwise", **kw)(y, train)
+      y = layers.ConvNormAct(self.expanded, 1, act=self.act, name="expand", **kw)(y, train)
+    y = layers.ConvNormAct(self.expanded, self.kernel_size, self.stride, groups=self.expanded, act=self.act,
+                           name="depthwise", **kw)(y, train)
     if self.se_squeeze:
       y = SqueezeExcite(self.se_squeeze, self.se_act, self.se_gate, self.dtype, self.param_dtype,
                         name="se")(y)
-    y = ConvNormAct(self.features, 1, act="none", name="project", **kw)(y, train)
+    y = layers.ConvNormAct(self.features, 1, act="none", name="project", **kw)(y, train)
     if self.stride == 1 and x.shape[-1] == self.features:
       y = stochastic_depth(y, self.drop_rate, train) + x.astype(y.dtype)
     return y
