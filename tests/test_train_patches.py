@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medjax import build, config_lib, metric_writer, train
-from medjax.data import plan as plan_lib
+from medjax.tools import plan as plan_tool
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_unet.py")
 
@@ -34,7 +34,7 @@ def test_patch_training_runs_and_host_and_device_crops_agree(tmp_path):
 
 def test_plan_feeds_patch_and_topology(tmp_path):
   out = tmp_path / "plan"
-  plan_lib.main(["plan", "--dataset", "synthetic_phantoms", "--kwargs",
+  plan_tool.main(["plan", "--dataset", "synthetic_phantoms", "--kwargs",
                  "spatial_dims=2,image_size=24,num_train=4,num_val=2,num_test=2", "--out", str(out),
                  "--batch_size", "2"])
   planned = config_lib.read_plan(str(out / "plan.json"))
