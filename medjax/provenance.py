@@ -59,6 +59,18 @@ def versions() -> Dict[str, Optional[str]]:
   return found
 
 
+def command_line(argv: Sequence[str], main_module: Optional[str] = None) -> str:
+  """The command as typed: `python -m medjax.main --config ...` for a module run with -m (whose argv[0] is
+  the module's file), else `python script.py ...`. `main_module` defaults to `__main__`'s module name."""
+  if main_module is None:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    main_module = getattr(spec, "name", None)
+  words = list(argv)
+  if main_module and words:
+    words = ["-m", main_module.removesuffix(".__main__")] + words[1:]
+  return " ".join(shlex.quote(w) for w in [os.path.basename(sys.executable)] + words)
+
+
 def collect(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   """This process's provenance record (see the module docstring); `argv` defaults to `sys.argv`."""
   import jax  # here, not at the top: reading env.json (tables, reports) needs no JAX
@@ -66,7 +78,7 @@ def collect(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   devices = jax.devices()
   return {
       **git_state(),
-      "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + argv),
+      "command": command_line(argv),
       "cwd": os.getcwd(),
       "versions": versions(),
       "python": platform.python_version(),

@@ -168,6 +168,13 @@ def test_env_json_is_written_by_training_and_kept_across_sessions(tmp_path):
   assert [s["started_at"] for s in again["previous_sessions"]] == [env["started_at"]]
 
 
+def test_command_line_reads_as_typed():
+  argv = ["/repo/medjax/main.py", "--config", "experiments/x.py:quick", "--workdir", "runs/a b"]
+  assert provenance.command_line(argv, "medjax.main").endswith(
+      " -m medjax.main --config experiments/x.py:quick --workdir 'runs/a b'")
+  assert provenance.command_line(["run.py", "--x"], "").endswith(" run.py --x")
+
+
 def test_git_state_outside_a_checkout(tmp_path):
   assert provenance.git_state(str(tmp_path)) == {"git_commit": None, "git_dirty": None}
   assert provenance.short_commit({"git_commit": "0123456789abcdef", "git_dirty": True}) == "0123456+dirty"
