@@ -166,47 +166,47 @@ def mesh(config: mlc.ConfigDict, *, fallback: bool = False):
     return sharding.make_mesh(DEFAULT_MESH)
 
 
-def eval_batch_size(config: mlc.ConfigDict, mesh_: Any, *, round_up: bool = False) -> int:
+def eval_batch_size(config: mlc.ConfigDict, mesh: Any, *, round_up: bool = False) -> int:
   """The eval batch size, checked against the data axis; `round_up` rounds it to a multiple instead (for
   tools that run on another machine than the training)."""
   batch = settings(config).eval_batch_size
   if round_up:
-    n = sharding.data_axis_size(mesh_) * jax.process_count()
+    n = sharding.data_axis_size(mesh) * jax.process_count()
     return -(-batch // n) * n
-  sharding.check_batch_size(batch, mesh_, what="config.input.eval_batch_size")
+  sharding.check_batch_size(batch, mesh, what="config.input.eval_batch_size")
   return batch
 
 
-def eval_apply_fn(model_: Any, config: mlc.ConfigDict) -> Callable[..., Any]:
+def eval_apply_fn(model: Any, config: mlc.ConfigDict) -> Callable[..., Any]:
   """`model.apply`, or with `config.eval_flips` (mirrors, e.g. ((), (1,)) for 2D left-right) the flip-TTA
   average of its logits; validation, test and `medjax.tools.evaluate` all use it."""
   flips = settings(config).eval_flips
-  return inference.flip_tta_apply(model_.apply, flips) if flips else model_.apply
+  return inference.flip_tta_apply(model.apply, flips) if flips else model.apply
 
 
-def init_state_fn(model_: Any, tx: Any, example_image: np.ndarray, use_ema: bool):
+def init_state_fn(model: Any, tx: Any, example_image: np.ndarray, use_ema: bool):
   """Returns `init(rng) -> TrainState` for a batch-1 dummy input shaped like `example_image` (*spatial, C)."""
 
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
     dummy = jnp.zeros((1,) + tuple(example_image.shape), jnp.float32)
-    variables = model_.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
+    variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
     return TrainState.create(variables=variables, tx=tx, rng=state_rng, use_ema=use_ema)
 
   return init
 
 
-def jit_train_step(model_: Any, objective_: Any, tx: Any, mesh_: Any, state_sharding: Any, *,
-                   accum_steps: int = 1, ema_decay: float = 0.0, augment_fn_: Optional[Callable] = None):
-  """`steps.train_step` bound to its hyperparameters and jitted over `mesh_`, the state donated.
+def jit_train_step(model: Any, objective: Any, tx: Any, mesh: Any, state_sharding: Any, *,
+                   accum_steps: int = 1, ema_decay: float = 0.0, augment_fn: Optional[Callable] = None):
+  """`steps.train_step` bound to its hyperparameters and jitted over `mesh`, the state donated.
 
   Batches come in split over the data axis; metrics come out replicated.
   """
   return jax.jit(
-      functools.partial(steps.train_step, apply_fn=model_.apply, objective=objective_, tx=tx,
-                        accum_steps=accum_steps, ema_decay=ema_decay, augment_fn=augment_fn_),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh_)),
-      out_shardings=(state_sharding, sharding.replicated(mesh_)),
+      functools.partial(steps.train_step, apply_fn=model.apply, objective=objective, tx=tx,
+                        accum_steps=accum_steps, ema_decay=ema_decay, augment_fn=augment_fn),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
 

@@ -417,6 +417,7 @@ class Loaded(NamedTuple):
   variables: Dict[str, PyTree]
   step: int
   selected: str = "requested"
+  metrics: Optional[Dict[str, Any]] = None  # saved with the step (`Checkpointer.save(metrics=...)`)
 
 
 def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
@@ -433,7 +434,8 @@ def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
     use_ema: use the EMA params (and the EMA of the batch statistics, when kept) when the run kept them;
       None: as the run's own validation did (`config.ema_decay` > 0 and `config.eval_with_ema`).
   Returns:
-    Loaded(config, model, variables={"params": ..., **model_state}, step, selected: how the step was chosen).
+    Loaded(config, model, variables={"params": ..., **model_state}, step, selected: how the step was chosen,
+    metrics: those saved with the step).
   """
   config = load_config(workdir)
   model = build.model(config)
@@ -443,6 +445,7 @@ def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
   try:
     step, selected = ckpt.select_step(step)
     part = ckpt.restore_fields(("params", "model_state", "ema_params", "ema_model_state"), step=step)
+    metrics = ckpt.metrics(step)
   finally:
     ckpt.close()
   if "params" not in part:
@@ -451,4 +454,4 @@ def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
   if use_ema and part.get("ema_params"):
     params, model_state = part["ema_params"], part.get("ema_model_state") or model_state
   return Loaded(config=config, model=model, variables={"params": params, **dict(model_state or {})}, step=step,
-                selected=selected)
+                selected=selected, metrics=metrics)

@@ -281,7 +281,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
 
   # ---- 4. compiled steps
   train_step = build.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=run.grad_accum_steps,
-                                    ema_decay=run.ema_decay, augment_fn_=build.augment_fn(config))
+                                    ema_decay=run.ema_decay, augment_fn=build.augment_fn(config))
   eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=build.eval_apply_fn(model, config),
                                         stats_fn=evaluator.stats_fn))
   eval_batch_size = build.eval_batch_size(config, mesh)

@@ -121,6 +121,7 @@ def test_checkpoint_load_computes_in_the_runs_dtype(tmp_path, dtype):
   assert np.array_equal(np.asarray(logits), as_bf16) == (dtype == "bfloat16")
   assert jax.tree.leaves(loaded.variables)[0].dtype == jnp.float32  # parameters stay float32
   assert (loaded.step, loaded.selected) == (1, "latest")
+  assert loaded.metrics == {}  # saved without metrics
 
 
 def test_load_evaluate_and_predict_build_the_model_through_build(tmp_path, monkeypatch):

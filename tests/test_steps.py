@@ -113,7 +113,7 @@ def test_augment_fn_runs_inside_the_step_with_a_step_derived_key():
   mesh, state, _ = _setup((("data", 1),), "data_parallel")
   model = models.build_model("unet", dict(spatial_dims=2, num_classes=3, features=(8, 16), norm="instance"))
   step = build.jit_train_step(model, losses.make_objective("dice_xent", {}), optax.adam(1e-2), mesh,
-                              jax.tree.map(lambda a: a.sharding, state), augment_fn_=augment)
+                              jax.tree.map(lambda a: a.sharding, state), augment_fn=augment)
   state, metrics = step(state, sharding.host_to_global(_batch(2), mesh))
   state, metrics = step(state, sharding.host_to_global(_batch(2), mesh))
   assert len(seen) == 1 and np.isfinite(float(metrics["loss"]))

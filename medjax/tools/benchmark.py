@@ -101,7 +101,7 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
     labels = jax.jit(lambda key: jax.random.randint(key, label_shape, 0, out_shape[-1]),
                      out_shardings=batch_sharding)(jax.random.PRNGKey(1))
     objective = losses.make_objective("dice_xent" if dense else "xent", {})
-    step = build.jit_train_step(model, objective, tx, mesh, state_sharding, augment_fn_=augment_fn)
+    step = build.jit_train_step(model, objective, tx, mesh, state_sharding, augment_fn=augment_fn)
     batch = {"image": image, "label": labels}
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()

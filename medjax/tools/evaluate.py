@@ -49,7 +49,7 @@ def _forward_fn(model, config):
   `inference.sliding_window_inference` options (overlap, mode, sigma_scale, window_batch, pad_mode, ...).
   `config.eval_flips` adds flip TTA to either, as during the run's validation."""
   options = dict(config.get("inference") or {})
-  flips = config.get("eval_flips")
+  flips = build.settings(config).eval_flips
   if not options.get("roi_size"):
     apply_fn = build.eval_apply_fn(model, config)  # the run's validation forward pass, TTA included
     return lambda variables, images: apply_fn(variables, images, train=False)
@@ -153,8 +153,6 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   out = os.path.abspath(out or os.path.join(workdir, f"eval_{split}"))
   loaded = checkpoint.load(workdir, step=str(which))  # the run's model, compute dtype and EMA choice
   config, model, step = loaded.config, loaded.model, loaded.step
-  with checkpoint.for_run(workdir, config, read_only=True) as ckpt:
-    saved_metrics = ckpt.metrics(step)
   dataset = build.dataset(config)
   source = build.split_source(dataset, split, "--split")
   evaluator = build.evaluator(config, dataset.info, surface_metrics=surface_metrics)
@@ -174,7 +172,7 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
                              pipeline.device_batches(iter(recorder), mesh))
   report = evaluator.report(stats, recorder.ids, recorder.metadata or None, num_samples=num_samples, seed=seed)
   report.update(workdir=workdir, split=split, config=_config_summary(config),
-                checkpoint={"step": step, "selected": loaded.selected, "saved_metrics": saved_metrics},
+                checkpoint={"step": step, "selected": loaded.selected, "saved_metrics": loaded.metrics},
                 env=provenance.read(workdir))
 
   def forward_examples(examples):
