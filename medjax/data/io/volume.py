@@ -38,6 +38,12 @@ _SPACING_RTOL = 1e-3
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+class GeometryWarning(UserWarning):
+  """A file's geometry was accepted with an assumption (rounded slice positions, no orientation in the
+  header, ...); the message names the file and what was assumed. `warnings.simplefilter("error",
+  GeometryWarning)` turns every such case into an error."""
+
+
 def spacing_from_affine(affine: np.ndarray) -> Tuple[float, ...]:
   """Voxel size in mm in array order (z, y, x): the lengths of the affine columns k, j, i."""
   affine = np.asarray(affine, np.float64)
