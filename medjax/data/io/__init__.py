@@ -4,8 +4,8 @@ Every 3D reader returns a `Volume` (`medjax.data.io.volume`: the axis convention
 Modules: `volume` (Volume, orientation, checks), `nifti`, `dicom`, `image2d`.
 """
 
-from medjax.data.io.volume import (AFFINE_ATOL, GeometryWarning, PathLike, Volume, affine_from_spacing, check_finite, check_pair,
-                                  orientation_codes, spacing_from_affine, to_canonical)
+from medjax.data.io.volume import (AFFINE_ATOL, GeometryWarning, PathLike, Volume, affine_from_spacing, check_finite,
+                                  check_pair, orientation_codes, spacing_from_affine, to_canonical)
 from medjax.data.io.nifti import read_nifti, write_nifti
 from medjax.data.io.dicom import read_dicom_series
 from medjax.data.io.image2d import read_image_2d
