@@ -8,7 +8,9 @@ Run:
   python -m medjax.tools.sweep --config experiments/synthetic_unet.py:dims=2 --workdir runs/sweep2d --parallel 2  # get_sweep
   python -m medjax.main --config experiments/synthetic_unet.py:size=48,patch=32 --workdir runs/patches
       # 32^3 training patches cut from 48^3 cases, 1/3 centred on foreground (add device_crop=true to cut
-      # them on the accelerator from cached cases); validation on one fixed foreground patch per case
+      # them on the accelerator from cached cases); validation predicts each whole case with a sliding window
+      # (config.inference; roi = the patch), or with validation=patches scores one foreground patch per case
+      # (val/pseudo_dice_mean, as nnU-Net names it)
   python -m medjax.tools.plan --dataset synthetic_phantoms --kwargs "spatial_dims=3,image_size=48" --out runs/plan
   python -m medjax.main --config experiments/synthetic_unet.py:size=48,plan=runs/plan/plan.json --workdir runs/planned
       # patch size, batch size and U-Net kernels / strides / widths from the plan
@@ -24,7 +26,7 @@ from medjax import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, dims=3, size=32, steps=400, aug=False, patch=0, device_crop=False, plan="",
-                             quick=False)
+                             validation="whole_case", quick=False)
   c = mlc.ConfigDict()
   c.seed = 0
   c.total_steps = arg.steps
@@ -55,6 +57,7 @@ def get_config(arg=None):
   if arg.patch:
     c.input.patch_size = (arg.patch,) * arg.dims
     c.input.device_crop = arg.device_crop
+    c.validation = arg.validation
   if arg.plan:
     config_lib.apply_plan(c, config_lib.read_plan(arg.plan))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import jax
@@ -29,6 +30,9 @@ from medjax.data import datasets, pipeline
 from medjax.train_state import TrainState
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# How a run that trains on patches of segmentation cases validates (`validation_mode`).
+VALIDATION_MODES = ("whole_case", "patches")
+PSEUDO_PREFIX = "pseudo_"  # metric names of the "patches" mode: val/pseudo_dice_mean (nnU-Net's name)
 BEST_MODES = ("max", "min")
 DEFAULT_MESH = (("data", -1),)  # every device on the data axis
 
@@ -48,7 +52,8 @@ class Settings:
 
   Units: `*_steps` in optimizer steps; `None` for `eval_every_steps` / `checkpoint_every_steps` means only at
   the last step. `batch_size` is `config.input.batch_size` (global, over all devices); `eval_batch_size` is
-  `config.input.eval_batch_size`, else the training batch size.
+  `config.input.eval_batch_size`, else the training batch size. `validation` applies to runs that train on
+  patches of segmentation cases (`validation_mode`).
   """
   batch_size: Optional[int] = None
   eval_batch_size: Optional[int] = None
@@ -68,6 +73,7 @@ class Settings:
   eval_every_steps: Optional[int] = None
   checkpoint_every_steps: Optional[int] = None
   eval_flips: Optional[Tuple[Tuple[int, ...], ...]] = None
+  validation: str = "whole_case"
   checkpoint: CheckpointSettings = CheckpointSettings()
 
   @property
@@ -177,11 +183,65 @@ def eval_batch_size(config: mlc.ConfigDict, mesh: Any, *, round_up: bool = False
   return batch
 
 
-def eval_apply_fn(model: Any, config: mlc.ConfigDict) -> Callable[..., Any]:
-  """`model.apply`, or with `config.eval_flips` (mirrors, e.g. ((), (1,)) for 2D left-right) the flip-TTA
-  average of its logits; validation, test and `medjax.tools.evaluate` all use it."""
+def whole_cases(config: mlc.ConfigDict, info: datasets.DatasetInfo) -> bool:
+  """True when the run trains on patches cut from segmentation cases of varying size: validation, test and
+  `evaluate` then predict each whole case with a sliding window (one case per batch)."""
+  return pipeline.input_options(config.input)["patch_size"] is not None and info.label_kind == "map"
+
+
+def validation_mode(config: mlc.ConfigDict, info: datasets.DatasetInfo) -> Optional[str]:
+  """How the run validates: "whole_case" (the default for `whole_cases` runs: a sliding window over every
+  validation case, the score `evaluate` gives), "patches" (`config.validation="patches"`: one foreground-
+  centred training-size patch per case, cheaper but optimistic, logged as val/pseudo_dice_mean), or None
+  (the examples as they are: fixed-size images or classification)."""
+  return settings(config).validation if whole_cases(config, info) else None
+
+
+def inference_options(config: mlc.ConfigDict, mesh: Any = None) -> dict:
+  """`config.inference` checked, as keywords of `inference.sliding_window_inference`: roi_size (default: the
+  training patch, config.input.patch_size), window_batch (default: the eval batch size, rounded up to the
+  mesh's data axis) and the optional overlap, mode, sigma_scale, pad_mode, pad_value."""
+  options = dict(config.get("inference") or {})
+  accepted = set(inspect.signature(inference.sliding_window_inference).parameters) - {"predict_fn", "image", "mesh"}
+  unknown = sorted(set(options) - accepted)
+  if unknown:
+    raise ConfigError(f"config.inference: unknown key(s) {unknown}; accepted: {', '.join(sorted(accepted))}.")
+  patch = pipeline.input_options(config.input)["patch_size"] if "input" in config else None
+  roi = options.get("roi_size") or patch
+  if not roi:
+    raise ConfigError("config.inference.roi_size is needed for sliding-window inference (it defaults to "
+                      "config.input.patch_size, which is unset).")
+  options["roi_size"] = tuple(int(r) for r in roi)
+  if "window_batch" not in options:
+    n = sharding.data_axis_size(mesh) if mesh is not None else 1
+    options["window_batch"] = -(-int(settings(config).eval_batch_size or 1) // n) * n
+  return options
+
+
+def eval_apply_fn(model: Any, config: mlc.ConfigDict, *, sliding_window: bool = False,
+                  mesh: Any = None) -> Callable[..., Any]:
+  """The forward pass of validation, test and `medjax.tools.evaluate`: `apply(variables, images, train=False)
+  -> (outputs, aux)`.
+
+  Plain: `model.apply`, or with `config.eval_flips` (mirrors, e.g. ((), (1,)) for 2D left-right) the flip-TTA
+  average of its logits. With `sliding_window` (whole cases): a sliding window (`inference_options`) whose
+  overlapping windows average softmax probabilities as nnU-Net does (the segmentation evaluator takes their
+  argmax, so they stand in for logits; `aux` is empty), flip TTA per window, windows split over `mesh`'s
+  data axis.
+  """
   flips = settings(config).eval_flips
-  return inference.flip_tta_apply(model.apply, flips) if flips else model.apply
+  if not sliding_window:
+    return inference.flip_tta_apply(model.apply, flips) if flips else model.apply
+  options = inference_options(config, mesh)
+
+  def apply(variables, images, train: bool = False):
+    del train
+    predict = inference.make_predict_fn(model.apply, variables, output="softmax")
+    if flips:
+      predict = inference.flip_tta(predict, flips)
+    return inference.sliding_window_inference(predict, images, mesh=mesh, **options), {}
+
+  return apply
 
 
 def init_state_fn(model: Any, tx: Any, example_image: np.ndarray, use_ema: bool):
@@ -222,6 +282,7 @@ _OPTIONAL_TYPES: Tuple[Tuple[str, Any], ...] = (
     ("grad_clip_norm", (float, type(None))), ("compute_dtype", str), ("sharding", str),
     ("best_metric", (str, type(None))), ("best_mode", str), ("test_split", (str, type(None))),
     ("eval_split", str), ("eval_flips", (tuple, list, type(None))), ("eval_with_ema", bool),
+    ("validation", str),
 )
 _EARLY_STOPPING_KEYS = ("metric", "mode", "patience", "min_delta")
 
@@ -314,6 +375,21 @@ def _check_model_shapes(config: mlc.ConfigDict) -> None:
                       f"{tuple(patch)}: {e}") from None
 
 
+def _check_validation(config: mlc.ConfigDict, run: Settings) -> None:
+  if run.validation not in VALIDATION_MODES:
+    raise ConfigError(f"config.validation must be one of {VALIDATION_MODES}, got {run.validation!r}."
+                      f"{suggest(str(run.validation), VALIDATION_MODES)}")
+  if "inference" in config:
+    _as_config_error(lambda: inference_options(config))
+  if run.validation != "patches":
+    return
+  options = early_stopping_options(config) or {}
+  for key, metric in (("best_metric", run.best_metric), ("early_stopping.metric", options.get("metric"))):
+    if metric and metric.startswith("val/") and not metric.startswith("val/" + PSEUDO_PREFIX):
+      raise ConfigError(f"config.{key}={metric!r}: with config.validation='patches' the validation metrics are "
+                        f"named val/{PSEUDO_PREFIX}..., e.g. 'val/{PSEUDO_PREFIX}{metric[4:]}'.")
+
+
 def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
   """Checks a config end to end before any data loads or anything compiles.
 
@@ -351,6 +427,7 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
   if run.compute_dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"config.compute_dtype must be one of {COMPUTE_DTYPES}, got {run.compute_dtype!r}.")
   early_stopping_options(config)
+  _check_validation(config, run)
   if run.best_mode not in BEST_MODES:
     raise ConfigError(f"config.best_mode must be 'max' or 'min', got {run.best_mode!r}.")
   if run.grad_accum_steps < 1 or run.batch_size % run.grad_accum_steps:

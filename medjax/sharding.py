@@ -139,3 +139,14 @@ def host_to_global(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     check_batch_size(global_shape[0], mesh, what=f"batch[{key!r}] leading size")
     out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape)
   return out
+
+
+def host_to_replicated(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """Copies a batch that every process holds whole (the same arrays everywhere) onto every device of `mesh`.
+
+  For batches too small to split over the data axis, such as one whole case whose sliding-window windows are
+  split over the devices instead (`inference.sliding_window_inference(mesh=...)`).
+  """
+  target = replicated(mesh)
+  return {key: jax.make_array_from_process_local_data(target, np.asarray(value), np.shape(value))
+          for key, value in host_batch.items()}

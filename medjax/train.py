@@ -31,6 +31,7 @@ from absl import logging
 
 from medjax import atomic, build, checkpoint, config_lib, evaluators, provenance, sharding, steps
 from medjax.data import pipeline
+from medjax.data.datasets.base import check_labels
 from medjax.metric_writer import MetricWriter, Progress, read_metrics
 from medjax.train_state import TrainState
 
@@ -250,9 +251,17 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   prepare = functools.partial(pipeline.prepare_source, input_config=config.input, seed=config.seed,
                               num_classes=dataset.info.num_classes)
   train_source = prepare(build.split_source(dataset, "train", "the training split"), for_training=True)
-  val_source = prepare(build.split_source(dataset, run.eval_split, "config.eval_split"))
-  test_source = (prepare(build.split_source(dataset, run.test_split, "config.test_split"))
-                 if run.test_split else None)
+  val_source = build.split_source(dataset, run.eval_split, "config.eval_split")
+  test_source = build.split_source(dataset, run.test_split, "config.test_split") if run.test_split else None
+  for split, source in ((run.eval_split, val_source), (run.test_split, test_source)):
+    if source is not None:
+      check_labels(source, dataset.info, split)  # before the first step, not at the first evaluation
+  validation = build.validation_mode(config, dataset.info)
+  whole_cases = validation is not None  # whole cases are predicted with a sliding window, one per batch
+  if validation == "patches":
+    val_source = prepare(val_source)
+  elif not whole_cases:
+    val_source, test_source = prepare(val_source), test_source and prepare(test_source)
   model = build.model(config)
   objective = build.objective(config)
   tx, schedule_fn = build.optimizer(config)
@@ -282,16 +291,30 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   # ---- 4. compiled steps
   train_step = build.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=run.grad_accum_steps,
                                     ema_decay=run.ema_decay, augment_fn=build.augment_fn(config))
-  eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=build.eval_apply_fn(model, config),
-                                        stats_fn=evaluator.stats_fn))
+  def compile_eval(sliding_window: bool):
+    apply_fn = build.eval_apply_fn(model, config, sliding_window=sliding_window, mesh=mesh)
+    return jax.jit(functools.partial(steps.eval_step, apply_fn=apply_fn, stats_fn=evaluator.stats_fn))
+
+  eval_step = compile_eval(sliding_window=False)
+  case_step = compile_eval(sliding_window=True) if whole_cases else None
   eval_batch_size = build.eval_batch_size(config, mesh)
 
   def run_evaluation(state, source, prefix: str) -> Dict[str, float]:
+    """Metrics of `state` on `source`: whole cases one at a time for `whole_cases` runs (validation on
+    patches excepted; the jit cache keeps a program per case shape), else batches of examples."""
     variables = state.variables(use_ema=run.use_ema_for_eval)
-    batches = pipeline.device_batches(
-        pipeline.eval_batches(source, global_batch_size=eval_batch_size), mesh)
-    result = evaluators.evaluate(evaluator, lambda b: eval_step(variables, b), batches)
-    return {f"{prefix}/{k}": v for k, v in result.items()}
+    if whole_cases and not (source is val_source and validation == "patches"):
+      step_fn = case_step
+      batches = pipeline.device_batches(pipeline.case_batches(source), mesh, replicate=True)
+    else:
+      step_fn = eval_step
+      batches = pipeline.device_batches(pipeline.eval_batches(source, global_batch_size=eval_batch_size), mesh)
+    result = evaluators.evaluate(evaluator, lambda b: step_fn(variables, b), batches)
+    if source is val_source and validation == "patches":
+      prefix += "/" + build.PSEUDO_PREFIX
+    else:
+      prefix += "/"
+    return {f"{prefix}{k}": v for k, v in result.items()}
 
   # ---- 5. loop
   writer = MetricWriter(workdir, enabled=is_main)
@@ -333,8 +356,11 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
         progress.log(step, scalars)
         pending, interval_start, interval_first_step = [], now, step
       if do_eval:
+        t0 = time.perf_counter()
         last_eval = run_evaluation(state, val_source, "val")
-        writer.write(step, last_eval)
+        # Host-side metrics force the device work, so this times the whole pass (compilation included the
+        # first time): benchmarks.md compares it with a training epoch.
+        writer.write(step, {**last_eval, "eval_s": time.perf_counter() - t0})
         progress.log(step, last_eval, prefix="eval ")
       if do_ckpt or do_eval:
         writer.write(step, {"wall_s": wall_before + time.perf_counter() - started})

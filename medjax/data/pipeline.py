@@ -173,19 +173,33 @@ def eval_batches(source, *, global_batch_size: int, process_index: Optional[int]
     yield batch
 
 
-def device_batches(host_batches: Iterator[HostBatch], mesh, prefetch: int = 2) -> Iterator[Dict[str, jax.Array]]:
+def device_batches(host_batches: Iterator[HostBatch], mesh, prefetch: int = 2, *,
+                   replicate: bool = False) -> Iterator[Dict[str, jax.Array]]:
   """Moves host batches onto the mesh as global arrays, `prefetch` batches ahead of the consumer.
 
   Only `DEVICE_KEYS` travel; `jax.make_array_from_process_local_data` starts the copies asynchronously,
-  so keeping a short queue overlaps the transfer of the next batch with the current step.
+  so keeping a short queue overlaps the transfer of the next batch with the current step. Batches are split
+  over the data axis (each process holds its slice), or with `replicate` copied whole to every device (each
+  process holds the whole batch: `case_batches`).
   """
+  place = sharding.host_to_replicated if replicate else sharding.host_to_global
   queue: collections.deque = collections.deque()
   for host_batch in host_batches:
-    queue.append(sharding.host_to_global({k: v for k, v in host_batch.items() if k in DEVICE_KEYS}, mesh))
+    queue.append(place({k: v for k, v in host_batch.items() if k in DEVICE_KEYS}, mesh))
     if len(queue) > prefetch:
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+def case_batches(source) -> Iterator[Dict[str, np.ndarray]]:
+  """Every example of `source` once, in order, each as a batch of one with "weight" (1,): whole cases of
+  different shapes, which cannot be stacked. Every process reads every case (`device_batches(replicate=True)`
+  puts each on all devices, and the sliding window splits its windows over them)."""
+  for index in range(len(source)):
+    batch = collate([source[index]])
+    batch["weight"] = np.ones((1,), np.float32)
+    yield batch
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

@@ -5,7 +5,9 @@
 
 Everything comes from the workdir: `config.json` names the dataset, model and evaluator, the checkpoint
 gives the weights (EMA weights when the run kept them and evaluated with them). The whole split is
-predicted (whole images, or a sliding window when the config has `inference.roi_size`), and the output
+predicted: whole cases with a sliding window for a run trained on patches of segmentation cases (the same
+program as the run's whole-case validation, so the scores agree), else the examples as batches (with a
+sliding window when the config has `inference.roi_size`). The output
 folder (default WORKDIR/eval_<split>) receives:
 
   report.json   metrics {"value", "low", "high"}, per-case values with ids, subgroups, curve data,
@@ -24,7 +26,6 @@ tables. The tool runs as a single process (the case ids are read on the host tha
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 from typing import Any, Dict, Iterator, List, Optional
@@ -33,41 +34,13 @@ import jax
 import numpy as np
 from absl import flags
 
-from medjax import atomic, build, checkpoint, config_lib, evaluators, inference, provenance, sharding
+from medjax import atomic, build, checkpoint, config_lib, evaluators, provenance, sharding
 from medjax.data import pipeline
 from medjax.evaluators import plots, render
 from medjax.tools import cli
 
 # Keys of a host batch that are neither model input nor metadata.
 _NOT_METADATA = set(pipeline.DEVICE_KEYS) | {"id"}
-
-
-def _forward_fn(model, config):
-  """forward(variables, images) -> (outputs, aux): the whole image, or with `config.inference.roi_size` a
-  sliding window whose overlapping windows average softmax probabilities (as nnU-Net; the segmentation
-  evaluator only takes their argmax, so they stand in for logits). Other `config.inference` keys are
-  `inference.sliding_window_inference` options (overlap, mode, sigma_scale, window_batch, pad_mode, ...).
-  `config.eval_flips` adds flip TTA to either, as during the run's validation."""
-  options = dict(config.get("inference") or {})
-  flips = build.settings(config).eval_flips
-  if not options.get("roi_size"):
-    apply_fn = build.eval_apply_fn(model, config)  # the run's validation forward pass, TTA included
-    return lambda variables, images: apply_fn(variables, images, train=False)
-
-  roi_size = tuple(int(s) for s in options.pop("roi_size"))
-  accepted = set(inspect.signature(inference.sliding_window_inference).parameters) - {"predict_fn", "image", "mesh"}
-  unknown = sorted(set(options) - accepted)
-  if unknown:
-    raise config_lib.ConfigError(f"config.inference: unknown key(s) {unknown}; accepted: roi_size and "
-                                 f"{', '.join(sorted(accepted - {'roi_size'}))}.")
-
-  def forward(variables, images):
-    predict = inference.make_predict_fn(model.apply, variables, output="softmax")
-    if flips:
-      predict = inference.flip_tta(predict, flips)
-    return inference.sliding_window_inference(predict, images, roi_size=roi_size, **options), {}
-
-  return forward
 
 
 class _Recorder:
@@ -160,27 +133,40 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   mesh = build.mesh(config, fallback=True)  # the run's mesh when this machine can build it
   batch_size = build.eval_batch_size(config, mesh, round_up=True)
   variables = jax.device_put(loaded.variables, sharding.replicated(mesh))
-  forward = _forward_fn(model, config)
+  # Whole cases of varying size (a run trained on patches): one case per batch, its windows split over the
+  # mesh, exactly as the run's validation did. Otherwise batches of examples, with a sliding window when the
+  # config sets inference.roi_size.
+  whole = build.whole_cases(config, dataset.info)
+  sliding = whole or bool((config.get("inference") or {}).get("roi_size"))
+  forward = build.eval_apply_fn(model, config, sliding_window=sliding, mesh=mesh if whole else None)
 
   @jax.jit
   def eval_step(variables, batch):
-    outputs, aux = forward(variables, batch["image"])
+    outputs, aux = forward(variables, batch["image"], train=False)
     return evaluator.stats_fn(outputs, aux, batch)
 
-  recorder = _Recorder(pipeline.eval_batches(source, global_batch_size=batch_size))
-  stats = evaluators.collect(functools.partial(eval_step, variables),
-                             pipeline.device_batches(iter(recorder), mesh))
+  if whole:
+    recorder = _Recorder(pipeline.case_batches(source))
+    device_batches = pipeline.device_batches(iter(recorder), mesh, replicate=True)
+  else:
+    recorder = _Recorder(pipeline.eval_batches(source, global_batch_size=batch_size))
+    device_batches = pipeline.device_batches(iter(recorder), mesh)
+  stats = evaluators.collect(functools.partial(eval_step, variables), device_batches)
   report = evaluator.report(stats, recorder.ids, recorder.metadata or None, num_samples=num_samples, seed=seed)
   report.update(workdir=workdir, split=split, config=_config_summary(config),
                 checkpoint={"step": step, "selected": loaded.selected, "saved_metrics": loaded.metrics},
                 env=provenance.read(workdir))
+  predict = jax.jit(lambda variables, images: forward(variables, images, train=False)[0].argmax(-1))
 
   def forward_examples(examples):
-    """Argmax predictions of a few examples, padded to the eval batch so the compiled shapes are reused."""
+    """Argmax predictions of a few examples: one at a time for whole cases, else padded to the eval batch so
+    the compiled shapes are reused."""
+    if whole:
+      return [np.asarray(jax.device_get(predict(variables, sharding.host_to_replicated(
+          {"image": ex["image"][None]}, mesh)["image"])))[0] for ex in examples]
     padded = pipeline.collate(list(examples) + [examples[0]] * (batch_size - len(examples)))
     batch = sharding.host_to_global({k: v for k, v in padded.items() if k in pipeline.DEVICE_KEYS}, mesh)
-    logits = jax.jit(forward)(variables, batch["image"])[0]
-    return np.asarray(jax.device_get(logits)).argmax(-1)[:len(examples)]
+    return np.asarray(jax.device_get(predict(variables, batch["image"])))[:len(examples)]
 
   os.makedirs(out, exist_ok=True)
   overlay_fn = lambda: _segmentation_overlays(report, source, forward_examples, dataset.info.num_classes,

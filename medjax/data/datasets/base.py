@@ -191,3 +191,34 @@ class GeneratedSource:
 
   def __repr__(self) -> str:
     return f"GeneratedSource(split={self.split!r}, length={self.length}, seed={self.seed})"
+
+
+def check_labels(source: Any, info: DatasetInfo, split: str) -> None:
+  """Raises ValueError naming the split and its first bad cases when a label lies outside the declared
+  classes [0, info.num_classes) (multi-label 0/1 vectors: outside {0, 1}).
+
+  Runs when a run starts, so a bad validation or test case stops it before the first training step rather
+  than at the first evaluation. Classification sources with `labels()` answer without reading images; other
+  sources read every example (volume datasets cache their preprocessed cases, so the evaluations then read
+  them from the cache).
+  """
+  bad = []
+  if info.label_kind == "class" and hasattr(source, "labels"):
+    labels = np.asarray(source.labels())
+    checked = [(i, labels[i]) for i in range(len(labels))]
+  else:
+    checked = ((i, source[i].get("label")) for i in range(len(source)))
+  for i, label in checked:
+    if label is None:
+      continue
+    label = np.asarray(label)
+    high = 2 if info.label_kind == "class" and label.ndim == 1 else info.num_classes
+    outside = np.unique(label[(label < 0) | (label >= high)])
+    if outside.size:
+      name = source.case_name(i) if hasattr(source, "case_name") else f"example {i}"
+      bad.append(f"{name}: {outside[:5].tolist()}")
+      if len(bad) == 5:
+        break
+  if bad:
+    raise ValueError(f"split {split!r}: labels outside the declared classes 0..{info.num_classes - 1} "
+                     f"{info.class_names}: {'; '.join(bad)}.")
