@@ -198,7 +198,7 @@ _HEADLINE = ("dice_mean", "dice_case_mean", "accuracy", "auc", "mae", "rmse", "p
 
 def _format(metrics: Mapping[str, float]) -> str:
   def headline(key: str) -> bool:
-    name = key.split("/", 1)[-1]
+    name = key.split("/", 1)[-1].removeprefix(build.PSEUDO_PREFIX)
     return name in _HEADLINE or name.startswith("dice/")
   return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if headline(k))
 

@@ -19,11 +19,14 @@ def read_image_2d(path: PathLike) -> Tuple[np.ndarray, Tuple[float, float]]:
     (array, spacing_mm): array (y, x) for grey or (y, x, C) for colour; spacing_mm (y, x) in mm.
     DICOM: float32 after RescaleSlope/Intercept when the file has them, else the stored dtype; spacing
     from PixelSpacing, else ImagerPixelSpacing (radiographs), else (1, 1). MONOCHROME1 is not inverted.
+    Compressed transfer syntaxes are decoded by pydicom's plugins as in `dicom.read_pixels` (RLE and
+    Deflated built in; JPEG, JPEG-LS and JPEG 2000 with the `dicom` extra: pip install "medjax[dicom]").
     PIL: the stored dtype (palette images are expanded to RGB/RGBA); spacing from the file's DPI
     (25.4 / dpi), else (1, 1).
 
   Raises:
-    FileNotFoundError: no such file.  ValueError: empty, unreadable, multi-frame or not 2D.
+    FileNotFoundError: no such file.  ValueError: empty, unreadable, multi-frame or not 2D; a compressed DICOM
+    whose decoder is not installed (naming the file, the transfer syntax and its UID, and the package to install).
   """
   path = check_readable_file(path, "image")
   if path.lower().endswith(PIL_SUFFIXES):

@@ -47,3 +47,17 @@ def test_read_png(tmp_path):
     io.read_image_2d(tmp_path / "empty.png")
 
 
+
+
+def test_read_compressed_dicom_2d(tmp_path):
+  raw = np.random.default_rng(9).integers(0, 4000, size=(32, 40)).astype(np.uint16)
+  syntaxes = [pydicom.uid.RLELossless]
+  if pydicom.pixels.get_encoder(pydicom.uid.JPEG2000Lossless).is_available:
+    syntaxes.append(pydicom.uid.JPEG2000Lossless)
+  for syntax in syntaxes:
+    path = tmp_path / f"{syntax.keyword}.dcm"
+    dicom_testing.write_dicom(path, raw, pixel_spacing=(0.5, 0.25), transfer_syntax=syntax)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+    array, spacing = io.read_image_2d(path)
+    np.testing.assert_array_equal(array, raw * 2.0 - 1024)
+    assert spacing == (0.5, 0.25)
