@@ -198,11 +198,13 @@ def validation_mode(config: mlc.ConfigDict, info: datasets.DatasetInfo) -> Optio
 
 
 def inference_options(config: mlc.ConfigDict, mesh: Any = None) -> dict:
-  """`config.inference` checked, as keywords of `inference.sliding_window_inference`: roi_size (default: the
-  training patch, config.input.patch_size), window_batch (default: the eval batch size, rounded up to the
-  mesh's data axis) and the optional overlap, mode, sigma_scale, pad_mode, pad_value."""
+  """`config.inference` checked and completed: every keyword of `inference.sliding_window_inference` but the
+  image, the prediction function and the mesh. roi_size defaults to the training patch (config.input.
+  patch_size), window_batch to the eval batch size rounded up to the mesh's data axis; the others take the
+  function's own defaults."""
+  parameters = inspect.signature(inference.sliding_window_inference).parameters
+  accepted = set(parameters) - {"predict_fn", "image", "mesh"}
   options = dict(config.get("inference") or {})
-  accepted = set(inspect.signature(inference.sliding_window_inference).parameters) - {"predict_fn", "image", "mesh"}
   unknown = sorted(set(options) - accepted)
   if unknown:
     raise ConfigError(f"config.inference: unknown key(s) {unknown}; accepted: {', '.join(sorted(accepted))}.")
@@ -215,31 +217,68 @@ def inference_options(config: mlc.ConfigDict, mesh: Any = None) -> dict:
   if "window_batch" not in options:
     n = sharding.data_axis_size(mesh) if mesh is not None else 1
     options["window_batch"] = -(-int(settings(config).eval_batch_size or 1) // n) * n
-  return options
+  defaults = {k: p.default for k, p in parameters.items() if k in accepted and p.default is not p.empty}
+  return {**defaults, **options}
 
 
-def eval_apply_fn(model: Any, config: mlc.ConfigDict, *, sliding_window: bool = False,
-                  mesh: Any = None) -> Callable[..., Any]:
-  """The forward pass of validation, test and `medjax.tools.evaluate`: `apply(variables, images, train=False)
-  -> (outputs, aux)`.
+@dataclasses.dataclass(frozen=True)
+class CaseEvaluation:
+  """Whole cases through the sliding window, for `whole_cases` runs (validation, test and `evaluate`).
 
-  Plain: `model.apply`, or with `config.eval_flips` (mirrors, e.g. ((), (1,)) for 2D left-right) the flip-TTA
-  average of its logits. With `sliding_window` (whole cases): a sliding window (`inference_options`) whose
-  overlapping windows average softmax probabilities as nnU-Net does (the segmentation evaluator takes their
-  argmax, so they stand in for logits; `aux` is empty), flip TTA per window, windows split over `mesh`'s
-  data axis.
+  `place(example)` puts a case on its canvas with its window plan (host side, `inference.place_case`);
+  `step(variables, batch)` is the evaluator's per-case statistics, jitted: one program per canvas shape,
+  which most cases of a dataset share; `predict(variables, batch)` is the (1, *canvas) argmax, background
+  outside the case (crop with `inference.crop_to_case(prediction, batch["mask"][0])`).
+  """
+  place: Callable[[dict], dict]
+  step: Callable[..., Any]
+  predict: Callable[..., Any]
+
+
+def case_evaluation(model: Any, config: mlc.ConfigDict, stats_fn: Callable, mesh: Any) -> CaseEvaluation:
+  """The `CaseEvaluation` of `config.inference` (`inference_options`) with `config.eval_flips` per window;
+  windows average softmax probabilities as nnU-Net does (the segmentation evaluator takes their argmax)."""
+  options = inference_options(config, mesh)
+  flips = settings(config).eval_flips
+  place = functools.partial(inference.place_case, roi_size=options["roi_size"], overlap=options["overlap"],
+                            window_batch=options["window_batch"], pad_mode=options["pad_mode"],
+                            pad_value=options["pad_value"])
+
+  def probabilities(variables, batch):
+    predict = inference.make_predict_fn(model.apply, variables, output="softmax")
+    if flips:
+      predict = inference.flip_tta(predict, flips)
+    probs = inference.sliding_window_planned(
+        predict, batch["image"], batch["window_origins"][0], batch["window_valid"][0], batch["window_steps"][0],
+        roi_size=options["roi_size"], mode=options["mode"], sigma_scale=options["sigma_scale"], mesh=mesh)
+    # The canvas around the case is certain background, so it adds nothing to the foreground classes.
+    background = jax.nn.one_hot(0, probs.shape[-1], dtype=probs.dtype)
+    return jnp.where(batch["mask"][..., None], probs, background)
+
+  step = jax.jit(lambda variables, batch: stats_fn(probabilities(variables, batch), {}, batch))
+  predict = jax.jit(lambda variables, batch: jnp.argmax(probabilities(variables, batch), axis=-1))
+  return CaseEvaluation(place=place, step=step, predict=predict)
+
+
+def eval_apply_fn(model: Any, config: mlc.ConfigDict, *, sliding_window: bool = False) -> Callable[..., Any]:
+  """The forward pass of validation, test and `medjax.tools.evaluate` on batches of examples (whole cases:
+  `case_evaluation`): `apply(variables, images, train=False) -> (outputs, aux)`.
+
+  `model.apply`, or with `config.eval_flips` (mirrors, e.g. ((), (1,)) for 2D left-right) the flip-TTA
+  average of its logits. With `sliding_window` (fixed-size images larger than the network's input): a sliding
+  window (`inference_options`) averaging softmax probabilities, flip TTA per window, `aux` empty.
   """
   flips = settings(config).eval_flips
   if not sliding_window:
     return inference.flip_tta_apply(model.apply, flips) if flips else model.apply
-  options = inference_options(config, mesh)
+  options = inference_options(config)
 
   def apply(variables, images, train: bool = False):
     del train
     predict = inference.make_predict_fn(model.apply, variables, output="softmax")
     if flips:
       predict = inference.flip_tta(predict, flips)
-    return inference.sliding_window_inference(predict, images, mesh=mesh, **options), {}
+    return inference.sliding_window_inference(predict, images, **options), {}
 
   return apply
 

@@ -291,21 +291,18 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   # ---- 4. compiled steps
   train_step = build.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=run.grad_accum_steps,
                                     ema_decay=run.ema_decay, augment_fn=build.augment_fn(config))
-  def compile_eval(sliding_window: bool):
-    apply_fn = build.eval_apply_fn(model, config, sliding_window=sliding_window, mesh=mesh)
-    return jax.jit(functools.partial(steps.eval_step, apply_fn=apply_fn, stats_fn=evaluator.stats_fn))
-
-  eval_step = compile_eval(sliding_window=False)
-  case_step = compile_eval(sliding_window=True) if whole_cases else None
+  eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=build.eval_apply_fn(model, config),
+                                        stats_fn=evaluator.stats_fn))
+  cases = build.case_evaluation(model, config, evaluator.stats_fn, mesh) if whole_cases else None
   eval_batch_size = build.eval_batch_size(config, mesh)
 
   def run_evaluation(state, source, prefix: str) -> Dict[str, float]:
     """Metrics of `state` on `source`: whole cases one at a time for `whole_cases` runs (validation on
-    patches excepted; the jit cache keeps a program per case shape), else batches of examples."""
+    patches excepted; one program per canvas shape), else batches of examples."""
     variables = state.variables(use_ema=run.use_ema_for_eval)
     if whole_cases and not (source is val_source and validation == "patches"):
-      step_fn = case_step
-      batches = pipeline.device_batches(pipeline.case_batches(source), mesh, replicate=True)
+      step_fn = cases.step
+      batches = pipeline.device_batches(pipeline.case_batches(source, cases.place), mesh, replicate=True)
     else:
       step_fn = eval_step
       batches = pipeline.device_batches(pipeline.eval_batches(source, global_batch_size=eval_batch_size), mesh)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import difflib
 import concurrent.futures
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -23,7 +23,9 @@ from medjax.data import preprocess, sampling
 from medjax.typing import HostBatch
 
 # Keys that travel to the devices; everything else (ids, metadata) stays on the host.
-DEVICE_KEYS = ("image", "label", "mask", "weight", "spacing_mm", "distance_map", "class_label")
+DEVICE_KEYS = ("image", "label", "mask", "weight", "spacing_mm", "distance_map", "class_label",
+               # a whole case's sliding-window plan (`inference.cases.place_case`)
+               "window_origins", "window_valid", "window_steps")
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -192,12 +194,15 @@ def device_batches(host_batches: Iterator[HostBatch], mesh, prefetch: int = 2, *
     yield queue.popleft()
 
 
-def case_batches(source) -> Iterator[Dict[str, np.ndarray]]:
+def case_batches(source, place: Optional[Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]] = None
+                 ) -> Iterator[Dict[str, np.ndarray]]:
   """Every example of `source` once, in order, each as a batch of one with "weight" (1,): whole cases of
-  different shapes, which cannot be stacked. Every process reads every case (`device_batches(replicate=True)`
-  puts each on all devices, and the sliding window splits its windows over them)."""
+  different shapes, which cannot be stacked. `place` transforms each example first (e.g. puts it on its
+  sliding-window canvas). Every process reads every case (`device_batches(replicate=True)` puts each on all
+  devices, and the sliding window splits its windows over them)."""
   for index in range(len(source)):
-    batch = collate([source[index]])
+    example = source[index]
+    batch = collate([place(example) if place is not None else example])
     batch["weight"] = np.ones((1,), np.float32)
     yield batch
 

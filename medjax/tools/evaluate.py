@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from medjax import atomic, build, checkpoint, config_lib, evaluators, provenance, sharding
+from medjax import atomic, build, checkpoint, config_lib, evaluators, inference, provenance, sharding
 from medjax.data import pipeline
 from medjax.evaluators import plots, render
 from medjax.tools import cli
@@ -133,22 +133,24 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   mesh = build.mesh(config, fallback=True)  # the run's mesh when this machine can build it
   batch_size = build.eval_batch_size(config, mesh, round_up=True)
   variables = jax.device_put(loaded.variables, sharding.replicated(mesh))
-  # Whole cases of varying size (a run trained on patches): one case per batch, its windows split over the
-  # mesh, exactly as the run's validation did. Otherwise batches of examples, with a sliding window when the
-  # config sets inference.roi_size.
+  # Whole cases of varying size (a run trained on patches): one case per batch on its sliding-window canvas,
+  # its windows split over the mesh, exactly as the run's validation did. Otherwise batches of examples, with
+  # a sliding window when the config sets inference.roi_size.
   whole = build.whole_cases(config, dataset.info)
-  sliding = whole or bool((config.get("inference") or {}).get("roi_size"))
-  forward = build.eval_apply_fn(model, config, sliding_window=sliding, mesh=mesh if whole else None)
-
-  @jax.jit
-  def eval_step(variables, batch):
-    outputs, aux = forward(variables, batch["image"], train=False)
-    return evaluator.stats_fn(outputs, aux, batch)
-
   if whole:
-    recorder = _Recorder(pipeline.case_batches(source))
+    cases = build.case_evaluation(model, config, evaluator.stats_fn, mesh)
+    eval_step = cases.step
+    recorder = _Recorder(pipeline.case_batches(source, cases.place))
     device_batches = pipeline.device_batches(iter(recorder), mesh, replicate=True)
   else:
+    forward = build.eval_apply_fn(model, config, sliding_window=bool((config.get("inference") or {}).get("roi_size")))
+
+    @jax.jit
+    def eval_step(variables, batch):
+      outputs, aux = forward(variables, batch["image"], train=False)
+      return evaluator.stats_fn(outputs, aux, batch)
+
+    predict = jax.jit(lambda variables, images: forward(variables, images, train=False)[0].argmax(-1))
     recorder = _Recorder(pipeline.eval_batches(source, global_batch_size=batch_size))
     device_batches = pipeline.device_batches(iter(recorder), mesh)
   stats = evaluators.collect(functools.partial(eval_step, variables), device_batches)
@@ -156,14 +158,18 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   report.update(workdir=workdir, split=split, config=_config_summary(config),
                 checkpoint={"step": step, "selected": loaded.selected, "saved_metrics": loaded.metrics},
                 env=provenance.read(workdir))
-  predict = jax.jit(lambda variables, images: forward(variables, images, train=False)[0].argmax(-1))
 
   def forward_examples(examples):
-    """Argmax predictions of a few examples: one at a time for whole cases, else padded to the eval batch so
-    the compiled shapes are reused."""
+    """Argmax predictions of a few examples: whole cases one at a time, cropped from their canvases; else
+    padded to the eval batch so the compiled shapes are reused."""
     if whole:
-      return [np.asarray(jax.device_get(predict(variables, sharding.host_to_replicated(
-          {"image": ex["image"][None]}, mesh)["image"])))[0] for ex in examples]
+      predictions = []
+      for example in examples:
+        placed = pipeline.collate([cases.place(example)])
+        batch = sharding.host_to_replicated({k: v for k, v in placed.items() if k in pipeline.DEVICE_KEYS}, mesh)
+        prediction = np.asarray(jax.device_get(cases.predict(variables, batch)))[0]
+        predictions.append(inference.crop_to_case(prediction, placed["mask"][0]))
+      return predictions
     padded = pipeline.collate(list(examples) + [examples[0]] * (batch_size - len(examples)))
     batch = sharding.host_to_global({k: v for k, v in padded.items() if k in pipeline.DEVICE_KEYS}, mesh)
     return np.asarray(jax.device_get(predict(variables, batch["image"])))[:len(examples)]
