@@ -2,8 +2,8 @@
 
 `sliding_window_inference` plans its windows from the image shape while tracing, so every case shape is a
 new program; a validation split of 50 differently sized cases would compile 50 of them. Here the plan is
-data instead. `place_case` (host side, numpy) puts a case into a canvas, its shape rounded up to whole
-windows per axis, and lists the case's window origins in a fixed-size array; `sliding_window_planned` runs
+data instead. `place_case` (host side, numpy) puts a case into a canvas, its shape rounded up to one window
+plus whole window steps per axis, and lists the case's window origins in a fixed-size array; `sliding_window_planned` runs
 only those windows (a loop with a data-dependent trip count) and blends them into a canvas-sized output.
 One program serves every case whose canvas has the same shape, and most cases of a dataset share a few
 canvases.
@@ -29,9 +29,14 @@ from medjax.inference import sliding_window as sw
 from medjax.sharding import DATA_AXIS
 from medjax.typing import Array
 
-def canvas_shape(spatial_shape: Sequence[int], roi_size: Sequence[int]) -> Tuple[int, ...]:
-  """The canvas of a case of `spatial_shape`: each axis rounded up to a whole number of windows (>= 1)."""
-  return tuple(max(int(r), -(-int(s) // int(r)) * int(r)) for s, r in zip(spatial_shape, roi_size))
+def canvas_shape(spatial_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> Tuple[int, ...]:
+  """The canvas of a case of `spatial_shape`: per axis one window plus whole window steps
+  (`round(roi * (1 - overlap))`, as `sliding_window.window_starts`), so a case on the window grid fills it."""
+  out = []
+  for s, r in zip(spatial_shape, roi_size):
+    step = max(1, int(round(int(r) * (1.0 - overlap))))
+    out.append(int(r) + -(-max(0, int(s) - int(r)) // step) * step)
+  return tuple(out)
 
 
 def place_case(example: Mapping[str, np.ndarray], *, roi_size: Sequence[int], overlap: float, window_batch: int,
@@ -58,7 +63,7 @@ def place_case(example: Mapping[str, np.ndarray], *, roi_size: Sequence[int], ov
     extra = {"constant_values": pad_value} if pad_mode == "constant" else {}
     image = np.pad(image, list(pads) + [(0, 0)], mode=pad_mode, **extra)
   padded = tuple(image.shape[:-1])
-  canvas = canvas_shape(spatial, roi)
+  canvas = canvas_shape(spatial, roi, overlap)
   out = dict(example)
   out["image"] = np.zeros(canvas + image.shape[-1:], np.float32)
   out["image"][tuple(slice(0, n) for n in padded)] = image

@@ -39,7 +39,7 @@ def test_planned_equals_sliding_window(shape, roi, pad_mode):
   expected = inference.sliding_window_inference(jax.tree_util.Partial(_context_model), image[None], roi_size=roi,
                                                 overlap=0.5, window_batch=3, pad_mode=pad_mode)[0]
   out, placed = _planned(image, roi, 0.5, 3, pad_mode)
-  assert out.shape == cases.canvas_shape(shape, roi) + (2,)
+  assert out.shape == cases.canvas_shape(shape, roi, 0.5) + (2,)
   np.testing.assert_allclose(cases.crop_to_case(out, placed["mask"]), expected, rtol=1e-5, atol=1e-6)
   assert placed["mask"].sum() == np.prod(shape)
   beyond = np.ones(out.shape[:-1], bool)  # canvas voxels beyond the (window-padded) case: no window reads them
@@ -48,10 +48,10 @@ def test_planned_equals_sliding_window(shape, roi, pad_mode):
 
 
 def test_one_program_per_canvas():
-  roi = (4, 6)
+  roi = (4, 6)  # window steps of 2 and 3 at overlap 0.5
   fn = jax.jit(functools.partial(cases.sliding_window_planned, jax.tree_util.Partial(_context_model), roi_size=roi))
   canvases = set()
-  for shape in [(5, 7), (8, 12), (6, 9), (7, 11)]:  # all on the (8, 12) canvas
+  for shape in [(7, 10), (8, 12), (7, 11), (8, 10)]:  # all on the (8, 12) canvas
     placed = cases.place_case({"image": np.ones(shape + (1,), np.float32)}, roi_size=roi, overlap=0.5,
                               window_batch=2)
     canvases.add(placed["image"].shape)
@@ -64,8 +64,8 @@ def test_labels_and_mask_follow_the_case():
   label = (image[..., 0] % 3).astype(np.int32)
   placed = cases.place_case({"image": image, "label": label, "id": np.int64(7)}, roi_size=(4, 4), overlap=0.25,
                             window_batch=4)
-  # The 3-voxel axis is padded to the 4-voxel window as (0, 1); the canvas is (4, 8).
-  assert placed["image"].shape == (4, 8, 1) and placed["label"].shape == (4, 8) and placed["id"] == 7
+  # The 3-voxel axis is padded to the 4-voxel window as (0, 1); the canvas is (4, 4 + 1 step of 3 = 7).
+  assert placed["image"].shape == (4, 7, 1) and placed["label"].shape == (4, 7) and placed["id"] == 7
   np.testing.assert_array_equal(cases.crop_to_case(placed["label"], placed["mask"]), label)
   np.testing.assert_array_equal(cases.crop_to_case(placed["image"], placed["mask"]), image)
   assert placed["label"][~placed["mask"]].sum() == 0
