@@ -21,8 +21,9 @@ _WHAT = "classification evaluator"
 @EVALUATORS.register("classification")
 class ClassificationEvaluator:
   """Summary metrics of `metrics.classification_metrics`: accuracy, balanced_accuracy, sensitivity,
-  specificity, precision, f1, auc (macro one-vs-rest beyond two classes), pr_auc, ece, num_cases, and per
-  task kappa / auc_micro / subset_accuracy.
+  specificity, precision, f1, npv, fpr, fnr, fdr, informedness, markedness, mcc, auc (macro one-vs-rest
+  beyond two classes), pr_auc, ece, num_cases, per task kappa / auc_micro / auc_weighted / subset_accuracy,
+  and "f<beta>" for each of `betas`.
 
   The task follows the labels unless `task` is given: labels (B,) with 2 classes -> "binary" (threshold on
   the class-1 probability), (B,) with more -> "multi-class" (argmax), (B, K) 0/1 -> "multi-label" (one
@@ -32,9 +33,11 @@ class ClassificationEvaluator:
     info: the dataset's `DatasetInfo`.
     task: None (from the labels) or one of TASKS.
     threshold: decision threshold on the positive probability for binary and multi-label tasks.
+    betas: F-beta scores to report ("f2" for beta 2; positive class, or macro), e.g. (2.0,) for screening,
+      where a miss costs more than a false alarm.
   """
 
-  def __init__(self, info, task: Optional[str] = None, threshold: float = 0.5):
+  def __init__(self, info, task: Optional[str] = None, threshold: float = 0.5, betas: Sequence[float] = ()):
     if task is not None and task not in TASKS:
       raise ValueError(f"{_WHAT}: task must be one of {TASKS} or None (from the labels), got {task!r}.")
     if not 0.0 < float(threshold) < 1.0:
@@ -43,6 +46,9 @@ class ClassificationEvaluator:
     self.class_names = tuple(info.class_names)
     self.task = task
     self.threshold = float(threshold)
+    self.betas = tuple(float(beta) for beta in betas)
+    if any(not 0.0 < beta < np.inf for beta in self.betas):
+      raise ValueError(f"{_WHAT}: every beta must be a positive number, got {tuple(betas)}.")
     if task == "binary" and self.num_classes != 2:
       raise ValueError(f"{_WHAT}: task 'binary' needs num_classes == 2, the dataset has {self.num_classes}.")
 
@@ -89,7 +95,7 @@ class ClassificationEvaluator:
     return probs, labels, task
 
   def _summarize(self, probs, labels, task) -> Metrics:
-    return metrics.classification_metrics(labels, probs, task=task, threshold=self.threshold)
+    return metrics.classification_metrics(labels, probs, task=task, threshold=self.threshold, betas=self.betas)
 
   def summarize(self, stats) -> Metrics:
     probs, labels, task = self._checked(stats)

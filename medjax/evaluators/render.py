@@ -9,7 +9,7 @@ from typing import Any, List, Mapping, Sequence
 
 HEADLINE = {
     "classification": ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "f1"),
-    "segmentation": ("dice_mean", "dice_case_mean", "iou_mean", "hd95_mean", "assd_mean"),
+    "segmentation": ("dice_mean", "dice_case_mean", "iou_mean", "hd95_mean", "assd_mean", "nsd_mean"),
     "regression": ("mae", "rmse", "pearson_r"),
 }
 MAX_CASE_ROWS = 40
@@ -82,6 +82,9 @@ def _intro(report: Mapping[str, Any]) -> List[str]:
     lines.append(f"- trained with: {code}; {versions}; {env.get('device_count')} x {env.get('device_kind')}")
   lines.append(f"- confidence intervals: percentile bootstrap over {boot['num_units']} {boot['unit']}s, "
                f"{boot['num_samples']} resamples, seed {boot['seed']}")
+  convention = report.get("empty_mask_convention")
+  if convention:
+    lines.append(f"- empty masks: {convention.get('description')}")
   for column, reason in report.get("subgroups_skipped", {}).items():
     lines.append(f"- metadata column `{column}` not used for subgroups: {reason}")
   return lines

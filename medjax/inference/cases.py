@@ -2,11 +2,10 @@
 
 `sliding_window_inference` plans its windows from the image shape while tracing, so every case shape is a
 new program; a validation split of 50 differently sized cases would compile 50 of them. Here the plan is
-data instead. `place_case` (host side, numpy) puts a case into a canvas, its shape rounded up to one window
-plus whole window steps per axis, and lists the case's window origins in a fixed-size array; `sliding_window_planned` runs
-only those windows (a loop with a data-dependent trip count) and blends them into a canvas-sized output.
-One program serves every case whose canvas has the same shape, and most cases of a dataset share a few
-canvases.
+data instead. `place_case` (host side, numpy) puts a case into a canvas (per axis one window plus whole
+window steps) and lists the case's window origins in a fixed-size array; `sliding_window_planned` runs only
+those windows (a loop with a data-dependent trip count) and blends them into a canvas-sized output. One
+program serves every case whose canvas has the same shape, and most cases of a dataset share a few canvases.
 
 The windows are exactly those `sliding_window_inference` uses on the case alone: axes shorter than the
 window are padded to it (centred, `pad_mode`) before planning, the canvas beyond the padded case is never

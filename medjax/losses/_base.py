@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medjax.registry import Registry
 from medjax.typing import Array
@@ -85,3 +86,27 @@ def label_weight_vector(values: Union[float, Sequence[float], None], num_labels:
   if vector.ndim == 0:
     return vector
   return class_vector(values, num_labels, what)
+
+
+def overlap_class_weights(values: Union[float, Sequence[float], None], num_classes: int, include_background: bool,
+                          what: str) -> Optional[Array]:
+  """Per-class weights of an overlap (Dice) term over the classes it averages, float32 (K,) or (K - 1,).
+
+  `values` is one number (every class), K numbers (one per class; class 0's is dropped when the background is
+  excluded, as MONAI's DiceCELoss passes `weight[1:]` to its Dice) or, when the background is excluded, the
+  K - 1 foreground weights (as MONAI's DiceLoss(weight=) takes them). Weights must be >= 0. None passes.
+  """
+  if values is None:
+    return None
+  array = np.asarray(values, np.float64)
+  if np.any(array < 0) or not np.all(np.isfinite(array)):
+    raise ValueError(f"{what} must be finite and >= 0, got {values!r}.")
+  kept = num_classes if include_background else num_classes - 1
+  if array.ndim == 0:
+    return jnp.full((kept,), float(array), jnp.float32)
+  if array.ndim == 1 and array.shape[0] == num_classes:
+    return jnp.asarray(array if include_background else array[1:], jnp.float32)
+  if array.ndim == 1 and array.shape[0] == kept:
+    return jnp.asarray(array, jnp.float32)
+  foreground = "" if include_background else f" or one per foreground class ({kept})"
+  raise ValueError(f"{what} must be one number, one per class ({num_classes}){foreground}, got {values!r}.")

@@ -8,7 +8,7 @@ per case, in mm (`medjax.data.preprocess.signed_distance_maps`), and arrive in t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +47,15 @@ def boundary_loss(logits: Array, labels: Array, *, distance_map: Array, mask: Op
 @LOSSES.register("dice_boundary")
 def dice_boundary(logits: Array, labels: Array, *, distance_map: Array, mask: Optional[Array] = None,
                   boundary_weight: float = 0.01, include_background: bool = False, batch_dice: bool = False,
+                  class_weights: Union[float, Sequence[float], None] = None,
                   ignore_index: Optional[int] = None) -> Array:
   """soft Dice + boundary_weight * boundary loss (Kervadec et al. start at 0.01 and raise it over training).
 
-  `include_background` applies to both terms. Returns (B,) float32.
+  `include_background` applies to both terms; `class_weights` weight the Dice term's classes as in "dice".
+  Returns (B,) float32.
   """
   dice = soft_dice(logits, labels, mask=mask, include_background=include_background, batch_dice=batch_dice,
-                   ignore_index=ignore_index)
+                   class_weights=class_weights, ignore_index=ignore_index)
   boundary = boundary_loss(logits, labels, distance_map=distance_map, mask=mask,
                            include_background=include_background, ignore_index=ignore_index)
   return dice + boundary_weight * boundary

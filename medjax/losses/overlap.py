@@ -1,4 +1,4 @@
-"""Region-overlap losses: soft Dice, Dice + cross-entropy, generalized Dice, Tversky, focal Tversky.
+"""Region-overlap losses: soft Dice, Dice + cross-entropy, Dice + focal, generalized Dice, Tversky, focal Tversky.
 
 All take logits (B, *spatial, K) and labels (B, *spatial) int (or soft targets (B, *spatial, K)), use
 softmax probabilities p and one-hot targets y, and return (B,) float32. Per class k, over the kept voxels:
@@ -13,17 +13,22 @@ the sums over the batch (nnU-Net's batch Dice) and gives every example the poole
 Dice punishes any false positive in a case without the class with a score of ~0, which teaches a network
 to under-segment rare classes such as lesions. Under gradient accumulation the pool is the micro-batch.
 Masks and `ignore_index` (which multiply) remove voxels from all sums.
+
+Class weights (MONAI's DiceLoss `weight=`): the per-class Dice losses are multiplied by `class_weights` before
+the mean over classes, mean_k w_k (1 - Dice_k), not renormalised, so weights summing to the number of
+classes keep the loss on its usual scale. See `_base.overlap_class_weights` for the accepted lengths.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from medjax.losses._base import LOSSES, apply_ignore_index, spatial_axes, targets_of
-from medjax.losses.voxelwise import softmax_cross_entropy
+from medjax.losses._base import LOSSES, apply_ignore_index, overlap_class_weights, spatial_axes, targets_of
+from medjax.losses.voxelwise import softmax_cross_entropy, softmax_focal
 from medjax.typing import Array
 
 
@@ -41,23 +46,48 @@ def overlap_sums(logits: Array, labels: Array, mask: Optional[Array], ignore_ind
   return (jnp.sum(probs * targets, axis=axes), jnp.sum(probs, axis=axes), jnp.sum(targets, axis=axes))
 
 
-def _class_mean_loss(per_class_loss: Array, include_background: bool, batch_size: int) -> Array:
-  """Mean over classes (dropping class 0 unless asked), broadcast to (B,)."""
+def class_mean_loss(per_class_loss: Array, include_background: bool, batch_size: int,
+                    weights: Optional[Array] = None) -> Array:
+  """Mean over classes of weights * per-class loss (dropping class 0 unless asked), broadcast to (B,).
+
+  `weights`: None or the (K,) / (K - 1,) vector of `overlap_class_weights`, over the kept classes.
+  """
   if not include_background:
     per_class_loss = per_class_loss[..., 1:]
+  if weights is not None:
+    per_class_loss = per_class_loss * weights
   return jnp.broadcast_to(jnp.mean(per_class_loss, axis=-1), (batch_size,))
+
 
 
 @LOSSES.register("dice")
 def soft_dice(logits: Array, labels: Array, *, mask: Optional[Array] = None, include_background: bool = False,
-              smooth: float = 1e-5, batch_dice: bool = False, ignore_index: Optional[int] = None) -> Array:
+              smooth: float = 1e-5, batch_dice: bool = False,
+              class_weights: Union[float, Sequence[float], None] = None, ignore_index: Optional[int] = None) -> Array:
   """1 - soft Dice, averaged over classes: Dice_k = (2 TP_k + smooth) / (sum p_k + sum y_k + smooth).
 
-  Smoothing, background, batch Dice, mask and ignore_index: see the module docstring. Returns (B,).
+  Args:
+    logits: (B, *spatial, K); labels: (B, *spatial) class indices or soft targets (B, *spatial, K).
+    class_weights: None, one number, K numbers, or (background excluded) the K - 1 foreground weights; the
+      loss is mean_k w_k (1 - Dice_k) (module docstring).
+    Smoothing, background, batch Dice, mask and ignore_index: see the module docstring.
+  Returns (B,) float32.
   """
   tp, prob_sum, target_sum = overlap_sums(logits, labels, mask, ignore_index, batch_dice)
   dice = (2.0 * tp + smooth) / (prob_sum + target_sum + smooth)
-  return _class_mean_loss(1.0 - dice, include_background, logits.shape[0])
+  weights = overlap_class_weights(class_weights, logits.shape[-1], include_background, "dice class_weights")
+  return class_mean_loss(1.0 - dice, include_background, logits.shape[0], weights)
+
+
+def _compound_class_weights(class_weights, num_classes: int, what: str) -> Optional[np.ndarray]:
+  """Class weights that a compound passes to both of its terms: K numbers, one per class. Checked as numpy
+  constants, since a jnp array made here would be a tracer under jit."""
+  if class_weights is None:
+    return None
+  weights = np.asarray(class_weights, np.float64)
+  if weights.shape != (num_classes,):
+    raise ValueError(f"{what} must hold one number per class ({num_classes}), got {class_weights!r}.")
+  return weights
 
 
 @LOSSES.register("dice_xent")
@@ -67,13 +97,44 @@ def dice_cross_entropy(logits: Array, labels: Array, *, mask: Optional[Array] = 
                        ignore_index: Optional[int] = None) -> Array:
   """dice_weight * soft Dice + xent_weight * cross-entropy, the nnU-Net default for segmentation.
 
-  `class_weights` go to the cross-entropy term only. Returns (B,) float32.
+  `class_weights` (K numbers, one per class) weight both terms, as MONAI's DiceCELoss(weight=): each voxel's
+  cross-entropy by its class's weight, and the per-class Dice losses by theirs (class 0's dropped unless
+  `include_background`). Returns (B,) float32.
   """
+  weights = _compound_class_weights(class_weights, logits.shape[-1], "dice_xent class_weights")
   dice = soft_dice(logits, labels, mask=mask, include_background=include_background, batch_dice=batch_dice,
-                   ignore_index=ignore_index)
-  xent = softmax_cross_entropy(logits, labels, mask=mask, class_weights=class_weights,
-                               ignore_index=ignore_index)
+                   class_weights=weights, ignore_index=ignore_index)
+  xent = softmax_cross_entropy(logits, labels, mask=mask, class_weights=weights, ignore_index=ignore_index)
   return dice_weight * dice + xent_weight * xent
+
+
+@LOSSES.register("dice_focal")
+def dice_focal(logits: Array, labels: Array, *, mask: Optional[Array] = None, dice_weight: float = 1.0,
+               focal_weight: float = 1.0, gamma: float = 2.0, include_background: bool = False,
+               smooth: float = 1e-5, batch_dice: bool = False, class_weights: Optional[Sequence[float]] = None,
+               ignore_index: Optional[int] = None) -> Array:
+  """dice_weight * soft Dice + focal_weight * softmax focal loss, as MONAI's DiceFocalLoss (its lambda_dice,
+  lambda_focal) with softmax Dice.
+
+  The focal term is medjax's "focal" loss (Lin et al. 2017, softmax form): per voxel -sum_k w_k (1 - p_k)^gamma
+  y_k log p_k over all classes, averaged over voxels, so gamma = 0 without weights is the cross-entropy and
+  this loss is then "dice_xent". MONAI's FocalLoss is the sigmoid form averaged over channels as well, which
+  differs by about a factor K; for sigmoid outputs use "sigmoid_dice_focal".
+
+  Args:
+    dice_weight, focal_weight: the two terms' weights (>= 0).
+    gamma: focusing exponent >= 0 (2 in the paper).
+    class_weights: K numbers, one per class: the Dice losses' weights (class 0's dropped unless
+      `include_background`) and the focal loss's per-class alpha, as MONAI's DiceFocalLoss(weight=).
+    include_background, smooth, batch_dice, mask, ignore_index: as for "dice" (the focal term always covers
+      every class).
+  Returns (B,) float32.
+  """
+  weights = _compound_class_weights(class_weights, logits.shape[-1], "dice_focal class_weights")
+  dice = soft_dice(logits, labels, mask=mask, include_background=include_background, smooth=smooth,
+                   batch_dice=batch_dice, class_weights=weights, ignore_index=ignore_index)
+  focal = softmax_focal(logits, labels, mask=mask, gamma=gamma, alpha=weights, ignore_index=ignore_index)
+  return dice_weight * dice + focal_weight * focal
 
 
 @LOSSES.register("generalized_dice")
@@ -121,7 +182,7 @@ def tversky(logits: Array, labels: Array, *, mask: Optional[Array] = None, alpha
   """
   tp, prob_sum, target_sum = overlap_sums(logits, labels, mask, ignore_index, batch_dice)
   index = tversky_index(tp, prob_sum, target_sum, alpha, beta, smooth)
-  return _class_mean_loss(1.0 - index, include_background, logits.shape[0])
+  return class_mean_loss(1.0 - index, include_background, logits.shape[0])
 
 
 @LOSSES.register("focal_tversky")
@@ -138,4 +199,4 @@ def focal_tversky(logits: Array, labels: Array, *, mask: Optional[Array] = None,
   index = tversky_index(tp, prob_sum, target_sum, alpha, beta, smooth)
   # Clamped away from 0: d/dx x^(1/gamma) is infinite at 0 for gamma > 1 (a perfectly segmented class).
   per_class = jnp.maximum(1.0 - index, 1e-7) ** (1.0 / gamma)
-  return _class_mean_loss(per_class, include_background, logits.shape[0])
+  return class_mean_loss(per_class, include_background, logits.shape[0])

@@ -7,7 +7,7 @@ opening removes. Rank-generic: the same code serves 2D (B, y, x, K) and 3D (B, z
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -90,13 +90,14 @@ def soft_cldice(logits: Array, labels: Array, *, mask: Optional[Array] = None, i
 @LOSSES.register("dice_cldice")
 def dice_cldice(logits: Array, labels: Array, *, mask: Optional[Array] = None, cldice_weight: float = 0.5,
                 iterations: int = 3, include_background: bool = False, batch_dice: bool = False,
+                class_weights: Union[float, Sequence[float], None] = None,
                 ignore_index: Optional[int] = None) -> Array:
   """(1 - cldice_weight) * soft Dice + cldice_weight * soft clDice, the paper's combination (its alpha).
 
-  Returns (B,) float32.
+  `class_weights` weight the Dice term's classes as in "dice". Returns (B,) float32.
   """
   dice = soft_dice(logits, labels, mask=mask, include_background=include_background, batch_dice=batch_dice,
-                   ignore_index=ignore_index)
+                   class_weights=class_weights, ignore_index=ignore_index)
   cldice = soft_cldice(logits, labels, mask=mask, iterations=iterations, include_background=include_background,
                        ignore_index=ignore_index)
   return (1.0 - cldice_weight) * dice + cldice_weight * cldice

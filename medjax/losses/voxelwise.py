@@ -55,7 +55,7 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, mask: Optional[Array]
   return mean_per_example(per_voxel, mask)
 
 
-def _binary_targets(logits: Array, labels: Array) -> Array:
+def binary_targets(logits: Array, labels: Array) -> Array:
   """float32 0/1 targets shaped like `logits` for the sigmoid losses.
 
   labels with the logits' shape are multi-label targets; class indices (one axis fewer) become the K
@@ -95,7 +95,7 @@ def sigmoid_binary_cross_entropy(logits: Array, labels: Array, *, mask: Optional
   """
   logits = logits.astype(jnp.float32)
   labels, mask = apply_ignore_index(logits, labels, mask, ignore_index)
-  targets = _binary_targets(logits, labels)
+  targets = binary_targets(logits, labels)
   weight = label_weight_vector(pos_weight, logits.shape[-1], "bce pos_weight")
   return mean_per_example(_sigmoid_cross_entropy(logits, targets, weight), mask)
 
@@ -134,20 +134,25 @@ def softmax_focal(logits: Array, labels: Array, *, mask: Optional[Array] = None,
 
 @LOSSES.register("sigmoid_focal")
 def sigmoid_focal(logits: Array, labels: Array, *, mask: Optional[Array] = None, gamma: float = 2.0,
-                  alpha: Optional[float] = None, ignore_index: Optional[int] = None) -> Array:
+                  alpha: Optional[float] = None, class_weights: Union[float, Sequence[float], None] = None,
+                  ignore_index: Optional[int] = None) -> Array:
   """Binary / multi-label focal loss (Lin et al. 2017), sigmoid form, mean over labels (and voxels).
 
   Per element: a_t (1 - p_t)^gamma BCE with p_t = p if y = 1 else 1 - p, and a_t = alpha for positives,
   1 - alpha for negatives (alpha = 0.25 in the paper; None = no balancing). gamma = 0, alpha = None is
-  exactly `sigmoid_binary_cross_entropy`. Labels and mask as for that loss.
+  exactly `sigmoid_binary_cross_entropy`. Labels and mask as for that loss. `class_weights` (a scalar or one
+  number per label) multiply each label's term before the mean, as MONAI's FocalLoss(weight=).
   Returns: (B,) float32.
   """
   logits = logits.astype(jnp.float32)
   labels, mask = apply_ignore_index(logits, labels, mask, ignore_index)
-  targets = _binary_targets(logits, labels)
+  targets = binary_targets(logits, labels)
   probs = jax.nn.sigmoid(logits)
   p_true = targets * probs + (1.0 - targets) * (1.0 - probs)
   per_label = _modulation(1.0 - p_true, gamma) * _sigmoid_cross_entropy(logits, targets, None)
   if alpha is not None:
     per_label = per_label * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+  weights = label_weight_vector(class_weights, logits.shape[-1], "sigmoid_focal class_weights")
+  if weights is not None:
+    per_label = per_label * weights
   return mean_per_example(per_label, mask)

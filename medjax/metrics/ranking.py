@@ -110,18 +110,24 @@ def averaged(binary_metric, y_true, y_score, average: str = "macro") -> float:
     binary_metric: fn(y_true (N,), y_score (N,)) -> float.
     y_true: (N, K) bool: the one-hot labels of a multi-class task, or the labels of a multi-label task.
     y_score: (N, K).
-    average: "macro" (mean over columns, columns where the metric is NaN - a single class present - are
-      left out) or "micro" (all N * K decisions pooled into one binary problem).
+    average: "macro" (mean over columns), "weighted" (mean weighted by each column's number of positives,
+      its prevalence; scikit-learn's average="weighted") or "micro" (all N * K decisions pooled into one
+      binary problem). Columns where the metric is NaN (a single class present) are left out of "macro" and
+      "weighted", and the weights of the others renormalised (scikit-learn raises instead).
   """
   positives = _checks.binary_truth(y_true, y_score, "averaged")
   scores = _checks.as_scores(y_score, "y_score", ndim=2)
   _checks.same_shape(y_true=positives, y_score=scores)
   if average == "micro":
     return binary_metric(positives.ravel(), scores.ravel())
-  if average != "macro":
-    raise ValueError(f"average must be 'macro' or 'micro', got {average!r}.")
+  if average not in ("macro", "weighted"):
+    raise ValueError(f"average must be 'macro', 'weighted' or 'micro', got {average!r}.")
   values = np.array([binary_metric(positives[:, k], scores[:, k]) for k in range(scores.shape[1])])
-  return float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else float("nan")
+  weights = positives.sum(axis=0).astype(np.float64) if average == "weighted" else np.ones(len(values))
+  defined = ~np.isnan(values) & (weights > 0)
+  if not defined.any():
+    return float("nan")
+  return float(np.sum(values[defined] * weights[defined]) / np.sum(weights[defined]))
 
 
 def operating_point(y_true, y_score, target_sensitivity: float) -> Dict[str, float]:

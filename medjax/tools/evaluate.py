@@ -36,7 +36,7 @@ from absl import flags
 
 from medjax import atomic, build, checkpoint, config_lib, evaluators, inference, provenance, sharding
 from medjax.data import pipeline
-from medjax.evaluators import plots, render
+from medjax.evaluators import plots, render, reporting
 from medjax.tools import cli
 
 # Keys of a host batch that are neither model input nor metadata.
@@ -156,7 +156,8 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   stats = evaluators.collect(functools.partial(eval_step, variables), device_batches)
   report = evaluator.report(stats, recorder.ids, recorder.metadata or None, num_samples=num_samples, seed=seed)
   report.update(workdir=workdir, split=split, config=_config_summary(config),
-                checkpoint={"step": step, "selected": loaded.selected, "saved_metrics": loaded.metrics},
+                checkpoint={"step": step, "selected": loaded.selected,
+                            "saved_metrics": reporting.json_safe(loaded.metrics)},
                 env=provenance.read(workdir))
 
   def forward_examples(examples):

@@ -53,6 +53,14 @@ def test_binary_metrics_match_sklearn():
   assert result["specificity"] == pytest.approx(skm.recall_score(labels, preds, pos_label=0))
   assert result["f1"] == pytest.approx(skm.f1_score(labels, preds))
   assert result["num_cases"] == 60
+  assert result["mcc"] == pytest.approx(skm.matthews_corrcoef(labels, preds))
+  assert result["npv"] == pytest.approx(skm.precision_score(labels, preds, pos_label=0))
+  assert result["fdr"] == pytest.approx(1 - skm.precision_score(labels, preds))
+  assert "f2" not in result
+  with_f2 = ClassificationEvaluator(_cls_info(2), betas=(2.0,))
+  assert with_f2.summarize(_stats(with_f2, logits, labels))["f2"] == pytest.approx(skm.fbeta_score(labels, preds, beta=2))
+  with pytest.raises(ValueError, match="every beta must be a positive number"):
+    ClassificationEvaluator(_cls_info(2), betas=(0.0,))
 
 
 def test_multiclass_metrics_match_sklearn():
@@ -63,6 +71,8 @@ def test_multiclass_metrics_match_sklearn():
   assert result["auc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
   assert result["accuracy"] == pytest.approx(skm.accuracy_score(labels, probs.argmax(1)))
   assert result["f1"] == pytest.approx(skm.f1_score(labels, probs.argmax(1), average="macro"))
+  assert result["mcc"] == pytest.approx(skm.matthews_corrcoef(labels, probs.argmax(1)))
+  assert result["auc_weighted"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr", average="weighted"))
 
 
 def test_multilabel_uses_sigmoid_per_label():
@@ -164,6 +174,122 @@ def test_segmentation_bad_input():
   labels[1, 0, 0] = 7
   with pytest.raises(ValueError, match=r"1 of 2 cases have labels outside \[0, 3\) \(id b\)"):
     evaluator.report(_stats(evaluator, np.eye(3)[pred].astype(np.float32), labels), ids=["a", "b"])
+
+
+def _gds(parts):
+  """Generalized Dice of (intersection, predicted, reference) per class; weights 1 / reference^2, an absent class
+  the largest weight of the present ones."""
+  present = [1 / r**2 for _, _, r in parts if r > 0]
+  weights = [1 / r**2 if r > 0 else max(present) for _, _, r in parts]
+  return 2 * sum(w * i for w, (i, _, _) in zip(weights, parts)) / sum(w * (p + r) for w, (_, p, r) in zip(weights, parts))
+
+
+def test_segmentation_false_positive_on_empty_reference_counts_and_options():
+  labels, pred = _seg_case()
+  pred[1, 0, 0] = 2  # case 1 has no lesion: one false-positive lesion voxel
+  logits = np.eye(3)[pred].astype(np.float32)
+  stats = _stats(SegmentationEvaluator(SEG_INFO), logits, labels)
+  result = SegmentationEvaluator(SEG_INFO).summarize(stats)
+  assert result["dice/lesion"] == pytest.approx(0.5)  # case 0 perfect, case 1's false positive scores 0
+  assert result["num_false_positive_cases/lesion"] == 1 and result["num_both_empty/lesion"] == 0
+  assert result["num_false_positive_cases/organ"] == 0 and result["num_both_empty/organ"] == 0
+  organ = [2 * 8 / (8 + 12), 2 * 16 / (16 + 20)]
+  assert result["dice_case_mean"] == pytest.approx(np.mean([(organ[0] + 1.0) / 2, organ[1] / 2]))
+  assert result["generalized_dice"] == pytest.approx(np.mean([_gds([(8, 8, 12), (4, 4, 4)]),
+                                                              _gds([(16, 20, 16), (0, 1, 0)])]))
+  # MONAI's DiceMetric(ignore_empty=True): the case without a lesion is left out whatever is predicted.
+  ignoring = SegmentationEvaluator(SEG_INFO, false_positive_score="nan").summarize(stats)
+  assert ignoring["dice/lesion"] == pytest.approx(1.0) and ignoring["num_false_positive_cases/lesion"] == 1
+  # Without the false positive, case 1's lesion is empty in both: NaN (default), or the chosen empty_score.
+  clean = _stats(SegmentationEvaluator(SEG_INFO), np.eye(3)[_seg_case()[1]].astype(np.float32), labels)
+  assert SegmentationEvaluator(SEG_INFO).summarize(clean)["num_both_empty/lesion"] == 1
+  assert SegmentationEvaluator(SEG_INFO, empty_score=1.0).summarize(clean)["dice/lesion"] == pytest.approx(1.0)
+  assert SegmentationEvaluator(SEG_INFO, empty_score=0.0).summarize(clean)["dice/lesion"] == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="segmentation evaluator: empty_score must be 'nan', 0.0 or 1.0"):
+    SegmentationEvaluator(SEG_INFO, empty_score="one")
+  with pytest.raises(ValueError, match="segmentation evaluator: empty_distance must be 'nan' or 'inf'"):
+    SegmentationEvaluator(SEG_INFO, empty_distance=100.0)
+
+
+def test_segmentation_nsd_empty_distance_and_report_convention():
+  from medjax.evaluators import render
+  labels, pred = _seg_case()
+  pred[1, 0, 0] = 2  # false-positive lesion in case 1
+  spacing = np.array([[1.0, 2.0]] * 2, np.float32)
+  tolerances = {"organ": 2.0, "lesion": 1.0}
+  evaluator = SegmentationEvaluator(SEG_INFO, surface_metrics=True, nsd_tolerance_mm=tolerances, empty_distance="inf")
+  stats = _stats(evaluator, np.eye(3)[pred].astype(np.float32), labels, spacing_mm=spacing)
+  values = evaluator.case_values(stats)
+  for i in range(2):
+    for c, tolerance in enumerate(tolerances.values()):
+      expected = metrics.normalized_surface_dice(labels[i] == c + 1, pred[i] == c + 1, (1.0, 2.0), tolerance)
+      assert values["nsd"][i, c] == pytest.approx(expected)
+  assert values["nsd"][1, 1] == 0.0 and values["hd95"][1, 1] == np.inf  # false positive
+  result = evaluator.summarize(stats)
+  assert result["nsd/organ"] == pytest.approx(np.mean(values["nsd"][:, 0]))
+  assert result["nsd_mean"] == pytest.approx(np.mean([result["nsd/organ"], result["nsd/lesion"]]))
+  assert result["hd95/lesion"] == np.inf  # "inf" propagates into the mean; "nan" (default) would leave it out
+  report = evaluator.report(stats, ["a", "b"], num_samples=10)
+  convention = report["empty_mask_convention"]
+  assert convention["empty_score"] == "nan" and convention["false_positive_score"] == 0.0
+  assert convention["empty_distance"] == "inf" and convention["nsd_tolerance_mm"] == tolerances
+  assert "false positive) -> 0" in convention["description"] and "lesion 1 mm" in convention["description"]
+  assert report["metrics"]["num_false_positive_cases/lesion"] == {"value": 1.0, "low": None, "high": None}
+  assert report["metrics"]["hd95/lesion"]["value"] is None  # inf is not JSON
+  assert report["cases"][1]["nsd/lesion"] == 0.0 and report["cases"][1]["generalized_dice"] is not None
+  assert "reference_voxels/organ" not in report["cases"][0]
+  assert f"- empty masks: {convention['description']}" in render.markdown(report)
+  with pytest.raises(ValueError, match=r"unknown \['tumour'\], missing \['lesion'\]"):
+    SegmentationEvaluator(SEG_INFO, nsd_tolerance_mm={"organ": 1.0, "tumour": 2.0})
+  with pytest.raises(ValueError, match="nsd_tolerance_mm of 'lesion' must be a finite number >= 0"):
+    SegmentationEvaluator(SEG_INFO, nsd_tolerance_mm=(1.0, -2.0))
+
+
+def test_segmentation_mask_makes_padding_invisible():
+  labels, pred = _seg_case()
+  pred[1, 0, 0] = 2
+  spacing = np.array([[1.0, 2.0]] * 2, np.float32)
+  evaluator = SegmentationEvaluator(SEG_INFO, surface_metrics=True)
+  plain = evaluator.summarize(_stats(evaluator, np.eye(3)[pred].astype(np.float32), labels, spacing_mm=spacing))
+  # Pad both cases to 9 x 10 with labels out of range and confident wrong predictions; the mask drops them.
+  pad = ((0, 0), (1, 2), (0, 3))
+  padded_labels = np.pad(labels, pad, constant_values=-1)
+  padded_logits = np.pad(np.eye(3)[pred].astype(np.float32), pad + ((0, 0),))
+  padded_logits[:, 0, :, 2] = 5.0  # lesion predicted along the padded top row
+  mask = np.pad(np.ones(labels.shape, bool), pad)
+  stats = _stats(evaluator, padded_logits, padded_labels, spacing_mm=spacing, mask=mask)
+  assert evaluator.summarize(stats) == pytest.approx(plain, nan_ok=True)
+  with pytest.raises(ValueError, match=r"batch\['mask'\] of shape \(2, 9\) does not fit"):
+    _stats(evaluator, padded_logits, padded_labels, mask=mask[:, :, 0])
+
+
+REGION_INFO = DatasetInfo(task="segmentation", spatial_dims=2, image_shape=(5, 6), num_channels=1, num_classes=3,
+                          class_names=("whole", "core", "enhancing"), label_kind="map")
+
+
+def test_multilabel_regions_use_sigmoid_threshold_per_channel():
+  rng = np.random.default_rng(8)
+  grade = rng.integers(0, 4, size=(3, 5, 6))
+  grade[2] = np.minimum(grade[2], 2)  # case 2 has no enhancing tumour
+  regions = np.stack([grade >= 1, grade >= 2, grade == 3], -1)
+  logits = (rng.normal(size=regions.shape) + 3.0 * (2 * regions - 1)).astype(np.float32)
+  logits[2, ..., 2] = -9.0
+  predicted = logits >= np.log(0.3 / 0.7)  # sigmoid(logit) >= 0.3
+  evaluator = SegmentationEvaluator(REGION_INFO, include_background=True, surface_metrics=True, threshold=0.3)
+  stats = _stats(evaluator, logits, regions.astype(np.int32), spacing_mm=np.full((3, 2), 1.5, np.float32))
+  result = evaluator.summarize(stats)
+  for c, name in enumerate(REGION_INFO.class_names):
+    dice = [skm.f1_score(regions[i, ..., c].ravel(), predicted[i, ..., c].ravel()) for i in range(3) if regions[i, ..., c].any()]
+    assert result[f"dice/{name}"] == pytest.approx(np.mean(dice)), name
+  assert result["num_both_empty/enhancing"] == 1
+  hd95 = [metrics.hausdorff_distance(regions[i, ..., 1], predicted[i, ..., 1], (1.5, 1.5)) for i in range(3)]
+  assert result["hd95/core"] == pytest.approx(np.nanmean(hd95))
+  # include_background=False leaves channel 0 (here the whole tumour) out, as MONAI does.
+  foreground = SegmentationEvaluator(REGION_INFO, threshold=0.3)
+  assert set(foreground.summarize(_stats(foreground, logits, regions))) >= {"dice/core", "dice/enhancing"}
+  assert "dice/whole" not in foreground.summarize(_stats(foreground, logits, regions))
+  with pytest.raises(ValueError, match="threshold must lie in"):
+    SegmentationEvaluator(REGION_INFO, threshold=1.5)
 
 
 # ------------------------------------------------------------------------------------------ regression

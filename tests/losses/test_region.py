@@ -1,5 +1,6 @@
 """Overlap, boundary and clDice losses: perfect predictions, identities, hand values, signed distance maps."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -102,3 +103,70 @@ def test_cldice_on_a_tube(shape, tube, gap):
   loss = float(losses.soft_cldice(confident_logits(broken, 2, scale=100.0), labels)[0])
   dice = float(losses.soft_dice(confident_logits(broken, 2, scale=100.0), labels)[0])
   assert loss > 0.05 and loss > dice  # clDice weighs the cut more than the voxel count does
+
+
+# ------------------------------------------------------------------------------------------ class weights, Dice + focal
+
+
+def _hard_case():
+  """Hard predictions on 8 voxels, 3 classes: Dice_1 = 2*2/(3+4) = 4/7, Dice_2 = 2*1/(2+2) = 1/2."""
+  labels = np.array([[0, 1, 1, 1, 1, 2, 2, 0]])
+  pred = np.array([[0, 1, 1, 0, 2, 2, 1, 0]])
+  return confident_logits(pred, 3, scale=100.0), labels
+
+
+def test_dice_class_weights_by_hand():
+  logits, labels = _hard_case()
+  losses_k = np.array([1 - 4 / 7, 1 - 1 / 2])
+  np.testing.assert_allclose(losses.soft_dice(logits, labels), [losses_k.mean()], rtol=1e-5)
+  # MONAI's DiceLoss(weight=): mean_k w_k (1 - Dice_k), not renormalised; K weights drop class 0's when the
+  # background is excluded, K - 1 weights are the foreground's.
+  expected = np.mean([2.0 * losses_k[0], 0.5 * losses_k[1]])
+  for weights in ((9.0, 2.0, 0.5), (2.0, 0.5)):
+    np.testing.assert_allclose(losses.soft_dice(logits, labels, class_weights=weights), [expected], rtol=1e-5)
+  np.testing.assert_allclose(losses.soft_dice(logits, labels, class_weights=3.0), [3 * losses_k.mean()], rtol=1e-5)
+  dice_0 = 2 * 2 / (2 + 3)  # class 0: reference voxels 0 and 7, predicted 0, 3 and 7
+  with_background = np.mean([4.0 * (1 - dice_0), 2.0 * losses_k[0], 0.5 * losses_k[1]])
+  np.testing.assert_allclose(losses.soft_dice(logits, labels, include_background=True, class_weights=(4.0, 2.0, 0.5)),
+                             [with_background], rtol=1e-5)
+  with pytest.raises(ValueError, match=r"one per class \(3\) or one per foreground class \(2\)"):
+    losses.soft_dice(logits, labels, class_weights=(1.0,) * 4)
+  with pytest.raises(ValueError, match=r"must be finite and >= 0"):
+    losses.soft_dice(logits, labels, class_weights=(1.0, -1.0))
+  with pytest.raises(ValueError, match=r"one per class \(3\), got \(2.0, 0.5\)"):
+    losses.soft_dice(logits, labels, include_background=True, class_weights=(2.0, 0.5))
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (2, 3, 4)])
+def test_dice_compounds_are_the_sum_of_their_weighted_parts(spatial):
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(2,) + spatial + (3,)).astype(np.float32)
+  labels = rng.integers(0, 3, size=(2,) + spatial)
+  mask = (rng.random((2,) + spatial) > 0.2).astype(np.float32)
+  distance = rng.normal(size=(2,) + spatial + (3,)).astype(np.float32)
+  weights = (0.5, 2.0, 1.5)
+  common = dict(batch_dice=True, class_weights=weights)
+
+  @jax.jit  # one compilation for all the terms keeps the test fast
+  def terms(x, y, m, d):
+    return dict(
+        dice=losses.soft_dice(x, y, mask=m, **common),
+        focal=losses.softmax_focal(x, y, mask=m, gamma=1.5, alpha=weights),
+        dice_focal=losses.dice_focal(x, y, mask=m, dice_weight=0.3, focal_weight=2.0, gamma=1.5, **common),
+        # gamma = 0 without weights: the focal term is the cross-entropy, so Dice + focal is Dice + CE.
+        dice_focal_0=losses.dice_focal(x, y, gamma=0.0), dice_xent_plain=losses.dice_cross_entropy(x, y),
+        xent=losses.softmax_cross_entropy(x, y, mask=m, class_weights=weights),
+        dice_xent=losses.dice_cross_entropy(x, y, mask=m, xent_weight=0.5, **common),
+        objective=losses.make_objective("dice_focal", {"gamma": 1.5, **common})(x, {}, {"label": y, "mask": m}),
+        boundary=losses.boundary_loss(x, y, distance_map=d, mask=m),
+        dice_boundary=losses.dice_boundary(x, y, distance_map=d, mask=m, boundary_weight=0.1, **common))
+
+  t = terms(logits, labels, mask, distance)
+  np.testing.assert_allclose(t["dice_focal"], 0.3 * t["dice"] + 2.0 * t["focal"], rtol=1e-5)
+  np.testing.assert_allclose(t["dice_focal_0"], t["dice_xent_plain"], rtol=1e-5)
+  # dice_xent's class weights weight both terms, as MONAI's DiceCELoss(weight=).
+  np.testing.assert_allclose(t["dice_xent"], t["dice"] + 0.5 * t["xent"], rtol=1e-5)
+  np.testing.assert_allclose(t["objective"], t["dice"] + t["focal"], rtol=1e-5)
+  np.testing.assert_allclose(t["dice_boundary"], t["dice"] + 0.1 * t["boundary"], rtol=1e-5)
+  with pytest.raises(ValueError, match=r"dice_focal class_weights must hold one number per class \(3\)"):
+    losses.dice_focal(logits, labels, class_weights=(1.0, 2.0))

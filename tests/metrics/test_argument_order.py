@@ -2,9 +2,10 @@
 probabilities or predictions. Each metric is called positionally and by keyword on a small example where
 exchanging the two arguments gives a different number or an error, and compared with scikit-learn.
 
-Metrics that are symmetric in their two arguments (F1 / Dice, Cohen's kappa, Hausdorff distance, ASSD) give
-the same number either way; their cases say so and only check the value and the names. `dice_per_case` and
-`per_class_metrics` take one array (counts, a confusion matrix) and have no order to check.
+Metrics that are symmetric in their two arguments (F1 / Dice, Cohen's kappa, MCC, Hausdorff distance, ASSD, NSD) give
+the same number either way; their cases say so and only check the value and the names. `dice_per_case`,
+`per_class_metrics` and the other functions of counts or a confusion matrix take one array and have no order
+to check.
 """
 
 import dataclasses
@@ -112,6 +113,24 @@ _SEG_AVG = dict(labels=range(3), average=None)  # every class is in both maps: n
 _SEG_TRUE, _SEG_PRED = REF_LABEL.ravel(), PRED_LABEL.ravel()
 _LOOK_SWAPPED = "look swapped"
 
+
+def _one_vs_rest_mean(score, y_true, y_pred):
+  """Macro mean over the classes of score(class c) + score(not c) - 1: informedness (recall) or markedness
+  (precision) from scikit-learn's binary scores."""
+  return np.mean([score(y_true == c, y_pred == c) + score(y_true != c, y_pred != c) - 1 for c in range(3)])
+
+
+_INFORMEDNESS_MC = _one_vs_rest_mean(skm.recall_score, Y_MC, PRED_MC)
+_MARKEDNESS_MC = _one_vs_rest_mean(skm.precision_score, Y_MC, PRED_MC)
+_NSD_TOLERANCE = 2.0
+_NSD = ((np.sum(_PRED_TO_REF <= _NSD_TOLERANCE) + np.sum(_REF_TO_PRED <= _NSD_TOLERANCE))
+        / (_PRED_TO_REF.size + _REF_TO_PRED.size))
+_MASK_TRUE, _MASK_PRED = REF_MASK.ravel(), PRED_MASK.ravel()
+# Two overlapping region channels: the square and the class-2 strip of the label maps.
+REF_REGIONS = np.stack([REF_MASK, REF_LABEL == 2], -1)
+PRED_REGIONS = np.stack([PRED_MASK, PRED_LABEL == 2], -1)
+_REGION_TRUE, _REGION_PRED = REF_REGIONS.reshape(-1, 2), PRED_REGIONS.reshape(-1, 2)
+
 CASES = [
     # ------------------------------------------------------------------ ranking (binary scores)
     Case("roc_auc", metrics.roc_auc, Y_BIN, "y_score", SCORE_BIN, skm.roc_auc_score(Y_BIN, SCORE_BIN),
@@ -145,6 +164,18 @@ CASES = [
          skm.confusion_matrix(Y_MC, PRED_MC, labels=range(3)), extra={"num_classes": 3}),
     Case("cohen_kappa", metrics.cohen_kappa, Y_MC, "y_pred", PRED_MC,
          skm.cohen_kappa_score(Y_MC, PRED_MC, weights="linear"), extra={"num_classes": 3, "weights": "linear"},
+         symmetric=True),
+    Case("fbeta", metrics.fbeta, Y_BIN, "y_pred", PRED_BIN, skm.fbeta_score(Y_BIN, PRED_BIN, beta=2.0),
+         extra={"beta": 2.0}),
+    Case("fbeta_macro", metrics.fbeta, Y_MC, "y_pred", PRED_MC, skm.fbeta_score(Y_MC, PRED_MC, beta=0.5, average="macro"),
+         extra={"beta": 0.5, "num_classes": 3}),
+    Case("npv", metrics.npv, Y_BIN, "y_pred", PRED_BIN, skm.precision_score(Y_BIN, PRED_BIN, pos_label=0)),
+    Case("fpr", metrics.fpr, Y_BIN, "y_pred", PRED_BIN, 1 - skm.recall_score(Y_BIN, PRED_BIN, pos_label=0)),
+    Case("fnr", metrics.fnr, Y_BIN, "y_pred", PRED_BIN, 1 - skm.recall_score(Y_BIN, PRED_BIN)),
+    Case("fdr", metrics.fdr, Y_BIN, "y_pred", PRED_BIN, 1 - skm.precision_score(Y_BIN, PRED_BIN)),
+    Case("informedness", metrics.informedness, Y_MC, "y_pred", PRED_MC, _INFORMEDNESS_MC, extra={"num_classes": 3}),
+    Case("markedness", metrics.markedness, Y_MC, "y_pred", PRED_MC, _MARKEDNESS_MC, extra={"num_classes": 3}),
+    Case("mcc", metrics.mcc, Y_MC, "y_pred", PRED_MC, skm.matthews_corrcoef(Y_MC, PRED_MC), extra={"num_classes": 3},
          symmetric=True),
     # ------------------------------------------------------------------ probabilities
     Case("accuracy", metrics.accuracy, Y_MC, "y_prob", PROB_MC, skm.accuracy_score(Y_MC, PROB_MC.argmax(1)),
@@ -219,6 +250,20 @@ CASES = [
          symmetric=True),
     Case("average_surface_distance", metrics.average_surface_distance, REF_MASK, "y_pred", PRED_MASK,
          np.concatenate([_PRED_TO_REF, _REF_TO_PRED]).mean(), extra={"spacing_mm": SPACING}, symmetric=True),
+    Case("normalized_surface_dice", metrics.normalized_surface_dice, REF_MASK, "y_pred", PRED_MASK, _NSD,
+         extra={"spacing_mm": SPACING, "tolerance_mm": _NSD_TOLERANCE}, symmetric=True),
+    Case("binary_case_metrics", metrics.binary_case_metrics, REF_MASK, "y_pred", PRED_MASK,
+         [skm.f1_score(_MASK_TRUE, _MASK_PRED), skm.jaccard_score(_MASK_TRUE, _MASK_PRED),
+          skm.precision_score(_MASK_TRUE, _MASK_PRED), skm.recall_score(_MASK_TRUE, _MASK_PRED)],
+         extract=lambda r: [r[k] for k in ("dice", "iou", "precision", "recall")], extra={"spacing_mm": SPACING}),
+    Case("multilabel_case_metrics", metrics.multilabel_case_metrics, REF_REGIONS, "y_pred", PRED_REGIONS,
+         np.concatenate([skm.f1_score(_REGION_TRUE, _REGION_PRED, average=None),
+                         skm.recall_score(_REGION_TRUE, _REGION_PRED, average=None)]),
+         extract=lambda r: np.concatenate([r["dice"], r["recall"]]), extra={"spacing_mm": SPACING}),
+    Case("multilabel_segmentation_counts", metrics.multilabel_segmentation_counts, REF_REGIONS[None], "logits",
+         (4.0 * PRED_REGIONS - 2.0).astype(np.float32)[None],
+         np.stack([(_REGION_TRUE & _REGION_PRED).sum(0), _REGION_PRED.sum(0), _REGION_TRUE.sum(0)], -1),
+         extract=lambda r: np.asarray(r)[0]),
 ]
 
 
@@ -262,7 +307,8 @@ def test_swapped_arguments_are_detected_or_differ(case):
 
 def test_every_exported_metric_with_two_arrays_is_covered():
   covered = {case.fn for case in CASES}
-  single_input = {"dice_per_case", "per_class_metrics", "bootstrap_ci", "subgroup_report"}  # tested below
+  single_input = {"dice_per_case", "iou_per_case", "generalized_dice_score", "per_class_metrics", "fbeta_per_class",
+                  "mcc_from_confusion", "bootstrap_ci", "subgroup_report"}  # tested below or in their own modules
   missing = [name for name in metrics.__all__ if name not in single_input and getattr(metrics, name) not in covered]
   assert not missing
 

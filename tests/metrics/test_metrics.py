@@ -47,9 +47,15 @@ def test_segmentation_counts_and_dice():
   assert dice[0, 2] == 0.0  # present in the reference, not predicted
 
 
-def test_dice_empty_reference_is_excluded():
-  counts = np.array([[[0, 0, 4], [0, 3, 0]]], np.float32)  # class 1 absent from the reference
-  assert np.isnan(metrics.dice_per_case(counts)[0, 1])
+def test_dice_false_positive_on_empty_reference_scores_zero():
+  # Class 1 is absent from the reference but predicted (3 voxels): a false positive scores 0 (nnU-Net's
+  # convention; before the empty_score option this case was NaN and never reached the class mean).
+  # Class 2 is absent from both: NaN by default, left out of means.
+  counts = np.array([[[0, 0, 4], [0, 3, 0], [0, 0, 0]]], np.float32)
+  dice = metrics.dice_per_case(counts)
+  assert dice[0, 1] == 0.0 and np.isnan(dice[0, 2])
+  assert np.isnan(metrics.dice_per_case(counts, false_positive_score="nan")[0, 1])  # MONAI ignore_empty=True
+  assert metrics.dice_per_case(counts, empty_score=1.0)[0, 2] == 1.0
 
 
 def test_segmentation_evaluator_summary():

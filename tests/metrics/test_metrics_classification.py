@@ -5,6 +5,7 @@ import pytest
 import sklearn.metrics as skm
 
 from medjax import metrics
+from medjax.metrics import ranking
 
 SEEDS = range(4)
 
@@ -223,3 +224,100 @@ def test_bad_inputs_raise_clear_errors():
     metrics.calibration_curve(np.array([True]), np.array([1.2]))
   with pytest.raises(ValueError, match="both positive and negative"):
     metrics.operating_point(np.ones(3, bool), np.arange(3.0), 0.9)
+
+
+# ------------------------------------------------------------------------------------------ MCC, F-beta, rates
+
+
+def _rates_from_sklearn(labels, preds, k):
+  """One-vs-rest rates per class from scikit-learn's confusion matrix (scikit-learn has no NPV/FDR function)."""
+  cm = skm.confusion_matrix(labels, preds, labels=range(k)).astype(float)
+  tp = np.diag(cm)
+  fn, fp = cm.sum(1) - tp, cm.sum(0) - tp
+  tn = cm.sum() - tp - fn - fp
+  with np.errstate(invalid="ignore", divide="ignore"):
+    rates = {"npv": tn / (tn + fn), "fpr": fp / (fp + tn), "fnr": fn / (fn + tp), "fdr": fp / (fp + tp),
+             "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "precision": tp / (tp + fp)}
+  rates["informedness"] = rates["sensitivity"] + rates["specificity"] - 1
+  rates["markedness"] = rates["precision"] + rates["npv"] - 1
+  return rates
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_binary_mcc_fbeta_and_rates_match_sklearn(seed):
+  scores, positives = _binary_case(seed)
+  labels, preds = positives.astype(int), (scores >= 0.5).astype(int)
+  assert metrics.mcc(labels, preds) == pytest.approx(skm.matthews_corrcoef(labels, preds), abs=1e-12)
+  assert metrics.matthews_corrcoef is metrics.mcc
+  for beta in (0.5, 1.0, 2.0, 3.7):
+    assert metrics.fbeta(labels, preds, beta) == pytest.approx(skm.fbeta_score(labels, preds, beta=beta), abs=1e-12)
+  assert metrics.fbeta(labels, preds, 1.0) == pytest.approx(metrics.f1(labels, preds), abs=1e-12)
+  rates = _rates_from_sklearn(labels, preds, 2)
+  for name in ("npv", "fpr", "fnr", "fdr", "informedness", "markedness"):
+    assert getattr(metrics, name)(labels, preds) == pytest.approx(rates[name][1], abs=1e-12), name
+  assert metrics.fpr(labels, preds) == pytest.approx(1 - skm.recall_score(labels, preds, pos_label=0), abs=1e-12)
+  assert metrics.fnr(labels, preds) == pytest.approx(1 - skm.recall_score(labels, preds), abs=1e-12)
+  assert metrics.fdr(labels, preds) == pytest.approx(1 - skm.precision_score(labels, preds), abs=1e-12)
+  youden = skm.recall_score(labels, preds) + skm.recall_score(labels, preds, pos_label=0) - 1
+  assert metrics.informedness(labels, preds) == pytest.approx(youden, abs=1e-12)
+  assert metrics.informedness(labels, preds) == pytest.approx(2 * skm.balanced_accuracy_score(labels, preds) - 1)
+  result = metrics.classification_metrics(positives, scores, task="binary", betas=(2.0, 0.5))
+  assert result["mcc"] == pytest.approx(skm.matthews_corrcoef(labels, preds), abs=1e-12)
+  assert result["f2"] == pytest.approx(skm.fbeta_score(labels, preds, beta=2.0), abs=1e-12)
+  assert result["f0.5"] == pytest.approx(skm.fbeta_score(labels, preds, beta=0.5), abs=1e-12)
+  for name in ("npv", "fpr", "fnr", "fdr", "informedness", "markedness"):
+    assert result[name] == pytest.approx(rates[name][1], abs=1e-12), name
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_multiclass_mcc_fbeta_rates_and_weighted_auc_match_sklearn(seed):
+  probs, labels = _multiclass_case(seed)
+  k = probs.shape[1]
+  preds = probs.argmax(1)
+  assert metrics.mcc(labels, preds, k) == pytest.approx(skm.matthews_corrcoef(labels, preds), abs=1e-12)
+  for beta in (0.5, 2.0):
+    assert metrics.fbeta(labels, preds, beta, k) == pytest.approx(
+        skm.fbeta_score(labels, preds, beta=beta, average="macro"), abs=1e-12)
+  rates = _rates_from_sklearn(labels, preds, k)
+  for name in ("npv", "fpr", "fnr", "fdr", "informedness", "markedness"):
+    assert getattr(metrics, name)(labels, preds, k) == pytest.approx(np.mean(rates[name]), abs=1e-12), name
+  weighted = skm.roc_auc_score(labels, probs, multi_class="ovr", average="weighted")
+  assert metrics.roc_auc_ovr(labels, probs, average="weighted") == pytest.approx(weighted, abs=1e-12)
+  result = metrics.classification_metrics(labels, probs, task="multi-class", betas=(2,))
+  assert result["auc_weighted"] == pytest.approx(weighted, abs=1e-12)
+  assert result["mcc"] == pytest.approx(skm.matthews_corrcoef(labels, preds), abs=1e-12)
+  assert result["f2"] == pytest.approx(skm.fbeta_score(labels, preds, beta=2, average="macro"), abs=1e-12)
+  assert result["markedness"] == pytest.approx(np.mean(rates["markedness"]), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_multilabel_weighted_auc_fbeta_and_mcc_match_sklearn(seed):
+  probs, positives = _multilabel_case(seed)
+  preds = probs >= 0.5
+  result = metrics.classification_metrics(positives, probs, task="multi-label", betas=(2.0,))
+  assert result["auc_weighted"] == pytest.approx(skm.roc_auc_score(positives, probs, average="weighted"), abs=1e-12)
+  assert result["f2"] == pytest.approx(skm.fbeta_score(positives, preds, beta=2.0, average="macro"), abs=1e-12)
+  per_label = [skm.matthews_corrcoef(positives[:, j], preds[:, j]) for j in range(probs.shape[1])]
+  assert result["mcc"] == pytest.approx(np.mean(per_label), abs=1e-12)
+  fdr = [1 - skm.precision_score(positives[:, j], preds[:, j]) for j in range(probs.shape[1])]
+  assert result["fdr"] == pytest.approx(np.mean(fdr), abs=1e-12)
+
+
+def test_weighted_average_weighs_by_prevalence_and_skips_undefined_columns():
+  y_true = np.array([[1, 0, 1], [1, 1, 1], [0, 0, 1], [1, 0, 1]], bool)  # column 2 all positive: AUC undefined
+  scores = np.array([[0.9, 0.2, 0.5], [0.6, 0.7, 0.1], [0.3, 0.1, 0.4], [0.2, 0.4, 0.3]])
+  aucs = [metrics.roc_auc(y_true[:, j], scores[:, j]) for j in range(2)]
+  expected = (3 * aucs[0] + 1 * aucs[1]) / 4
+  assert metrics.roc_auc(y_true[:, 0], scores[:, 0]) == pytest.approx(skm.roc_auc_score(y_true[:, 0], scores[:, 0]))
+  assert ranking.averaged(metrics.roc_auc, y_true, scores, "weighted") == pytest.approx(expected)
+  with pytest.raises(ValueError, match="'macro', 'weighted' or 'micro'"):
+    ranking.averaged(metrics.roc_auc, y_true, scores, "samples")
+
+
+def test_mcc_degenerate_is_zero_like_sklearn_and_fbeta_checks_beta():
+  labels, preds = np.array([0, 1, 1, 0]), np.array([1, 1, 1, 1])  # one predicted class: a constant marginal
+  assert metrics.mcc(labels, preds) == skm.matthews_corrcoef(labels, preds) == 0.0
+  assert metrics.mcc(np.array([0, 1, 2, 2]), np.array([0, 1, 2, 2]), 3) == 1.0
+  assert np.isnan(metrics.fbeta_per_class(metrics.confusion_matrix([0, 1], [0, 1], 3), 2.0)[2])  # absent class
+  with pytest.raises(ValueError, match="beta must be a positive number"):
+    metrics.fbeta(labels, preds, 0.0)

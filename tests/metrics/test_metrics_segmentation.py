@@ -103,7 +103,8 @@ def test_empty_mask_conventions():
   pred_label[4:6, 4:7] = 2
   case = metrics.segmentation_case_metrics(ref_label, pred_label, 4, (2.0, 5.0))
   assert case["dice"][1] == 0.0 and case["recall"][1] == 0.0 and np.isnan(case["precision"][1])
-  assert np.isnan(case["dice"][2]) and np.isnan(case["recall"][2]) and case["precision"][2] == 0.0
+  # A false positive on an empty reference scores Dice 0 (it was NaN before the empty_score option).
+  assert case["dice"][2] == 0.0 and np.isnan(case["recall"][2]) and case["precision"][2] == 0.0
   assert np.all(np.isnan([case[name][3] for name in ("dice", "iou", "precision", "recall", "hd95", "assd")]))
   assert np.all(np.isnan(case["hd95"][1:])) and np.all(np.isnan(case["assd"][1:]))
   np.testing.assert_allclose(case["volume_diff_ml"], np.array([-2, -4, 6, 0]) * 10.0 / 1000)
@@ -133,3 +134,138 @@ def test_bad_segmentation_inputs_raise():
     metrics.hausdorff_distance(np.ones((4, 5), bool), np.ones((4, 5), bool), (1.0, 1.0, 1.0))
   with pytest.raises(ValueError, match="percentile"):
     metrics.hausdorff_distance(np.ones((4, 5), bool), np.ones((4, 5), bool), (1.0, 1.0), percentile=101)
+
+
+# ------------------------------------------------------------------------------------------ normalized surface Dice
+
+
+def _line_pair(dims):
+  """A reference line of 6 voxels and a predicted one shifted by one voxel across (y in 2D, z in 3D) and by two
+  along x. Spacing is anisotropic, so the across-shift costs 3 mm in 2D and 2.5 mm in 3D, an x-step 1 mm."""
+  if dims == 2:
+    shape, spacing, across = (4, 9), (3.0, 1.0), 3.0
+    ref, pred = np.zeros(shape, bool), np.zeros(shape, bool)
+    ref[1, 1:7], pred[2, 3:9] = True, True
+  else:
+    shape, spacing, across = (3, 4, 9), (2.5, 3.0, 1.0), 2.5
+    ref, pred = np.zeros(shape, bool), np.zeros(shape, bool)
+    ref[1, 1, 1:7], pred[2, 1, 3:9] = True, True
+  return ref, pred, spacing, across
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_nsd_by_hand_with_anisotropic_spacing(dims):
+  ref, pred, spacing, across = _line_pair(dims)
+  # A one-voxel-thick line is all surface. Each line has 4 voxels straight across from the other (distance
+  # `across`) and 2 overhanging ones at sqrt(across^2 + 1) and sqrt(across^2 + 4) mm: 12 surface voxels.
+  near, far = np.sqrt(across**2 + 1), np.sqrt(across**2 + 4)
+  cases = {across - 0.1: 0 / 12, across: 8 / 12, near: 10 / 12, (near + far) / 2: 10 / 12, far: 12 / 12}
+  for tolerance, expected in cases.items():
+    assert metrics.normalized_surface_dice(ref, pred, spacing, tolerance) == pytest.approx(expected), tolerance
+    assert metrics.normalized_surface_dice(pred, ref, spacing, tolerance) == pytest.approx(expected)  # symmetric
+  # With the same voxels at isotropic 1 mm the across-distance is 1 mm: spacing is honoured.
+  assert metrics.normalized_surface_dice(ref, pred, (1.0,) * dims, 1.0) == pytest.approx(8 / 12)
+  pred_to_ref, ref_to_pred = metrics.surface_distances(ref, pred, spacing)
+  np.testing.assert_allclose(np.sort(pred_to_ref), [across] * 4 + [near, far])
+  np.testing.assert_allclose(np.sort(ref_to_pred), [across] * 4 + [near, far])
+
+
+def test_nsd_matches_monai_unit_test_case():
+  # Project-MONAI/MONAI tests/metrics/test_surface_dice.py::test_tolerance_all_distances (euclidean part):
+  # 10 x 10 image, prediction a vertical 3-voxel line at column 1, reference one at column 6, background
+  # included. MONAI's expected values at class thresholds [0, 0], [2.8, 5.5] and [3, 6].
+  pred_label, ref_label = np.zeros((10, 10), int), np.zeros((10, 10), int)
+  pred_label[1:4, 1] = 1
+  ref_label[5:8, 6] = 1
+  expected = {(0.0, 0.0): (1 - (8 + 4) / (36 * 2 + 8 + 4), 0.0), (2.8, 5.5): (1 - 3 / (36 * 2 + 8 + 4), 1 - 4 / 6),
+              (3.0, 6.0): (1 - 1 / (36 * 2 + 8 + 4), 1 - 2 / 6)}
+  for tolerances, values in expected.items():
+    for k in range(2):
+      nsd = metrics.normalized_surface_dice(ref_label == k, pred_label == k, (1.0, 1.0), tolerances[k])
+      assert nsd == pytest.approx(values[k]), (tolerances, k)
+    case = metrics.segmentation_case_metrics(ref_label, pred_label, 2, (1.0, 1.0), nsd_tolerance_mm=tolerances)
+    np.testing.assert_allclose(case["nsd"], values)
+
+
+def test_nsd_bad_tolerance_raises():
+  mask = _square((5, 6), (1, 1), 2)
+  with pytest.raises(ValueError, match="tolerance_mm must be a finite number >= 0"):
+    metrics.normalized_surface_dice(mask, mask, (1.0, 1.0), -1.0)
+  with pytest.raises(ValueError, match=r"nsd_tolerance_mm must be one number or one per class \(3\)"):
+    metrics.segmentation_case_metrics(mask.astype(int), mask.astype(int), 3, (1.0, 1.0), nsd_tolerance_mm=(1, 2))
+
+
+# ------------------------------------------------------------------------------------------ empty-mask conventions
+
+_EMPTY, _BLOB = np.zeros((5, 7), bool), _square((5, 7), (1, 2), 3)
+_SITUATIONS = {"both_empty": (_EMPTY, _EMPTY), "false_positive": (_EMPTY, _BLOB), "missed": (_BLOB, _EMPTY)}
+
+
+@pytest.mark.parametrize("situation,options,expected", [
+    # (reference, prediction) situation, options, expected (dice, nsd, hd95)
+    ("both_empty", {}, (np.nan, np.nan, np.nan)),
+    ("both_empty", {"empty_score": 1.0}, (1.0, 1.0, np.nan)),
+    ("both_empty", {"empty_score": 0.0}, (0.0, 0.0, np.nan)),
+    ("both_empty", {"empty_distance": "inf"}, (np.nan, np.nan, np.nan)),
+    ("false_positive", {}, (0.0, 0.0, np.nan)),
+    ("false_positive", {"empty_score": 1.0}, (0.0, 0.0, np.nan)),
+    ("false_positive", {"false_positive_score": "nan"}, (np.nan, np.nan, np.nan)),
+    ("false_positive", {"empty_distance": "inf"}, (0.0, 0.0, np.inf)),
+    ("missed", {}, (0.0, 0.0, np.nan)),
+    ("missed", {"empty_score": 1.0, "false_positive_score": "nan"}, (0.0, 0.0, np.nan)),
+    ("missed", {"empty_distance": "inf"}, (0.0, 0.0, np.inf)),
+])
+def test_empty_score_table(situation, options, expected):
+  ref, pred = _SITUATIONS[situation]
+  overlap_options = {k: v for k, v in options.items() if k != "empty_distance"}
+  counts = np.array([[[np.sum(ref & pred), pred.sum(), ref.sum()]]], np.float64)
+  dice = metrics.dice_per_case(counts, **overlap_options)[0, 0]
+  iou = metrics.iou_per_case(counts, **overlap_options)[0, 0]
+  nsd = metrics.normalized_surface_dice(ref, pred, (1.0, 2.0), 1.0, **overlap_options)
+  hd95 = metrics.hausdorff_distance(ref, pred, (1.0, 2.0), empty_distance=options.get("empty_distance", "nan"))
+  assd = metrics.average_surface_distance(ref, pred, (1.0, 2.0), empty_distance=options.get("empty_distance", "nan"))
+  np.testing.assert_array_equal([dice, iou, nsd, hd95, assd], [*expected[:2], expected[1], expected[2], expected[2]])
+  case = metrics.binary_case_metrics(ref, pred, (1.0, 2.0), nsd_tolerance_mm=1.0, **options)
+  np.testing.assert_array_equal([case["dice"], case["iou"], case["nsd"], case["hd95"], case["assd"]],
+                                [expected[0], expected[0], expected[1], expected[2], expected[2]])
+
+
+def test_empty_options_are_checked():
+  counts = np.zeros((1, 2, 3))
+  with pytest.raises(ValueError, match="empty_score must be 'nan', 0.0 or 1.0"):
+    metrics.dice_per_case(counts, empty_score=0.5)
+  with pytest.raises(ValueError, match="false_positive_score must be 0.0 or 'nan'"):
+    metrics.dice_per_case(counts, false_positive_score=1.0)
+  with pytest.raises(ValueError, match="empty_distance must be 'nan' or 'inf'"):
+    metrics.hausdorff_distance(_BLOB, _EMPTY, (1.0, 1.0), empty_distance=0.0)
+  assert np.isnan(metrics.dice_per_case(counts, empty_score=float("nan"))).all()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_case_metrics_with_a_voxel_mask_equal_the_unpadded_case(dims):
+  rng = np.random.default_rng(dims)
+  shape = (5, 6, 4)[-dims:]
+  ref_label = rng.integers(0, 3, size=shape)
+  ref_label[(0,) * dims] = 0
+  pred_label = np.where(rng.random(shape) < 0.7, ref_label, rng.integers(0, 3, shape))
+  spacing = (1.5, 0.7, 2.0)[-dims:]
+  # Pad with garbage (labels out of range in the reference, class 2 predicted) that the mask removes.
+  pad = [(1, 2)] * dims
+  ref_padded = np.pad(ref_label, pad, constant_values=7)
+  pred_padded = np.pad(pred_label, pad, constant_values=2)
+  mask = np.pad(np.ones(shape, bool), pad, constant_values=False)
+  options = dict(nsd_tolerance_mm=(1.0, 1.5, 2.0))
+  plain = metrics.segmentation_case_metrics(ref_label, pred_label, 3, spacing, **options)
+  masked = metrics.segmentation_case_metrics(ref_padded, pred_padded, 3, spacing, mask=mask, **options)
+  assert plain.keys() == masked.keys()
+  for key in plain:
+    np.testing.assert_allclose(masked[key], plain[key], err_msg=key)
+  regions = lambda label: np.stack([label >= 1, label == 2], -1)
+  plain = metrics.multilabel_case_metrics(regions(ref_label), regions(pred_label), spacing,
+                                          nsd_tolerance_mm=(1.0, 1.5))
+  masked = metrics.multilabel_case_metrics(regions(ref_padded), regions(pred_padded), spacing, mask=mask,
+                                           nsd_tolerance_mm=(1.0, 1.5))
+  for key in plain:
+    np.testing.assert_allclose(masked[key], plain[key], err_msg=key)
+  assert plain["nsd"][1] == pytest.approx(metrics.normalized_surface_dice(ref_label == 2, pred_label == 2, spacing,
+                                                                          1.5))
