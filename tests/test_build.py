@@ -55,7 +55,7 @@ def test_each_default_is_stated_once(name):
     for pattern in _DEFAULTS[name]:
       for m in re.finditer(pattern, text):
         lines[f"{path}:{text[:m.start() + len(m.group(0)) - len(m.group(0).lstrip())].count(chr(10)) + 1}"] = m.group(0)
-  assert len(lines) == 1 and next(iter(lines)).startswith("medjax/build.py:"), lines
+  assert len(lines) == 1 and next(iter(lines)).startswith("medjax/build/run_settings.py:"), lines
 
 
 def test_the_default_check_finds_a_second_statement(tmp_path):

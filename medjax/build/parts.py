@@ -1,0 +1,118 @@
+"""Config to parts: model (with the compute dtype), dataset, objective, optimizer, augmentation, evaluator, mesh,
+the eval batch size, the state initialiser and the jitted train step."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from medjax import augment, evaluators, losses, models, optim, sharding, steps
+from medjax.build.run_settings import DEFAULT_MESH, settings
+from medjax.config_lib import ConfigError, named
+from medjax.data import datasets
+from medjax.train_state import TrainState
+
+
+def model(config: mlc.ConfigDict):
+  """The config's model (`config.model_name`, keywords `config.model`) computing in `config.compute_dtype`;
+  parameters stay float32."""
+  kwargs = dict(config.get("model") or {})
+  if "dtype" in kwargs:
+    raise ConfigError("Set the compute dtype with config.compute_dtype, not config.model.dtype.")
+  kwargs["dtype"] = jnp.dtype(settings(config).compute_dtype)
+  return models.build_model(config.model_name, kwargs)
+
+
+def dataset(config: mlc.ConfigDict) -> datasets.Dataset:
+  """`config.data` built (this reads or generates the data)."""
+  return datasets.build_dataset(*named(config.data, "data"))
+
+
+def split_source(data: datasets.Dataset, split: str, where: str):
+  """The dataset's `split`, or a ConfigError naming the config key `where` and the splits there are."""
+  try:
+    return data.source(split)
+  except KeyError:
+    raise ConfigError(f"{where}: the dataset has no split {split!r}; it has "
+                      f"{', '.join(map(repr, data.splits))}.") from None
+
+
+def objective(config: mlc.ConfigDict) -> losses.Objective:
+  """`config.loss` (a name or a dict with terms, deep supervision, tasks) as one objective."""
+  return losses.make_objective(*named(settings(config).loss, "loss"))
+
+
+def optimizer(config: mlc.ConfigDict):
+  """`(tx, schedule_fn)` from config.optim / lr / schedule / total_steps / grad_clip_norm."""
+  return optim.make_optimizer(config)
+
+
+def augment_fn(config: mlc.ConfigDict) -> Optional[Callable]:
+  """The on-device augmentation chain of `config.augment`; None without one."""
+  options = config.get("augment")
+  if not options:
+    return None
+  return augment.make_augment(options.to_dict() if hasattr(options, "to_dict") else dict(options))
+
+
+def evaluator(config: mlc.ConfigDict, info: datasets.DatasetInfo, **overrides: Any):
+  """`config.evaluator` (default: the evaluator of the dataset's task) for `info`; `overrides` set keywords
+  the evaluator accepts and leaves the others alone (e.g. the evaluate tool's `surface_metrics`)."""
+  name, kwargs = named(config.get("evaluator", info.task), "evaluator")
+  accepted = evaluators.EVALUATORS.accepted_kwargs(name) or ()
+  kwargs.update({k: v for k, v in overrides.items() if k in accepted})
+  return evaluators.EVALUATORS.get(name)(info=info, **kwargs)
+
+
+def mesh(config: mlc.ConfigDict, *, fallback: bool = False):
+  """The config's device mesh. With `fallback`, a machine that cannot build it (a run trained on 8 devices,
+  evaluated on 1) gets every device on the data axis."""
+  spec = settings(config).mesh
+  try:
+    return sharding.make_mesh(spec)
+  except ValueError:
+    if not fallback:
+      raise
+    return sharding.make_mesh(DEFAULT_MESH)
+
+
+def eval_batch_size(config: mlc.ConfigDict, mesh: Any, *, round_up: bool = False) -> int:
+  """The eval batch size, checked against the data axis; `round_up` rounds it to a multiple instead (for
+  tools that run on another machine than the training)."""
+  batch = settings(config).eval_batch_size
+  if round_up:
+    n = sharding.data_axis_size(mesh) * jax.process_count()
+    return -(-batch // n) * n
+  sharding.check_batch_size(batch, mesh, what="config.input.eval_batch_size")
+  return batch
+
+
+def init_state_fn(model: Any, tx: Any, example_image: np.ndarray, use_ema: bool):
+  """Returns `init(rng) -> TrainState` for a batch-1 dummy input shaped like `example_image` (*spatial, C)."""
+
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1,) + tuple(example_image.shape), jnp.float32)
+    variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
+    return TrainState.create(variables=variables, tx=tx, rng=state_rng, use_ema=use_ema)
+
+  return init
+
+
+def jit_train_step(model: Any, objective: Any, tx: Any, mesh: Any, state_sharding: Any, *,
+                   accum_steps: int = 1, ema_decay: float = 0.0, augment_fn: Optional[Callable] = None):
+  """`steps.train_step` bound to its hyperparameters and jitted over `mesh`, the state donated.
+
+  Batches come in split over the data axis; metrics come out replicated.
+  """
+  return jax.jit(
+      functools.partial(steps.train_step, apply_fn=model.apply, objective=objective, tx=tx,
+                        accum_steps=accum_steps, ema_decay=ema_decay, augment_fn=augment_fn),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
