@@ -1,4 +1,5 @@
-"""Whole-case prediction: NIfTI in, label map NIfTI out on exactly the input's grid.
+"""Whole-case prediction: an image file in (NIfTI, NRRD, MetaImage: `io.read_image`), a label map out on exactly the
+input's grid, in the format its path names (`io.write_image`).
 
 `Predictor.predict_volume` runs, for one 3D case:
 
@@ -13,9 +14,13 @@
      as nnU-Net exports segmentations; with "nearest" the argmax on the resampled grid is resized with
      nearest neighbour (cheaper: one map instead of K);
   7. optional largest-connected-component filtering, then uncrop (background 0 outside the box) and undo
-     the reorientation, so the written map has the input's shape and affine bit for bit.
+     the reorientation, so the written map has the input's shape and affine bit for bit (and, for NIfTI,
+     its sform/qform codes: `Volume.xform_codes` travels through `to_canonical`'s undo).
 
-Steps 1-4 are those of medjax's NIfTI volume datasets (`medjax.data.datasets.volumes`: canonical, crop,
+An input whose channels differ from the model's (a 4D image given to a single-channel model) is refused
+with the file and its shape (`Predictor(num_channels=...)`), before any network call.
+
+Steps 1-4 are those of medjax's volume datasets (`medjax.data.datasets.volumes`: canonical, crop,
 resample, then normalise on read) and must match what the model was trained on. They are given as a
 `PreprocessSpec`, whose field names are the datasets' keyword arguments, so `config.data` fills it
 (`PreprocessSpec.from_data_config`).
@@ -107,7 +112,7 @@ class PreprocessSpec:
 
   @classmethod
   def from_data_config(cls, data: Mapping[str, Any], **overrides: Any) -> PreprocessSpec:
-    """The spec a volume dataset config (`config.data` of an "msd" / "nifti_folder" run) trained with.
+    """The spec a volume dataset config (`config.data` of an "msd" / "image_folder" run) trained with.
 
     Picks the spec's fields from `data` (target spacing from `plan_path` when not set), then applies the
     non-None `overrides`. Raises when `data` leaves normalization unset (msd then picks it per modality
@@ -233,7 +238,7 @@ def keep_largest_component(label: np.ndarray, classes: Optional[Sequence[int]] =
 
 
 class Predictor:
-  """Applies a patch network to whole NIfTI cases (module docstring for the steps).
+  """Applies a patch network to whole 3D cases (module docstring for the steps).
 
   Args:
     predict_fn: windows `(n, *roi, C) -> (n, *roi, K)` probabilities (`make_predict_fn`, `ensemble`).
@@ -243,12 +248,15 @@ class Predictor:
     tta: False, True (all 8 mirrorings) or a list of flips for `flip_tta`.
     lcc: False, True (largest component of every foreground class) or a list of classes.
     label_resample: "linear" (probabilities) or "nearest" (labels); see step 6.
+    num_channels: the input channels the network takes; an image with another number is refused naming its
+      shape (None: not checked here).
   """
 
   def __init__(self, predict_fn, *, roi_size: Sequence[int], preprocessing=None, overlap: float = 0.5,
                mode: str = "gaussian", sigma_scale: float = 0.125, window_batch: int = 4,
                tta: Union[bool, Sequence[Sequence[int]]] = False,
-               lcc: Union[bool, Sequence[int]] = False, label_resample: str = "linear", mesh=None):
+               lcc: Union[bool, Sequence[int]] = False, label_resample: str = "linear", mesh=None,
+               num_channels: Optional[int] = None):
     if tta is not False:
       predict_fn = flip_tta(predict_fn, None if tta is True else tta)
     self.predict_fn = predict_fn
@@ -262,6 +270,18 @@ class Predictor:
                               window_batch=window_batch, mesh=mesh)
     self.lcc = lcc
     self.label_resample = label_resample
+    if num_channels is not None and (isinstance(num_channels, bool) or int(num_channels) < 1):
+      raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}.")
+    self.num_channels = None if num_channels is None else int(num_channels)
+
+  def check_channels(self, volume: io.Volume, name: str = "the input") -> None:
+    """Raises ValueError naming `name` and the shape when `volume`'s channels are not the network's."""
+    channels = volume.num_channels or 1
+    if self.num_channels is None or channels == self.num_channels:
+      return
+    hint = " (a 4D image where a 3D one is expected)" if self.num_channels == 1 else ""
+    raise ValueError(f"{name}: image of shape {volume.array.shape} (z, y, x[, C]) has {channels} channel(s), the "
+                     f"model takes {self.num_channels}{hint}.")
 
   def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
     """Preprocessed `(z, y, x, C)` -> `(z, y, x, K)` float32 probabilities (host numpy)."""
@@ -269,43 +289,69 @@ class Predictor:
     return np.asarray(out[0])
 
   def predict_volume(self, volume: io.Volume) -> io.Volume:
-    """A label-map Volume (uint8, or int16 beyond 256 classes) with `volume`'s spatial shape and affine."""
+    """A label-map Volume (uint8, or int16 beyond 256 classes) with `volume`'s spatial shape, affine and
+    xform_codes."""
+    self.check_channels(volume)
     image, context = preprocess_volume(volume, self.spec)
     probabilities = self.predict_probabilities(image)
     return restore_label(probabilities, context, self.label_resample, self.lcc)
 
   def predict_file(self, input_path, output_path) -> io.Volume:
-    """Reads a NIfTI case (3D, or 4D with channels last), writes its label map to `output_path`."""
-    volume = io.read_nifti(input_path, allow_channels=True)
+    """Reads a case (3D, or with channels; any `io.read_image` format), writes its label map to `output_path`
+    (format by suffix: .nii.gz, .nrrd, .mha, ...)."""
+    from flax.errors import ScopeParamShapeError
+
+    name = os.fspath(input_path)
+    volume = io.read_image(input_path, allow_channels=True)
+    self.check_channels(volume, name)
     try:
       label = self.predict_volume(volume)
     except ValueError as e:
-      raise ValueError(f"{os.fspath(input_path)}: {e}") from e
-    io.write_nifti(output_path, label)
+      raise ValueError(f"{name}: {e}") from e
+    except ScopeParamShapeError as e:  # no num_channels given: the network's first layer is the check
+      raise ValueError(f"{name}: image of shape {volume.array.shape} (z, y, x[, C]) does not fit the model's "
+                       f"input: {e}") from e
+    io.write_image(output_path, label)
     return label
 
 
 def predict_volume_to_nifti(predict_fn, input_path, output_path, *, roi_size: Sequence[int],
                             preprocessing=None, **predictor_kwargs) -> io.Volume:
-  """One-shot `Predictor(predict_fn, ...).predict_file(input_path, output_path)`; returns the label Volume."""
+  """One-shot `Predictor(predict_fn, ...).predict_file(input_path, output_path)`; returns the label Volume. Any
+  format `io.read_image` reads in, any `io.write_image` writes out (by `output_path`'s suffix), despite the name."""
   predictor = Predictor(predict_fn, roi_size=roi_size, preprocessing=preprocessing, **predictor_kwargs)
   return predictor.predict_file(input_path, output_path)
 
 
-def nifti_inputs(path) -> Dict[str, str]:
-  """{case name: file} for a .nii/.nii.gz file or every such file in a folder (sorted); raises if none."""
+def image_inputs(path) -> Dict[str, str]:
+  """{case name: file} for one image file or every image file in a folder (sorted; `io.IMAGE_SUFFIXES`: .nii.gz,
+  .nii, .nrrd, .nhdr, .mha, .mhd). Case names drop the suffix; two files of one case are an error."""
   path = os.fspath(path)
-  suffixes = (".nii.gz", ".nii")
+  what = f"image files ({', '.join(io.IMAGE_SUFFIXES)})"
   if os.path.isfile(path):
-    files = [path]
-  elif os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(suffixes))
-  else:
+    stem = io.image_stem(path)
+    if stem is None:
+      raise ValueError(f"predict input {path} is not one of the {what}.")
+    return {stem: path}
+  if not os.path.isdir(path):
     raise FileNotFoundError(f"predict input not found: {path}")
-  if not files or not files[0].endswith(suffixes):
-    raise ValueError(f"predict input {path} holds no .nii / .nii.gz files.")
-  names = {}
-  for f in files:
-    base = os.path.basename(f)
-    names[base[:-7] if base.endswith(".nii.gz") else base[:-4]] = f
+  try:
+    names = io.list_images(path)
+  except ValueError as e:
+    raise ValueError(f"predict input: {e}") from None
+  if not names:
+    raise ValueError(f"predict input {path} holds no {what}.")
   return names
+
+
+nifti_inputs = image_inputs  # its first name, from when only NIfTI was read
+
+
+def output_name(case: str, input_path: str, output_suffix: Optional[str] = None) -> str:
+  """`<case><suffix>` for a prediction: `output_suffix`, else the input's format (NIfTI always as .nii.gz)."""
+  if output_suffix is None:
+    suffix = io.image_suffix(input_path)
+    output_suffix = ".nii.gz" if suffix in (None, ".nii", ".nii.gz") else suffix
+  if output_suffix not in io.IMAGE_SUFFIXES:
+    raise ValueError(f"output suffix {output_suffix!r} must be one of {', '.join(io.IMAGE_SUFFIXES)}.")
+  return f"{case}{output_suffix}"

@@ -1,15 +1,17 @@
-"""Label maps for NIfTI cases from a trained run, or a sliding-window benchmark.
+"""Label maps for image cases from a trained run, or a sliding-window benchmark.
 
-  python -m medjax.tools.predict --workdir runs/x --input case.nii.gz|folder --output out/ \
-      [--checkpoint best|latest] [--overlap 0.5] [--tta] [--lcc [--lcc_classes 1,2]]
+  python -m medjax.tools.predict --workdir runs/x --input case.nii.gz|case.nrrd|folder --output out/ \
+      [--checkpoint best|latest] [--overlap 0.5] [--tta] [--lcc [--lcc_classes 1,2]] [--output_suffix .nrrd]
   python -m medjax.tools.predict --benchmark --size 256 --roi 128 --overlap 0.5 [--window_batch 4]
 
 Prediction restores the run's best checkpoint by its `best_metric` (or the latest, or `--step`), builds the
 model as training did (`checkpoint.load` -> `build.model`: the configured compute dtype), and writes
-`<output>/<case>.nii.gz` for every input, on the input's grid (`medjax.inference.Predictor`). The window is
-the training patch (`config.input.patch_size`, else `config.data.patch_size`, else `--roi`); preprocessing
-comes from `config.data` (`PreprocessSpec.from_data_config`), and the flags `--target_spacing`,
-`--normalization`, `--crop_nonzero` override it.
+`<output>/<case><suffix>` for every input (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd), on the input's grid
+(`medjax.inference.Predictor`), in the input's format (NIfTI as .nii.gz) unless `--output_suffix` names
+another. The window is the training patch (`config.input.patch_size`, else `config.data.patch_size`, else
+`--roi`); preprocessing comes from `config.data` (`PreprocessSpec.from_data_config`), and the flags
+`--target_spacing`, `--normalization`, `--crop_nonzero` override it. An input with another number of channels
+than the network takes (a 4D image for a single-channel model) is refused, naming the file and its shape.
 
 The benchmark times `sliding_window_inference` of a randomly initialised 3D U-Net (no checkpoint) on one
 random `size^3` volume and prints one JSON object: compile seconds, median seconds per volume over `--steps`
@@ -31,9 +33,12 @@ from medjax.tools import cli
 _FLAGS = flags.FlagValues()  # private, so tools imported together do not clash (tools/cli.py)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json + checkpoints/).",
                                flag_values=_FLAGS)
-_INPUT = flags.DEFINE_string("input", None, "A .nii/.nii.gz case or a folder of them.", flag_values=_FLAGS)
-_OUTPUT = flags.DEFINE_string("output", None, "Folder for the predicted label maps (<case>.nii.gz).",
+_INPUT = flags.DEFINE_string("input", None, "An image case (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd) or a folder of "
+                             "them.", flag_values=_FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "Folder for the predicted label maps (<case><suffix>).",
                               flag_values=_FLAGS)
+_OUTPUT_SUFFIX = flags.DEFINE_string("output_suffix", None, "Format of the label maps: .nii.gz, .nii, .nrrd, .nhdr, "
+                                     ".mha or .mhd (default: the input's; NIfTI as .nii.gz).", flag_values=_FLAGS)
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                                 "Which checkpoint: best by config.best_metric (latest when unset), or latest.",
                                 flag_values=_FLAGS)
@@ -83,13 +88,35 @@ def _mesh(shard: bool):
   return sharding.make_mesh(build.DEFAULT_MESH, jax.local_devices()) if shard else None
 
 
+def input_channels(predict_fn, roi: Sequence[int], hint: Optional[int] = None, most: int = 16) -> Optional[int]:
+  """The number of input channels `predict_fn`'s network takes: `hint` (config.data.num_channels) when it fits,
+  else the first of 1..`most` that does; None when none does. Shapes only (`jax.eval_shape`): a wrong count
+  fails at the first layer's weights, before any compute."""
+  import jax
+  import jax.numpy as jnp
+
+  def fits(channels: int) -> bool:
+    try:
+      jax.eval_shape(predict_fn, jax.ShapeDtypeStruct((1, *roi, channels), jnp.float32))
+      return True
+    except Exception:  # Flax's ScopeParamShapeError, or a shape error from another kind of model
+      return False
+
+  candidates = ([int(hint)] if hint else []) + [c for c in range(1, most + 1) if c != hint]
+  return next((c for c in candidates if fits(c)), None)
+
+
 def run_prediction(workdir: str, input_path: str, output_dir: str, *, roi=None, which: str = "best",
                    step: Optional[int] = None, use_ema: Optional[bool] = None,
-                   overrides: Optional[Dict[str, Any]] = None,
+                   overrides: Optional[Dict[str, Any]] = None, output_suffix: Optional[str] = None,
                    **predictor_kwargs) -> Dict[str, str]:
-  """Predicts every case of `input_path` into `output_dir`; returns {case: written file}."""
+  """Predicts every case of `input_path` (a file or a folder of image files) into `output_dir`, as
+  `<case><suffix>` (`inference.volume.output_name`); returns {case: written file}. Raises ValueError naming
+  the file and its shape for an input whose channels the network does not take."""
   from medjax import checkpoint, inference
-  cases = inference.nifti_inputs(input_path)
+  from medjax.inference import volume as inference_volume
+  cases = inference_volume.image_inputs(input_path)
+  names = {name: inference_volume.output_name(name, path, output_suffix) for name, path in cases.items()}
   loaded = checkpoint.load(workdir, step if step is not None else which, use_ema=use_ema)
   config, model, variables, step = loaded.config, loaded.model, loaded.variables, loaded.step
   spatial_dims = config.get("model", {}).get("spatial_dims", 3)
@@ -101,12 +128,15 @@ def run_prediction(workdir: str, input_path: str, output_dir: str, *, roi=None, 
     raise ValueError(f"{workdir}/config.json has no input.patch_size or data.patch_size: pass --roi z,y,x "
                      "(the training patch size).")
   spec = inference.PreprocessSpec.from_data_config(config.get("data", {}), **(overrides or {}))
-  predictor = inference.Predictor(inference.make_predict_fn(model.apply, variables), roi_size=roi,
-                                  preprocessing=spec, **predictor_kwargs)
+  predict_fn = inference.make_predict_fn(model.apply, variables)
+  roi = tuple(int(r) for r in roi)
+  channels = input_channels(predict_fn, roi, config.get("data", {}).get("num_channels")) if len(roi) == 3 else None
+  predictor = inference.Predictor(predict_fn, roi_size=roi, preprocessing=spec, num_channels=channels,
+                                  **predictor_kwargs)
   os.makedirs(output_dir, exist_ok=True)
   written = {}
   for name, path in cases.items():
-    out = os.path.join(output_dir, f"{name}.nii.gz")
+    out = os.path.join(output_dir, names[name])
     start = time.perf_counter()
     predictor.predict_file(path, out)
     print(f"{name}: {out} ({time.perf_counter() - start:.1f} s, checkpoint step {step})")
@@ -167,7 +197,8 @@ def main(argv):
       crop_nonzero=_CROP.value)
   lcc = [int(c) for c in _LCC_CLASSES.value] if (_LCC.value and _LCC_CLASSES.value) else _LCC.value
   run_prediction(_WORKDIR.value, _INPUT.value, _OUTPUT.value, roi=_roi(_ROI.value), which=_CHECKPOINT.value,
-                 step=_STEP.value, use_ema=_USE_EMA.value, overrides=overrides, overlap=_OVERLAP.value,
+                 step=_STEP.value, use_ema=_USE_EMA.value, overrides=overrides, output_suffix=_OUTPUT_SUFFIX.value,
+                 overlap=_OVERLAP.value,
                  mode=_MODE.value, window_batch=_WINDOW_BATCH.value, tta=_TTA.value, lcc=lcc,
                  label_resample=_LABEL_RESAMPLE.value, mesh=_mesh(_SHARD.value))
 

@@ -211,7 +211,8 @@ def test_layout_errors(tmp_path):
     ("affine", "case c_1: image and label affines differ"),
     ("nan", r"case c_1: image .*c_1.nii.gz: 1 NaN"),
     ("label_range", r"case c_1: label .* holds values \[5, 7\] outside the declared classes 0..2"),
-    ("four_d", r"case c_1: expected a 3D image, got 4D"),
+    ("four_d", r"case c_1: image .*c_1.nii.gz has shape \(6, 10, 12, 2\) \(z, y, x\[, C\]\): 2 channel\(s\), but "
+               r"dataset 'msd' .* declares num_channels=1 \(a 4D image where 3D single-channel images are expected\)"),
     ("empty", r"case c_1: NIfTI file .*c_1.nii.gz is empty"),
     ("garbage", r"case c_1: cannot read NIfTI file .*c_1.nii.gz"),
 ])

@@ -1,4 +1,5 @@
-"""Whole-case NIfTI prediction (medjax.inference.Predictor) and the predict CLI (medjax.tools.predict)."""
+"""Whole-case prediction (medjax.inference.Predictor) on NIfTI / NRRD / MetaImage cases, and the predict CLI
+(medjax.tools.predict)."""
 
 import os
 
@@ -10,7 +11,10 @@ import pytest
 
 from medjax import checkpoint, inference, models
 from medjax.data import io
+from medjax.inference import volume as inference_volume
 from medjax.tools import predict as predict_tool
+
+nib = pytest.importorskip("nibabel")
 
 SHAPE = (7, 16, 12)  # (z, y, x)
 SPACING = (2.5, 0.8, 1.1)  # (z, y, x) mm, anisotropic
@@ -27,15 +31,17 @@ def _oblique_affine():
   return affine
 
 
-def _case(tmp_path, name="case.nii.gz", extra_blob=False):
-  """A positive ellipsoid (plus, optionally, a small separate blob) on a zero background, written as NIfTI."""
+def _case(tmp_path, name="case.nii.gz", extra_blob=False, channels=None, xform_codes=None):
+  """A positive ellipsoid (plus, optionally, a small separate blob) on a zero background, written in the format
+  `name`'s suffix names; `channels` stacks copies into (z, y, x, C)."""
   z, y, x = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
   image = np.where(((z - 3) / 2.2) ** 2 + ((y - 7) / 5.0) ** 2 + ((x - 5) / 3.5) ** 2 < 1, 2.0, 0.0)
   image = (image * (1 + 0.1 * np.sin(x + y))).astype(np.float32)  # inside: positive, not constant
   if extra_blob:
     image[5:7, 13:15, 9:11] = 1.0
   path = os.path.join(tmp_path, name)
-  io.write_nifti(path, io.Volume.from_array(image, affine=_oblique_affine()))
+  array = image if channels is None else np.stack([image] * channels, axis=-1)
+  io.write_image(path, io.Volume.from_array(array, affine=_oblique_affine(), xform_codes=xform_codes))
   return path, image
 
 
@@ -88,7 +94,7 @@ def test_preprocess_spec_errors_name_the_key(tmp_path):
   with pytest.raises(ValueError, match="normalization is unset"):
     inference.PreprocessSpec.from_data_config({"name": "msd", "data_dir": "x"})
   spec = inference.PreprocessSpec.from_data_config(
-      {"name": "nifti_folder", "target_spacing_mm": (2, 1, 1), "crop_nonzero": True, "patch_size": (8, 8, 8)},
+      {"name": "image_folder", "target_spacing_mm": (2, 1, 1), "crop_nonzero": True, "patch_size": (8, 8, 8)},
       normalization="ct", intensity_stats=[{"p005": -100, "p995": 300, "mean": 40, "std": 80}])
   assert spec.target_spacing_mm == (2.0, 1.0, 1.0) and spec.crop_nonzero and spec.normalization == "ct"
   with pytest.raises(FileNotFoundError):
@@ -101,7 +107,7 @@ def test_predict_cli_restores_a_run_and_writes_every_case(tmp_path):
   _case(cases, "a.nii.gz")
   _case(cases, "b.nii.gz", extra_blob=True)
   config = mlc.ConfigDict(dict(model_name="unet", model=dict(spatial_dims=3, num_classes=2, features=(2, 4)),
-                               input=dict(patch_size=(4, 8, 8)), data=dict(name="nifti_folder", crop_nonzero=False)))
+                               input=dict(patch_size=(4, 8, 8)), data=dict(name="image_folder", crop_nonzero=False)))
   model = models.build_model("unet", dict(config.model))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 8, 8, 1)), train=False)["params"]
   checkpoint.save_config(workdir, config)
@@ -119,3 +125,102 @@ def test_predict_cli_restores_a_run_and_writes_every_case(tmp_path):
   checkpoint.save_config(workdir, no_roi)
   with pytest.raises(ValueError, match="pass --roi"):
     predict_tool.run_prediction(workdir, cases, out_dir)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd"])
+def test_itk_input_gives_the_nifti_prediction_on_its_grid(tmp_path, suffix):
+  kwargs = dict(roi_size=(4, 6, 5), preprocessing=dict(crop_nonzero=True, normalization="none"))
+  path, image = _case(tmp_path, f"case{suffix}")
+  label = inference.Predictor(_threshold_model(), **kwargs).predict_file(path, os.path.join(tmp_path, f"p{suffix}"))
+  written, source = io.read_image(os.path.join(tmp_path, f"p{suffix}")), io.read_image(path)
+  np.testing.assert_allclose(written.affine, source.affine, atol=1e-12)
+  np.testing.assert_array_equal(written.array, (image > 0).astype(np.uint8))
+  np.testing.assert_array_equal(label.array, written.array)
+  nifti_path, _ = _case(tmp_path, "case.nii.gz")
+  from_nifti = inference.Predictor(_threshold_model(), **kwargs).predict_file(nifti_path,
+                                                                              os.path.join(tmp_path, "p.nii.gz"))
+  np.testing.assert_array_equal(from_nifti.array, written.array)
+
+
+def test_prediction_keeps_the_input_sform_and_qform_codes(tmp_path):
+  path, _ = _case(tmp_path, "aligned.nii.gz", xform_codes=(2, 2))
+  assert io.read_nifti(path).xform_codes == (2, 2)
+  out = os.path.join(tmp_path, "pred.nii.gz")
+  inference.predict_volume_to_nifti(_threshold_model(), path, out, roi_size=(8, 8, 8),
+                                    preprocessing=dict(target_spacing_mm=(1.2, 1.2, 1.2), normalization="none"))
+  header = nib.load(out).header
+  assert (int(header["sform_code"]), int(header["qform_code"])) == (2, 2)
+  assert io.read_nifti(out).xform_codes == (2, 2)
+
+
+def test_a_4d_image_for_a_single_channel_model_names_the_file_and_shape(tmp_path):
+  path, _ = _case(tmp_path, "four.nrrd", channels=3)
+  predictor = inference.Predictor(_threshold_model(), roi_size=(8, 8, 8), num_channels=1)
+  with pytest.raises(ValueError, match=r"four\.nrrd: image of shape \(7, 16, 12, 3\) \(z, y, x\[, C\]\) has 3 "
+                                       r"channel\(s\), the model takes 1 \(a 4D image where a 3D one is expected\)"):
+    predictor.predict_file(path, os.path.join(tmp_path, "out.nrrd"))
+  assert not os.path.exists(os.path.join(tmp_path, "out.nrrd"))
+
+
+def test_image_inputs_and_output_names(tmp_path):
+  _case(tmp_path, "a.nii.gz")
+  _case(tmp_path, "b.mha")
+  _case(tmp_path, "c.nii")
+  cases = inference.nifti_inputs(tmp_path)  # the old name, now every format
+  assert sorted(cases) == ["a", "b", "c"] and cases["b"].endswith("b.mha")
+  assert inference_volume.image_inputs(cases["b"]) == {"b": cases["b"]}
+  assert [inference_volume.output_name(n, p) for n, p in sorted(cases.items())] == ["a.nii.gz", "b.mha", "c.nii.gz"]
+  assert inference_volume.output_name("b", cases["b"], ".nrrd") == "b.nrrd"
+  with pytest.raises(ValueError, match=r"output suffix '\.png' must be one of \.nii\.gz, \.nii, \.nrrd"):
+    inference_volume.output_name("b", cases["b"], ".png")
+  _case(tmp_path, "a.nrrd")
+  with pytest.raises(ValueError, match=r"predict input: .* holds two image files for case 'a': a\.nii\.gz and "
+                                       r"a\.nrrd"):
+    inference.nifti_inputs(tmp_path)
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(ValueError, match=r"predict input .*empty holds no image files \(\.nii\.gz, \.nii, \.nrrd"):
+    inference_volume.image_inputs(tmp_path / "empty")
+
+
+def _saved_unet_run(workdir, num_channels=None):
+  data = dict(name="image_folder", crop_nonzero=False)
+  if num_channels is not None:
+    data["num_channels"] = num_channels
+  config = mlc.ConfigDict(dict(model_name="unet", model=dict(spatial_dims=3, num_classes=2, features=(2, 4)),
+                               input=dict(patch_size=(4, 8, 8)), data=data))
+  model = models.build_model("unet", dict(config.model))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 8, 8, num_channels or 1)), train=False)["params"]
+  checkpoint.save_config(workdir, config)
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=1,
+                               async_save=False) as ckpt:
+    ckpt.save(3, {"params": params}, force=True)
+
+
+def test_predict_cli_refuses_a_4d_image_naming_it_and_writes_the_input_format(tmp_path):
+  workdir, cases, out_dir = (os.path.join(tmp_path, d) for d in ("run", "cases", "out"))
+  os.makedirs(cases)
+  _saved_unet_run(workdir)  # config.data names no num_channels: the weights say 1
+  _case(cases, "a.nrrd")
+  _case(cases, "b.nii.gz", channels=2)
+  with pytest.raises(ValueError, match=r"b\.nii\.gz: image of shape \(7, 16, 12, 2\) \(z, y, x\[, C\]\) has 2 "
+                                       r"channel\(s\), the model takes 1 \(a 4D image where a 3D one is expected\)"):
+    predict_tool.run_prediction(workdir, cases, out_dir, overlap=0.25, window_batch=2)
+  # Case a came first and was written, in its own format, on its grid.
+  out, source = io.read_image(os.path.join(out_dir, "a.nrrd")), io.read_image(os.path.join(cases, "a.nrrd"))
+  np.testing.assert_allclose(out.affine, source.affine, atol=1e-12)
+  assert out.array.shape == SHAPE and out.array.dtype == np.uint8
+  # A two-channel run refuses the 3D image (before any network call).
+  two = os.path.join(tmp_path, "run2")
+  _saved_unet_run(two, num_channels=2)
+  with pytest.raises(ValueError, match=r"a\.nrrd: image of shape \(7, 16, 12\) .* has 1 channel\(s\), the model "
+                                       r"takes 2\."):
+    predict_tool.run_prediction(two, cases, out_dir)
+
+
+def test_input_channels_reads_the_weights(tmp_path):
+  model = models.build_model("unet", dict(spatial_dims=3, num_classes=2, features=(2, 4)))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 8, 8, 3)), train=False)
+  predict_fn = inference.make_predict_fn(model.apply, variables)
+  assert predict_tool.input_channels(predict_fn, (4, 8, 8)) == 3
+  assert predict_tool.input_channels(predict_fn, (4, 8, 8), hint=3) == 3
+  assert predict_tool.input_channels(predict_fn, (4, 8, 8), most=2) is None

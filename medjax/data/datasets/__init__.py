@@ -11,7 +11,8 @@ from typing import Any, Mapping, Optional
 
 from medjax.data.datasets.base import DATASETS, Dataset, DataSource, DatasetInfo, GeneratedSource
 from medjax.data.datasets import medmnist  # noqa: F401  (registers medmnist)
-from medjax.data.datasets import msd, nifti_folder  # noqa: F401  (registers msd, nifti_folder)
+from medjax.data.datasets import image_folder, msd  # noqa: F401  (registers image_folder / nifti_folder, msd)
+from medjax.data.datasets import nifti_folder  # noqa: F401  (image_folder's first name, still importable)
 from medjax.data.datasets import synthetic  # noqa: F401  (registers synthetic_phantoms, synthetic_lesions)
 from medjax.data.datasets import folds
 

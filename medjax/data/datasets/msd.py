@@ -12,6 +12,8 @@ Layout (as the task archives unpack):
 dataset.json keys used: "name", "modality" ({"0": "CT"} or {"0": "FLAIR", "1": "T1w", ...}: one channel
 each), "labels" ({"0": "background", "1": ...}: class values 0..K-1), "numTraining", "training" (list of
 {"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}), "test" (list of "./imagesTs/y.nii.gz").
+The files are read with `io.read_image`, so a task folder converted to .nrrd / .mha (paths in dataset.json
+to match) works too; case names are the file names without their suffix.
 
 Splits: "train" / "val" are a patient-level k-fold (`fold` of `num_folds`, `fold_seed`; each training case is one
 patient) or, with num_folds=1, a hold-out of `val_fraction`; fold="all" puts every case in "train".
@@ -29,6 +31,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
+from medjax.data import io
 from medjax.data.datasets import volumes
 from medjax.data.datasets.base import DATASETS, Dataset, DatasetInfo
 
@@ -38,11 +41,8 @@ LAYOUT = ("<data_dir>/<TaskXX_Name>/dataset.json with imagesTr/, labelsTr/ and i
 
 
 def _stem(path: str) -> str:
-  base = os.path.basename(path)
-  for suffix in (".nii.gz", ".nii"):
-    if base.endswith(suffix):
-      return base[: -len(suffix)]
-  return base
+  """The case name: the file name without its image suffix (.nii.gz, or .nrrd etc. in converted task folders)."""
+  return io.image_stem(path) or os.path.basename(path)
 
 
 def task_dir(data_dir: str, task: Optional[str]) -> str:

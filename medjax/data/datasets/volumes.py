@@ -1,4 +1,4 @@
-"""Shared machinery of the NIfTI volume datasets ("msd", "nifti_folder"): per-case preprocessing, disk cache,
+"""Shared machinery of the 3D volume datasets ("msd", "image_folder"): per-case preprocessing, disk cache,
 intensity normalisation, patient-level train/val splits and the `VolumeSource`.
 
 Sources return WHOLE preprocessed cases, whose spatial shape varies from case to case:
@@ -12,11 +12,13 @@ Sources return WHOLE preprocessed cases, whose spatial shape varies from case to
 patches of that size from each case and pads a smaller case. Case names and geometry (for writing a
 prediction back onto the original grid) come from `source.case_name(i)` / `source.geometry(i)`.
 
-Per case, deterministically (`preprocess_case`): read the NIfTI files; check that image and label share
-spatial shape and affine; reorient both to RAS+ (`io.to_canonical`, flips and axis swaps only); check for
-NaN/inf voxels and label values outside the declared classes; optionally crop to the image's nonzero
-bounding box; resample to `target_spacing_mm` (image spline order `image_order`, label nearest). The result
-is cached as .npz by `preprocess.cached`, keyed by the preprocessing settings and each file's size and mtime.
+Per case, deterministically (`preprocess_case`): read the image files (`io.read_image`: NIfTI, NRRD,
+MetaImage); check the image's channels against the dataset's and that the label map is 3D; check that image
+and label share spatial shape and affine; reorient both to RAS+ (`io.to_canonical`, flips and axis swaps
+only); check for NaN/inf voxels and label values outside the declared classes; optionally crop to the
+image's nonzero bounding box; resample to `target_spacing_mm` (image spline order `image_order`, label
+nearest). The result is cached as .npz by `preprocess.cached`, keyed by the preprocessing settings and the
+size and mtime of every file an image is read from (`io.image_files`: a .mhd / .nhdr header and its data).
 Normalisation (cheap) runs on every read, per channel:
   "ct"      clip to the training foreground's 0.5 / 99.5 percentiles, z-score with its mean / std (nnU-Net:
             Isensee et al., Nature Methods 18, 203-211, 2021). The statistics come from `intensity_stats`
@@ -118,6 +120,15 @@ def _file_stamp(path: str) -> List[Any]:
   return [os.path.abspath(path), int(st.st_size), int(st.st_mtime_ns)]
 
 
+def _image_stamps(path: str) -> List[List[Any]]:
+  """One stamp per file the image is read from; a NIfTI file gives one stamp, as before multi-file formats."""
+  try:
+    files = io.image_files(path)
+  except OSError as e:  # an unreadable header: preprocess_case will name the file
+    raise ValueError(f"cannot read {path}: {e}") from None
+  return [_file_stamp(f) if os.path.exists(f) else [os.path.abspath(f), -1, -1] for f in files]
+
+
 def _to_spatial_dims(array: np.ndarray, spacing, spatial_dims: int, name: str):
   """Drops the singleton z (or other) axis of a one-slice volume when 2D is asked for."""
   if spatial_dims == 3:
@@ -141,6 +152,15 @@ def _integer_labels(array: np.ndarray, name: str, path: str) -> np.ndarray:
   return rounded.astype(np.int32)
 
 
+def _read(path: str, name: str) -> io.Volume:
+  """Any format `io.read_image` reads, channels allowed (checked by the caller, whose message names the
+  dataset's num_channels); reader errors are prefixed with the case."""
+  try:
+    return io.read_image(path, allow_channels=True)
+  except ValueError as e:
+    raise ValueError(f"case {name}: {e}") from None
+
+
 def preprocess_case(case: Case, settings: Settings) -> Dict[str, np.ndarray]:
   """Reads and preprocesses one case (module doc) before normalisation.
 
@@ -149,20 +169,21 @@ def preprocess_case(case: Case, settings: Settings) -> Dict[str, np.ndarray]:
   in that grid, cropped_shape int64 (nd,) before resampling. Raises ValueError naming the case.
   """
   name = case.name
-  try:
-    image = io.read_nifti(case.image_path, allow_channels=settings.num_channels > 1)
-  except ValueError as e:
-    raise ValueError(f"case {name}: {e}") from None
+  image = _read(case.image_path, name)
   channels = image.num_channels or 1
   if channels != settings.num_channels:
-    raise ValueError(f"case {name}: image {case.image_path} has {channels} channel(s), {settings.where} "
-                     f"declares {settings.num_channels}.")
+    hint = " (a 4D image where 3D single-channel images are expected)" if settings.num_channels == 1 else ""
+    raise ValueError(f"case {name}: image {case.image_path} has shape {image.array.shape} (z, y, x[, C]): "
+                     f"{channels} channel(s), but {settings.where} declares num_channels={settings.num_channels}"
+                     f"{hint}.")
   label = None
   if case.label_path is not None:
-    try:
-      label = io.read_nifti(case.label_path)
-    except ValueError as e:
-      raise ValueError(f"case {name}: {e}") from None
+    label = _read(case.label_path, name)
+    if label.num_channels == 1:
+      label = label.replace(array=label.array[..., 0])
+    if label.num_channels is not None:
+      raise ValueError(f"case {name}: label {case.label_path} has shape {label.array.shape} (z, y, x, C); a label "
+                       "map must be 3D (z, y, x).")
     io.check_pair(image, label, name)
   image, _ = io.to_canonical(image)
   io.check_finite(image.array, f"case {name}: image {case.image_path}")
@@ -204,7 +225,7 @@ def preprocess_case(case: Case, settings: Settings) -> Dict[str, np.ndarray]:
 
 def load_case(case: Case, settings: Settings, cache_dir: str) -> Dict[str, np.ndarray]:
   """`preprocess_case`, through the disk cache (recomputed when the settings or the files change)."""
-  stamps = [_file_stamp(case.image_path)] + ([_file_stamp(case.label_path)] if case.label_path else [])
+  stamps = _image_stamps(case.image_path) + (_image_stamps(case.label_path) if case.label_path else [])
   config = dict(settings.cache_config(), files=stamps)
   return preprocess.cached(config, case.name, lambda: preprocess_case(case, settings), cache_dir)
 
@@ -235,7 +256,7 @@ def compute_intensity_stats(cases: Sequence[Case], settings: Settings, cache_dir
   if not cases:
     raise ValueError(f"{settings.where}: no training cases to compute CT intensity statistics from.")
   key = preprocess.preprocess_config_hash(dict(
-      settings.cache_config(), cases=sorted([_file_stamp(c.image_path) for c in cases])))
+      settings.cache_config(), cases=sorted(stamp for c in cases for stamp in _image_stamps(c.image_path))))
   path = os.path.join(cache_dir, f"intensity_{key}.json")
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -349,8 +370,14 @@ class VolumeSource:
 
 
 def check_files(cases: Sequence[Case], where: str, layout: str) -> None:
-  """Raises FileNotFoundError naming the first missing image / label file and the expected layout."""
+  """Raises FileNotFoundError naming the first missing image / label file (or the missing data file of a
+  .nhdr / .mhd header) and the expected layout."""
   for case in cases:
     for path in (case.image_path, case.label_path):
       if path is not None and not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: case {case.name}: file not found: {path}. Expected layout: {layout}")
+      if path is not None and io.image_suffix(path) in io.itk.DETACHED_SUFFIXES:
+        missing = [f for f in io.image_files(path)[1:] if not os.path.isfile(f)]
+        if missing:
+          raise FileNotFoundError(f"{where}: case {case.name}: {path} names the data file {missing[0]}, which is "
+                                  "not there.")

@@ -1,4 +1,4 @@
-"""TFDS array_record builders of the volume datasets ("msd", "nifti_folder"): preprocessed cases, stored once.
+"""TFDS array_record builders of the volume datasets ("msd", "image_folder"): preprocessed cases, stored once.
 
     ds = tfds_sources("msd", tfds_dir="/data/tfds", data_dir="/data/msd", task="Task02", patch_size=(80,) * 3)
     ds.source("train")[0]  # the same example as build_dataset("msd", ...) gives, read from array_record
@@ -26,9 +26,10 @@ _CLASSES: Dict[str, Any] = {}
 
 
 def builder_class(dataset_name: str):
-  """The TFDS builder class for registered volume dataset `dataset_name` ("msd" or "nifti_folder")."""
-  if dataset_name not in ("msd", "nifti_folder"):
-    raise ValueError(f"volumes_tfds: no TFDS builder for dataset {dataset_name!r}; known: msd, nifti_folder.")
+  """The TFDS builder class for volume dataset `dataset_name`: "msd", "image_folder" (or its alias "nifti_folder")."""
+  if dataset_name not in ("msd", "image_folder", "nifti_folder"):
+    raise ValueError(f"volumes_tfds: no TFDS builder for dataset {dataset_name!r}; known: msd, image_folder "
+                     "(alias nifti_folder).")
   if dataset_name not in _CLASSES:
     _CLASSES[dataset_name] = _make_builder_class(dataset_name)
   return _CLASSES[dataset_name]

@@ -13,8 +13,8 @@ axis behind array axis `a`: `spacing_mm == (|affine[:3, 2]|, |affine[:3, 1]|, |a
 transpose is a pure relabelling, so NIfTI round trips are exact (voxels, dtype and the float64 affine; see
 `write_nifti` for how the affine survives the format's float32 fields).
 
-DICOM stores geometry in LPS patient coordinates; readers here convert to nibabel's RAS (negating world x
-and y) so that every `Volume` shares one world frame.
+DICOM and the ITK formats (NRRD, MetaImage) store geometry in LPS patient coordinates; readers here convert to
+nibabel's RAS (negating world x and y, `LPS_TO_RAS`) so that every `Volume` shares one world frame.
 
 The package uses numpy, nibabel, pydicom, SimpleITK and PIL only (no jax): it runs on the host.
 """
@@ -34,8 +34,10 @@ PathLike = Union[str, os.PathLike]
 AFFINE_ATOL = 1e-4
 # Allowed relative disagreement between a Volume's spacing_mm and the column lengths of its affine.
 _SPACING_RTOL = 1e-3
-# LPS (DICOM) -> RAS (nibabel) flips world x and y.
+# LPS (DICOM, ITK) -> RAS (nibabel) flips world x and y; the matrix is its own inverse.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# NIfTI sform/qform codes (nibabel.nifti1.xform_codes): unknown, scanner, aligned, talairach, mni, template.
+XFORM_CODES = (0, 1, 2, 3, 4, 5)
 
 
 class GeometryWarning(UserWarning):
@@ -70,10 +72,15 @@ class Volume:
     array: numpy array (z, y, x) or (z, y, x, C), any dtype; the transpose of nibabel's data (module doc).
     spacing_mm: voxel size in mm, (z, y, x), consistent with the affine's column lengths.
     affine: (4, 4) float64, nibabel convention: voxel (x, y, z, 1) -> RAS+ world mm.
+    xform_codes: (sform_code, qform_code) of the NIfTI header the volume was read from (0 unknown,
+      1 scanner, 2 aligned, 3 talairach, 4 mni, 5 template), so that a volume written back (or a prediction
+      on its grid) says the same thing about its world frame; None when the source had no such codes
+      (ITK formats, DICOM, arrays): `write_nifti` then writes 1 ("scanner") for both.
   """
   array: np.ndarray
   spacing_mm: Tuple[float, float, float]
   affine: np.ndarray
+  xform_codes: Optional[Tuple[int, int]] = None
 
   def __post_init__(self):
     array = self.array
@@ -95,16 +102,23 @@ class Volume:
       raise ValueError(f"Volume.spacing_mm {spacing} (z, y, x) disagrees with the affine's column lengths "
                        f"{expected}.")
     object.__setattr__(self, "spacing_mm", spacing)
+    if self.xform_codes is not None:
+      codes = tuple(self.xform_codes) if isinstance(self.xform_codes, (tuple, list)) else ()
+      valid = [isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c in XFORM_CODES for c in codes]
+      if len(codes) != 2 or not all(valid):
+        raise ValueError(f"Volume.xform_codes must be None or (sform_code, qform_code), each one of "
+                         f"{XFORM_CODES}, got {self.xform_codes!r}.")
+      object.__setattr__(self, "xform_codes", tuple(int(c) for c in codes))
 
   @classmethod
   def from_array(cls, array: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
-                 affine: Optional[np.ndarray] = None) -> Volume:
+                 affine: Optional[np.ndarray] = None, xform_codes: Optional[Tuple[int, int]] = None) -> Volume:
     """A Volume from an array (z, y, x[, C]); without `affine`, an axis-aligned RAS one from `spacing_mm`."""
     if affine is None:
       affine = affine_from_spacing(spacing_mm)
     else:
       spacing_mm = spacing_from_affine(affine)
-    return cls(np.asarray(array), tuple(spacing_mm), affine)
+    return cls(np.asarray(array), tuple(spacing_mm), affine, xform_codes)
 
   @property
   def spatial_shape(self) -> Tuple[int, int, int]:
@@ -161,7 +175,8 @@ def to_canonical(volume: Volume) -> Tuple[Volume, Callable[[Union[Volume, np.nda
   Returns:
     (canonical, undo): `undo(v)` takes a Volume or an array (z', y', x'[, C]) in the canonical voxel grid
     (e.g. a predicted label map) and returns it in the original grid, as a Volume carrying the original
-    affine. `undo(canonical)` gives back the input exactly (array and affine).
+    affine and xform_codes. `undo(canonical)` gives back the input exactly (array and affine). Both
+    volumes keep the input's `xform_codes`: reorienting changes the voxel order, not the world frame.
   """
   from nibabel import orientations as ornt_lib
 
@@ -171,7 +186,7 @@ def to_canonical(volume: Volume) -> Tuple[Volume, Callable[[Union[Volume, np.nda
   nib_shape = volume.spatial_shape[::-1]
   data = ornt_lib.apply_orientation(to_nibabel_order(volume.array), transform)
   affine = volume.affine @ ornt_lib.inv_ornt_aff(transform, nib_shape)
-  canonical = Volume(from_nibabel_order(data), spacing_from_affine(affine), affine)
+  canonical = Volume(from_nibabel_order(data), spacing_from_affine(affine), affine, volume.xform_codes)
   original_affine = volume.affine
   original_spacing = volume.spacing_mm
   canonical_shape = canonical.spatial_shape
@@ -182,7 +197,7 @@ def to_canonical(volume: Volume) -> Tuple[Volume, Callable[[Union[Volume, np.nda
       raise ValueError(f"to_canonical undo: expected spatial shape {canonical_shape} (z, y, x), got "
                        f"{tuple(array.shape)}.")
     back = ornt_lib.apply_orientation(to_nibabel_order(array), inverse)
-    return Volume(from_nibabel_order(back), original_spacing, original_affine)
+    return Volume(from_nibabel_order(back), original_spacing, original_affine, volume.xform_codes)
 
   return canonical, undo
 

@@ -106,3 +106,83 @@ def test_volume_validates_spacing_against_affine():
     io.Volume.from_array(np.zeros((3, 4)))
 
 
+
+
+# ------------------------------------------------------------------------------------- headers that lie
+
+
+def _patch_header(path, **fields):
+  """Rewrites header fields of an uncompressed .nii in place, bypassing nibabel's repairs (as a buggy tool would)."""
+  with open(path, "rb") as f:
+    header = type(nib.load(path).header).from_fileobj(f, check=False)
+  for key, value in fields.items():
+    if key.startswith("pixdim"):
+      header["pixdim"][int(key[6:])] = value
+    else:
+      header[key] = value
+  with open(path, "r+b") as f:
+    f.write(header.binaryblock)
+
+
+def test_no_orientation_warns_naming_the_assumed_affine_and_strict_raises(tmp_path):
+  array = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+  img = nib.Nifti1Image(io.volume.to_nibabel_order(array), np.diag([0.5, 0.8, 2.0, 1.0]))
+  img.set_sform(None, code=0)
+  img.set_qform(None, code=0)
+  nib.save(img, tmp_path / "bare.nii")
+  with pytest.warns(io.GeometryWarning, match=r"bare\.nii has qform_code = sform_code = 0 \(no orientation\): "
+                                              r"assumed nibabel's fallback affine, .*\(-0\.5, 0\.8, 2\.0\)"):
+    volume = io.read_nifti(tmp_path / "bare.nii")
+  np.testing.assert_array_equal(volume.array, array)
+  assert volume.xform_codes == (0, 0) and volume.spacing_mm == pytest.approx((2.0, 0.8, 0.5))
+  np.testing.assert_allclose(np.diag(volume.affine), (-0.5, 0.8, 2.0, 1.0))
+  for read in (lambda p: io.read_nifti(p, strict=True), lambda p: io.read_image(p, strict=True)):
+    with pytest.raises(ValueError, match=r"bare\.nii has qform_code = sform_code = 0: no orientation \(strict=True"):
+      read(tmp_path / "bare.nii")
+  # Written back (e.g. a prediction on its grid), the file still says it has no orientation.
+  with pytest.warns(io.GeometryWarning):
+    io.write_nifti(tmp_path / "again.nii", volume)
+    again = io.read_nifti(tmp_path / "again.nii")
+  assert again.xform_codes == (0, 0)
+  np.testing.assert_array_equal(again.affine, volume.affine)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.75, np.nan])
+def test_zero_negative_or_nan_voxel_size_is_an_error(tmp_path, bad):
+  path = tmp_path / "lying.nii"
+  io.write_nifti(path, io.Volume.from_array(np.zeros((3, 4, 5), np.float32), spacing_mm=(2.0, 0.8, 0.5)))
+  assert type(nib.load(path)) is nib.Nifti2Image  # 0.8 is not float32-exact; NIfTI-1 is checked below
+  _patch_header(path, pixdim2=bad)
+  shown = "nan" if np.isnan(bad) else repr(bad)
+  with pytest.raises(ValueError, match=rf"NIfTI file .*lying\.nii: voxel spacing pixdim\[1:4\] = \(0\.5, {shown}, "
+                                       r"2\.0\) mm \(x, y, z\) holds zero, negative or NaN values"):
+    io.read_nifti(path)
+  with pytest.raises(ValueError, match=r"lying\.nii: voxel spacing"):
+    io.read_image(path)
+  io.write_nifti(tmp_path / "one.nii", io.Volume.from_array(np.zeros((3, 4, 5), np.int16), spacing_mm=(2.0, 1, 0.5)))
+  _patch_header(tmp_path / "one.nii", pixdim1=bad)
+  with pytest.raises(ValueError, match=rf"one\.nii: voxel spacing pixdim\[1:4\] = \({shown}, 1\.0, 2\.0\)"):
+    io.read_nifti(tmp_path / "one.nii")
+
+
+@pytest.mark.parametrize("codes", [(2, 2), (2, 1), (4, 0), (0, 2)])
+def test_sform_and_qform_codes_survive_read_write_read(tmp_path, codes):
+  affine = io_testing.oblique_affine().astype(np.float32).astype(np.float64)
+  img = nib.Nifti1Image(np.zeros((5, 4, 3), np.int16), affine)
+  img.set_sform(affine, code=codes[0])
+  img.set_qform(affine, code=codes[1])
+  nib.save(img, tmp_path / "in.nii.gz")
+  volume = io.read_nifti(tmp_path / "in.nii.gz")
+  assert volume.xform_codes == codes
+  io.write_nifti(tmp_path / "out.nii.gz", volume)
+  header = nib.load(tmp_path / "out.nii.gz").header
+  assert (int(header["sform_code"]), int(header["qform_code"])) == codes
+  back = io.read_image(tmp_path / "out.nii.gz")
+  assert back.xform_codes == codes
+  np.testing.assert_allclose(back.affine, volume.affine, atol=1e-6)
+  # Through reorientation and back (as a prediction is written), and with no codes: "scanner".
+  canonical, undo = io.to_canonical(volume)
+  assert canonical.xform_codes == codes and undo(canonical.array).xform_codes == codes
+  io.write_nifti(tmp_path / "plain.nii.gz", io.Volume.from_array(np.zeros((3, 4, 5), np.int16)))
+  header = nib.load(tmp_path / "plain.nii.gz").header
+  assert (int(header["sform_code"]), int(header["qform_code"])) == (1, 1)

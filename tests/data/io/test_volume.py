@@ -73,3 +73,15 @@ def test_check_finite():
   array[2, 0, 0] = np.inf
   with pytest.raises(ValueError, match=r"case_3/image: 1 NaN and 1 inf voxels of 60 \(first at index \(1, 2, 3\)\)"):
     io.check_finite(array, "case_3/image")
+
+
+def test_xform_codes_default_travel_and_are_checked():
+  volume = io.Volume(np.zeros((2, 3, 4)), (1.0, 1.0, 1.0), np.eye(4))
+  assert volume.xform_codes is None and io.Volume.from_array(np.zeros((2, 3, 4))).xform_codes is None
+  coded = io.Volume.from_array(np.zeros((2, 3, 4)), affine=np.diag([-1.0, -1.0, 2.0, 1.0]), xform_codes=(2, 1))
+  assert coded.replace(array=np.ones((2, 3, 4))).xform_codes == (2, 1)
+  canonical, undo = io.to_canonical(coded)
+  assert canonical.xform_codes == (2, 1) and undo(canonical).xform_codes == (2, 1)
+  for bad in ((2,), (1, 7), (True, 1), 2):
+    with pytest.raises(ValueError, match=r"Volume.xform_codes must be None or \(sform_code, qform_code\)"):
+      io.Volume(np.zeros((2, 3, 4)), (1.0, 1.0, 1.0), np.eye(4), bad)

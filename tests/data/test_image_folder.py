@@ -1,4 +1,5 @@
-"""nifti_folder builder on tiny fake folders: classification from a CSV, segmentation, 2D, splits, errors."""
+"""image_folder builder (first name nifti_folder) on tiny fake folders: classification from a CSV, segmentation,
+2D, splits, NRRD / MetaImage cases, errors."""
 
 import csv
 import os
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 
 from medjax.data import io, splits
-from medjax.data.datasets import DATASETS, nifti_folder
+from medjax.data.datasets import DATASETS, image_folder, nifti_folder
 
 SPACING = (2.5, 0.9, 0.6)
 
 
-def write_images(data_dir, names, shape=(5, 7, 9), seed=0, labels=False):
+def write_images(data_dir, names, shape=(5, 7, 9), seed=0, labels=False, suffix=".nii.gz", label_suffix=None):
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
   if labels:
@@ -21,11 +22,12 @@ def write_images(data_dir, names, shape=(5, 7, 9), seed=0, labels=False):
   out = {}
   for name in names:
     image = rng.uniform(1.0, 5.0, shape).astype(np.float32)
-    io.write_nifti(os.path.join(data_dir, "images", f"{name}.nii.gz"), io.Volume.from_array(image, SPACING))
+    io.write_image(os.path.join(data_dir, "images", f"{name}{suffix}"), io.Volume.from_array(image, SPACING))
     label = None
     if labels:
       label = (image > 3.0).astype(np.int16)
-      io.write_nifti(os.path.join(data_dir, "labels", f"{name}.nii.gz"), io.Volume.from_array(label, SPACING))
+      io.write_image(os.path.join(data_dir, "labels", f"{name}{label_suffix or suffix}"),
+                     io.Volume.from_array(label, SPACING))
     out[name] = (image, label)
   return out
 
@@ -54,7 +56,8 @@ def test_classification_csv_patient_kfold_and_metadata(tmp_path):
   images = write_images(tmp_path, [r["case"] for r in rows])
   csv_path = write_csv(tmp_path / "cases.csv", rows)
   ds = build(tmp_path, csv_path=csv_path, num_folds=2, fold=1, target_spacing_mm=(2.5, 1.8, 1.2))
-  assert DATASETS.get("nifti_folder") is nifti_folder.nifti_folder
+  assert DATASETS.get("nifti_folder") is nifti_folder.nifti_folder is DATASETS.get("image_folder")
+  assert DATASETS.get("image_folder") is image_folder.image_folder
   assert ds.info.task == "classification" and ds.info.label_kind == "class"
   assert ds.info.class_names == ("benign", "malignant") and ds.info.image_shape == (4, 4, 4)
   by_case = {r["case"]: r for r in rows}
@@ -142,3 +145,71 @@ def test_errors(tmp_path):
   os.remove(tmp_path / "seg" / "labels" / "b.nii.gz")
   with pytest.raises(FileNotFoundError, match=r"case b: file not found: .*labels/b.nii.gz"):
     build(tmp_path, data_dir=str(tmp_path / "seg"), class_names=("bg", "fg"))
+  write_images(tmp_path / "mhd", ["a", "b"], labels=True, suffix=".mhd")
+  os.remove(tmp_path / "mhd" / "labels" / "b.zraw")
+  with pytest.raises(FileNotFoundError, match=r"case b: .*labels/b\.mhd names the data file .*labels/b\.zraw, which "
+                                              r"is not there"):
+    build(tmp_path, data_dir=str(tmp_path / "mhd"), class_names=("bg", "fg"))
+
+
+def _examples(ds):
+  return {ds.source(s).case_name(i): ds.source(s)[i] for s in ds.splits for i in range(len(ds.source(s)))}
+
+
+@pytest.mark.parametrize("suffix,label_suffix", [(".nrrd", None), (".mha", None), (".mhd", None), (".nhdr", ".nii.gz")])
+def test_itk_cases_give_the_nifti_examples(tmp_path, suffix, label_suffix):
+  names = [f"s{i}" for i in range(4)]
+  write_images(tmp_path / "nii", names, labels=True)
+  write_images(tmp_path / "itk", names, labels=True, suffix=suffix, label_suffix=label_suffix)
+  kwargs = dict(class_names=("background", "bright"), num_folds=2, fold=0, target_spacing_mm=(2.0, 1.2, 0.9),
+                crop_nonzero=True)
+  nifti = _examples(build(tmp_path, data_dir=str(tmp_path / "nii"), **kwargs))  # through the alias "nifti_folder"
+  examples = _examples(DATASETS.build("image_folder", dict(data_dir=str(tmp_path / "itk"), patch_size=(4, 4, 4),
+                                                           cache_dir=str(tmp_path / "cache"), **kwargs)))
+  assert sorted(examples) == sorted(nifti) == names
+  for name in names:
+    np.testing.assert_allclose(examples[name]["image"], nifti[name]["image"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(examples[name]["label"], nifti[name]["label"])
+    np.testing.assert_array_equal(examples[name]["spacing_mm"], nifti[name]["spacing_mm"])
+    assert examples[name]["id"] == nifti[name]["id"]
+
+
+def test_cache_notices_a_changed_data_file_behind_an_unchanged_header(tmp_path):
+  images = write_images(tmp_path, ["a", "b"], labels=True, suffix=".mhd")
+  ds = build(tmp_path, class_names=("bg", "fg"), fold="all", normalization="none")
+  first = ds.source("train")[0]
+  np.testing.assert_array_equal(first["image"][..., 0], images["a"][0])
+  # Same dtype, shape and geometry, uncompressed: an identical header; only a.raw changes.
+  io.write_itk(tmp_path / "images" / "a.mhd", io.Volume.from_array(images["a"][0], SPACING), compress=False)
+  header = (tmp_path / "images" / "a.mhd").read_bytes()
+  os.makedirs(tmp_path / "other")
+  io.write_itk(tmp_path / "other" / "a.mhd", io.Volume.from_array(images["a"][0] * 2, SPACING), compress=False)
+  assert (tmp_path / "other" / "a.mhd").read_bytes() == header
+  ds.source("train")[0]  # cached with the uncompressed pair
+  stat = os.stat(tmp_path / "images" / "a.mhd")
+  os.replace(tmp_path / "other" / "a.raw", tmp_path / "images" / "a.raw")
+  assert os.stat(tmp_path / "images" / "a.mhd").st_mtime_ns == stat.st_mtime_ns
+  np.testing.assert_array_equal(ds.source("train")[0]["image"][..., 0], images["a"][0] * 2)
+
+
+def test_two_formats_of_one_case_and_4d_images_are_named_errors(tmp_path):
+  write_images(tmp_path / "dup", ["a", "b"], labels=True)
+  io.write_image(tmp_path / "dup" / "images" / "a.nrrd", io.Volume.from_array(np.zeros((5, 7, 9), np.float32)))
+  with pytest.raises(ValueError, match=r"dataset 'image_folder': .*images holds two image files for case 'a': "
+                                       r"a\.nii\.gz and a\.nrrd"):
+    build(tmp_path, data_dir=str(tmp_path / "dup"), class_names=("bg", "fg"))
+  images = write_images(tmp_path / "four", ["a", "b"], labels=True, suffix=".nrrd")
+  four_d = np.stack([images["b"][0]] * 3, axis=-1)
+  io.write_image(tmp_path / "four" / "images" / "b.nrrd", io.Volume.from_array(four_d, SPACING))
+  ds = build(tmp_path, data_dir=str(tmp_path / "four"), class_names=("bg", "fg"), fold="all")
+  ds.source("train")[0]
+  with pytest.raises(ValueError, match=r"case b: image .*four/images/b\.nrrd has shape \(5, 7, 9, 3\) "
+                                       r"\(z, y, x\[, C\]\): 3 channel\(s\), but dataset 'image_folder' .* declares "
+                                       r"num_channels=1 \(a 4D image where 3D single-channel images are expected\)"):
+    ds.source("train")[1]
+  io.write_image(tmp_path / "four" / "images" / "b.nrrd", io.Volume.from_array(images["b"][0], SPACING))
+  io.write_image(tmp_path / "four" / "labels" / "b.nrrd", io.Volume.from_array(np.zeros((5, 7, 9, 2), np.int16),
+                                                                               SPACING))
+  with pytest.raises(ValueError, match=r"case b: label .*b\.nrrd has shape \(5, 7, 9, 2\) \(z, y, x, C\); a label "
+                                       r"map must be 3D"):
+    ds.source("train")[1]
