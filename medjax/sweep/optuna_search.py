@@ -186,9 +186,26 @@ def write_sweep_file(workdir: str, study, config_spec: str, metric: str, mode: s
                         status=status, error=t.user_attrs.get("error", ""),
                         wall_s=t.duration.total_seconds() if t.duration else None))
   doc = dict(config=config_spec, backend="optuna", metric=metric, mode=mode, study=study.study_name,
-             trials=records)
+             axes=plot_axes(trials), trials=records)
   atomic.write_text_atomically(os.path.join(workdir, trials_lib.SWEEP_FILE),
                                json.dumps(doc, indent=2, default=list) + "\n")
+
+
+def plot_axes(trials) -> Dict[str, Dict[str, Any]]:
+  """The report's x axis per parameter, from the distributions the study sampled (as `space.plot_axes`):
+  a log-scaled float or int distribution gives a log axis over its range, another float or int one a linear
+  axis, a categorical one categories."""
+  import optuna
+  axes: Dict[str, Dict[str, Any]] = {}
+  for t in trials:
+    for name, dist in t.distributions.items():
+      if name in axes:
+        continue
+      if isinstance(dist, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)):
+        axes[name] = dict(scale="log" if dist.log else "linear", range=[dist.low, dist.high])
+      elif isinstance(dist, optuna.distributions.CategoricalDistribution):
+        axes[name] = dict(scale="categorical")
+  return axes
 
 
 def write_best(workdir: str, study, config_spec: str) -> Dict[str, Any]:

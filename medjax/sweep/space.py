@@ -10,6 +10,9 @@ as `--config.lr=0.001 --config.model.features="(8, 16)"`. A sweep is either
 >>> product(lr=[1e-3, 1e-2], **{"model.depth": [2, 3]})          # 4 trials
 >>> product(kfold(5), lr=[1e-3, 1e-2])                            # 10 trials: 2 lrs x 5 folds
 >>> random_draws({"lr": loguniform(1e-4, 1e-2), "optim.wd": choice([0.0, 1e-4])}, n=8, seed=0)
+
+`plot_axes(sweep)` says how the report plots each key (a log axis for `loguniform`); launchers record it in
+sweep.json, since the report reads the trials back from there and the values alone cannot tell.
 """
 
 from __future__ import annotations
@@ -161,6 +164,31 @@ def random_draws(space: SearchSpace, n: int, seed: int = 0) -> List[Overrides]:
       trial[key] = float(f"{value:.4g}") if isinstance(value, float) else value
     trials.append(trial)
   return trials
+
+
+def plot_axes(sweep: Union[SearchSpace, Sequence[Overrides]]) -> Dict[str, Dict[str, Any]]:
+  """How the report plots each swept key, from the sweep's own description (never from the values drawn).
+
+  `{"lr": {"scale": "log", "range": [1e-4, 1e-2]}, "model.depth": {"scale": "categorical"}}`: a
+  `loguniform` gives a log axis over its range, `uniform` and `intuniform` a linear one, `choice` a
+  categorical one. A list of override dicts (a grid, folds, trials written out) gives every key as
+  categorical: each axis is a list of values, i.e. a choice. Constants of a space are left out (one value,
+  nothing to plot).
+  """
+  if not is_space(sweep):
+    keys: List[str] = []
+    for trial in sweep:
+      keys += [k for k in trial if k not in keys]
+    return {key: dict(scale="categorical") for key in keys}
+  axes: Dict[str, Dict[str, Any]] = {}
+  for key, dist in sweep.items():
+    if isinstance(dist, LogUniform):
+      axes[key] = dict(scale="log", range=[dist.lo, dist.hi])
+    elif isinstance(dist, (Uniform, IntUniform)):
+      axes[key] = dict(scale="linear", range=[dist.lo, dist.hi])
+    elif isinstance(dist, Choice):
+      axes[key] = dict(scale="categorical")
+  return axes
 
 
 def suggest(trial, space: SearchSpace) -> Overrides:

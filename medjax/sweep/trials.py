@@ -2,8 +2,9 @@
 
 Sweep workdir layout:
 
-  DIR/sweep.json              config spec, backend, metric, and per trial: name, overrides, workdir, status,
-                              return code, error (last stderr lines), start/end times, wall seconds
+  DIR/sweep.json              config spec, backend, metric, the report's plot axes (`space.plot_axes`), and
+                              per trial: name, overrides, workdir, status, return code, error (last stderr
+                              lines), start/end times, wall seconds
   DIR/<trial name>/           the trial's own workdir (config.json, checkpoints/, metrics.jsonl,
                               results.json), plus stdout.log and stderr.log of its process
   DIR/results.csv, results.md, metric_vs_<key>.png   written by `report.write_report`

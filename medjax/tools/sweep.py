@@ -7,14 +7,16 @@ r"""Sweep launcher: runs the trials of an experiment's `get_sweep(arg)` and writ
   python -m medjax.tools.sweep --config experiments/synthetic_resnet.py --workdir runs/tpe --backend optuna \
       --num_trials 30 [--storage postgresql://user@host/db] [--pruner median|halving|none]
 
-Backends: `local` (subprocesses of medjax.main, `--parallel` at a time, each pinned to its own GPUs),
-`slurm` (a submitit job array; `--cluster local` runs it on this machine without SLURM), `optuna` (TPE with
-pruning, in this process). Relaunching the same command resumes: finished trials are skipped, interrupted ones
-resume from their checkpoints. Settings come from the flags, else from the experiment config's optional
-`sweep` section (same names, e.g. `c.sweep = dict(partition="gpu", gpus_per_node=8, parallel=4)`), else the
-defaults. The metric defaults to the config's `best_metric`/`best_mode`. Writes DIR/sweep.json,
-DIR/results.csv, DIR/results.md, DIR/metric_vs_<key>.png (optuna: also DIR/best_config.json). Exit status:
-0 when every trial finished, 1 when one failed, 130 when interrupted.
+Backends: `local` (subprocesses of medjax.main, `--parallel` at a time, each pinned to its own GPUs), `slurm`
+(a submitit job array; `--cluster local` runs it on this machine without SLURM), `optuna` (TPE with pruning,
+in this process). Relaunching the same command resumes: finished trials are skipped, interrupted ones resume
+from their checkpoints. `--num_trials N` draws N trials from a search space, or runs the first N trials of a
+grid in its order (relaunching with a larger N runs the next ones). Settings come from the flags, else from
+the experiment config's optional `sweep` section (same names, e.g. `c.sweep = dict(partition="gpu",
+gpus_per_node=8, parallel=4)`), else the defaults. The metric defaults to the config's
+`best_metric`/`best_mode`. Writes DIR/sweep.json, DIR/results.csv, DIR/results.md, DIR/metric_vs_<key>.png
+(optuna: also DIR/best_config.json). Exit status: 0 when every trial finished, 1 when one failed, 130 when
+interrupted.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from absl import app, flags, logging
 
@@ -44,7 +46,8 @@ _DEVICES = flags.DEFINE_integer("devices_per_trial", None, "local: GPUs (or CPU 
 _METRIC = flags.DEFINE_string("metric", None, "Metric to compare trials by (default: config.best_metric).",
                               flag_values=_FLAGS)
 _MODE = flags.DEFINE_enum("mode", None, ["max", "min"], "Whether larger or smaller is better.", flag_values=_FLAGS)
-_NUM_TRIALS = flags.DEFINE_integer("num_trials", None, "Trials drawn from a search space / optuna budget.",
+_NUM_TRIALS = flags.DEFINE_integer("num_trials", None, "Trials drawn from a search space / optuna budget / the "
+                                   "first N trials of a grid (a larger N later adds the next ones).",
                                    flag_values=_FLAGS)
 _SEED = flags.DEFINE_integer("seed", None, "Seed of random draws and of the TPE sampler (default 0).",
                              flag_values=_FLAGS)
@@ -101,8 +104,26 @@ def resolve_settings(config, given: Dict[str, Any]) -> Dict[str, Any]:
     (slurm if key in slurm_keys else settings)[key] = value
   if not settings["metric"]:
     raise config_lib.ConfigError("No metric to compare trials: pass --metric or set config.best_metric.")
+  if settings["num_trials"] is not None and settings["num_trials"] < 1:
+    raise config_lib.ConfigError(f"--num_trials must be >= 1, got {settings['num_trials']}.")
   settings["slurm"] = slurm_lib.SlurmOptions.from_mapping(slurm)
   return settings
+
+
+def first_trials(grid: List[Dict[str, Any]], num_trials: int, source: str = "--num_trials",
+                 log=print) -> List[Dict[str, Any]]:
+  """The first `num_trials` trials of a grid, in its order, and one line saying how many of them run.
+
+  The grid's order is fixed by get_sweep, and finished trials are found by their workdirs, so a relaunch
+  with a larger number skips the trials done and runs the next ones. sweep.json and the report then cover
+  the trials of this launch only (the workdirs of later trials, if any, are kept).
+  """
+  if num_trials >= len(grid):
+    log(f"sweep: {source} {num_trials}: running all {len(grid)} trials of the grid.")
+    return list(grid)
+  log(f"sweep: {source} {num_trials}: running the first {num_trials} of the grid's {len(grid)} trials "
+      "(a larger value adds the next ones).")
+  return list(grid[:num_trials])
 
 
 def launch(config_spec: str, workdir: str, backend: str = "local", *, dry_run: bool = False, wait: bool = True,
@@ -135,16 +156,20 @@ def launch(config_spec: str, workdir: str, backend: str = "local", *, dry_run: b
                                     pruner=settings["pruner"], train_fn=train_fn, log=log)
     counts: Dict[str, int] = {}
   else:
+    axes = space_lib.plot_axes(sweep)
     if space_lib.is_space(sweep):
       if not settings["num_trials"]:
         raise config_lib.ConfigError(f"{config_spec}: get_sweep returned a search space; pass --num_trials "
                                      "to draw that many trials at random (or use --backend optuna).")
       sweep = space_lib.random_draws(sweep, settings["num_trials"], settings["seed"])
+    elif settings["num_trials"]:
+      source = "--num_trials" if given.get("num_trials") is not None else "config.sweep.num_trials"
+      sweep = first_trials(sweep, settings["num_trials"], source, log)
     if backend == "slurm" and dry_run:
       folder = os.path.join(workdir, "slurm_logs")
       log(slurm_lib.sbatch_script(folder, settings["slurm"], len(sweep)))
       return dict(counts={}, dry_run=True)
-    header = dict(config=config_spec, config_path=abs_spec, backend=backend, metric=metric, mode=mode)
+    header = dict(config=config_spec, config_path=abs_spec, backend=backend, metric=metric, mode=mode, axes=axes)
     state = trials_lib.SweepState(workdir, header, sweep)
     if backend == "local":
       counts = local_lib.run_local(state, abs_spec, parallel=settings["parallel"],

@@ -1,5 +1,6 @@
 """Sweeps, local backend: search-space helpers, trial names, a real 2x2 grid of quick runs with a failing
-trial, interrupt and resume, and k-fold mean/std (the last two with a fake trainer script)."""
+trial, interrupt and resume, k-fold mean/std, the first N trials of a grid, and plot axes taken from the
+search space (the last four with a fake trainer script)."""
 
 import csv
 import json
@@ -12,9 +13,10 @@ import time
 import ml_collections as mlc
 import numpy as np
 import pytest
+from matplotlib import ticker
 
 from medjax import config_lib
-from medjax.sweep import local, space, trials
+from medjax.sweep import local, report, space, trials
 from medjax.tools import sweep as sweep_tool
 from tests.tools.sweep_testing import ROOT, calls, fake_score, write_fixture
 
@@ -202,3 +204,65 @@ def test_config_sweep_section_is_read_and_checked():
   config.sweep.paralel = 2
   with pytest.raises(config_lib.ConfigError, match="paralel"):
     sweep_tool.resolve_settings(config, {})
+
+
+def test_grid_num_trials_runs_the_first_n_and_a_larger_n_adds_the_next(tmp_path):
+  exp, command = write_fixture(tmp_path)
+  workdir = str(tmp_path / "grid")
+  grid = ["lr=0.1,model.depth=2", "lr=0.1,model.depth=3", "lr=0.01,model.depth=2", "lr=0.01,model.depth=3"]
+  logged = []
+  result = sweep_tool.launch(exp, workdir, trial_command=command, num_trials=2, log=logged.append)
+  assert [c["name"] for c in calls(tmp_path)] == grid[:2] == [r["name"] for r in result["rows"]]
+  assert ("sweep: --num_trials 2: running the first 2 of the grid's 4 trials (a larger value adds the next "
+          "ones).") in logged
+  result = sweep_tool.launch(exp, workdir, trial_command=command, num_trials=3, log=_quiet)
+  assert [c["name"] for c in calls(tmp_path)] == grid[:3]  # the first two were skipped, the third ran
+  assert [r["name"] for r in result["rows"]] == grid[:3] and {r["status"] for r in result["rows"]} == {"finished"}
+  logged.clear()
+  result = sweep_tool.launch(exp, workdir, trial_command=command, num_trials=10, log=logged.append)
+  assert "sweep: --num_trials 10: running all 4 trials of the grid." in logged
+  assert [c["name"] for c in calls(tmp_path)] == grid and len(result["rows"]) == 4
+  with pytest.raises(config_lib.ConfigError, match="--num_trials must be >= 1"):
+    sweep_tool.launch(exp, workdir, trial_command=command, num_trials=0, log=_quiet)
+
+
+def _visible_tick_labels(ax, minor=False):
+  ax.figure.canvas.draw()
+  lo, hi = ax.get_xlim()
+  return [label.get_text() for tick, label in zip(ax.get_xticks(minor=minor), ax.get_xticklabels(minor=minor))
+          if lo <= tick <= hi]
+
+
+def _rows(key, values):
+  return [dict(overrides={key: v}, best=0.5 + 0.01 * i, status="finished") for i, v in enumerate(values)]
+
+
+def test_plot_axis_comes_from_the_search_space(tmp_path):
+  exp, command = write_fixture(tmp_path)
+  workdir = tmp_path / "space"
+  result = sweep_tool.launch(f"{exp}:space", str(workdir), trial_command=command, num_trials=4, log=_quiet)
+  axes = json.loads((workdir / "sweep.json").read_text())["axes"]
+  assert axes == {"lr": {"scale": "log", "range": [1e-3, 1.0]}, "model.depth": {"scale": "categorical"}}
+  assert (workdir / "metric_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+  ax = report.metric_figure(result["rows"], "lr", "val/score", axes["lr"]).axes[0]
+  assert ax.get_xscale() == "log"
+  assert _visible_tick_labels(ax) == ["1e-3", "1e-2", "1e-1", "1"]  # decades over the search range
+  assert set(_visible_tick_labels(ax, minor=True)) == {""}  # unlabelled minor ticks: no clutter
+  assert isinstance(ax.xaxis.get_major_formatter(), ticker.FuncFormatter)
+  assert [report.log_tick_label(x) for x in (1e-4, 2.5e-4, 1.0, 50.0)] == ["1e-4", "2.5e-4", "1", "5e1"]
+
+  sp = {"lr": space.loguniform(2e-3, 6e-3), "wd": space.uniform(0.001, 1.0), "norm": space.choice(["in", "bn"])}
+  axes = space.plot_axes(sp)
+  # The scale follows the distribution, not the spread: values within half a decade still get a log axis,
+  # uniform values spanning three decades stay linear.
+  ax = report.metric_figure(_rows("lr", [2.1e-3, 3e-3, 5.5e-3]), "lr", "m", axes["lr"]).axes[0]
+  assert ax.get_xscale() == "log" and _visible_tick_labels(ax) == ["2e-3", "3e-3", "4e-3", "5e-3", "6e-3"]
+  ax = report.metric_figure(_rows("wd", [0.001, 0.01, 0.9]), "wd", "m", axes["wd"]).axes[0]
+  assert ax.get_xscale() == "linear" and ax.get_xlim()[0] < 0.001 and ax.get_xlim()[1] > 0.9
+  ax = report.metric_figure(_rows("norm", ["in", "bn", "in"]), "norm", "m", axes["norm"]).axes[0]
+  assert ax.get_xscale() == "linear" and _visible_tick_labels(ax) == ["in", "bn"]  # categories, as listed
+  # A grid's axis is a list of values, i.e. a choice: categories, numbers in increasing order.
+  grid_axes = space.plot_axes(space.product(lr=[1e-2, 1e-4, 1e-3]))
+  assert grid_axes == {"lr": {"scale": "categorical"}}
+  ax = report.metric_figure(_rows("lr", [1e-2, 1e-4, 1e-3]), "lr", "m", grid_axes["lr"]).axes[0]
+  assert ax.get_xscale() == "linear" and _visible_tick_labels(ax) == ["0.0001", "0.001", "0.01"]

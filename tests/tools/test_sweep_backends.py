@@ -54,6 +54,10 @@ def test_sbatch_script_for_two_nodes_of_eight_gpus(tmp_path):
   sweep_tool.launch(write_fixture(tmp_path)[0], str(tmp_path / "dry"), "slurm", dry_run=True,
                     nodes=2, gpus_per_node=8, log=logged.append)
   assert "#SBATCH --array=0-3%4" in logged[0] and not os.path.exists(tmp_path / "dry" / "sweep.json")
+  logged.clear()  # a grid with --num_trials: an array of its first N trials
+  sweep_tool.launch(write_fixture(tmp_path)[0], str(tmp_path / "dry"), "slurm", dry_run=True, num_trials=2,
+                    log=logged.append)
+  assert "#SBATCH --array=0-1%2" in logged[1] and "first 2 of the grid's 4 trials" in logged[0]
   with pytest.raises(ValueError, match="one node"):
     slurm.make_executor(str(tmp_path / "l"), options, cluster="local")
 
@@ -117,6 +121,9 @@ def test_optuna_study_prunes_resumes_and_reports_the_best_config(tmp_path):
   statuses = [r["status"] for r in result["rows"]]
   assert len(statuses) == 6 and statuses.count("pruned") == states.count("PRUNED")  # the retry replaces
   assert sum(r["name"] == os.path.basename(interrupted_dir) for r in result["rows"]) == 1  # the interrupted row
+  # The report's axes come from the study's distributions: lr was sampled with log=True.
+  axes = json.loads((tmp_path / "tpe" / "sweep.json").read_text())["axes"]
+  assert axes == {"lr": {"scale": "log", "range": [1e-3, 1.0]}, "model.depth": {"scale": "categorical"}}
   # Run again: the study already has its 6 trials, nothing trains.
   third = FakeTrain()
   sweep_tool.launch(spec, workdir, "optuna", num_trials=6, train_fn=third, log=_quiet)
