@@ -7,7 +7,9 @@ Prints one JSON object per mode: compile seconds, median step milliseconds over 
 (after `--warmup`), samples/s, FLOP/s from XLA's cost analysis, and peak device memory where the backend
 reports it. The train step is medjax's own (`steps.train_step` under `jax.jit` with the state donated,
 Adam), with Dice+CE on random labels for dense outputs and cross-entropy for class logits. Random inputs
-are generated on the device, so host transfer is not timed.
+are generated on the device, so host transfer is not timed. A user's mistake (an unknown model or mode, a
+batch the devices do not divide, a malformed shape) prints one line `medjax.tools.benchmark: error: ...` and
+exits with status 2.
 """
 
 from __future__ import annotations
@@ -21,24 +23,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
 from medjax import augment, build, config_lib, losses, sharding
-from medjax.tools import model_info
+from medjax.tools import cli, model_info
 
-_MODEL = flags.DEFINE_string("model", None, "Registered model name.", required=True)
-_KWARGS = flags.DEFINE_string("kwargs", "", "Model keyword arguments: k=v,k2=v2 (Python literals).")
+MODES = ("forward", "train", "augment")
+
+_FLAGS = flags.FlagValues()  # private, so tools imported together do not clash (tools/cli.py)
+_MODEL = flags.DEFINE_string("model", None, "Registered model name.", required=True, flag_values=_FLAGS)
+_KWARGS = flags.DEFINE_string("kwargs", "", "Model keyword arguments: k=v,k2=v2 (Python literals).",
+                              flag_values=_FLAGS)
 _INPUT_SHAPE = flags.DEFINE_list("input_shape", None, "Input shape without batch: spatial..., channels.",
-                                 required=True)
-_BATCH = flags.DEFINE_integer("batch_size", 2, "Global batch size (split over all local devices).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
-_MODES = flags.DEFINE_list("modes", ["forward", "train"],
-                           "Which of forward, train, augment (the chain alone) to time.")
+                                 required=True, flag_values=_FLAGS)
+_BATCH = flags.DEFINE_integer("batch_size", 2, "Global batch size (split over all local devices).", lower_bound=1,
+                              flag_values=_FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).",
+                           flag_values=_FLAGS)
+_MODES = flags.DEFINE_list("modes", ["forward", "train"], "Which of forward, train, augment (the chain alone) to "
+                           "time.", flag_values=_FLAGS)
 _AUGMENT = flags.DEFINE_bool("augment", False, "Run augment.SEGMENTATION_CHAIN inside the train step "
-                             "(and in the augment mode).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results to this JSON file.")
+                             "(and in the augment mode).", flag_values=_FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (the median is reported).", lower_bound=1, flag_values=_FLAGS)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.", lower_bound=0, flag_values=_FLAGS)
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results to this JSON file.", flag_values=_FLAGS)
 
 
 def _time_calls(call, steps: int, warmup: int) -> Sequence[float]:
@@ -67,7 +75,14 @@ def _result(mode: str, compile_s: float, times: Sequence[float], batch_size: int
 def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int], batch_size: int,
               dtype: str = "float32", modes: Sequence[str] = ("forward", "train"), steps: int = 20,
               warmup: int = 3, augment_config: Dict[str, Any] | None = None) -> Dict[str, Any]:
-  """Times the modes; returns {"model", "device", ..., "results": [per-mode dicts]}."""
+  """Times the modes; returns {"model", "device", ..., "results": [per-mode dicts]}. Raises ValueError for an
+  unknown mode, a batch the devices do not divide, or an input shape of another rank than the model's."""
+  unknown = [m for m in modes if m not in MODES]
+  if unknown:
+    raise ValueError(f"--modes: unknown mode {unknown[0]!r}; the modes are {', '.join(MODES)}."
+                     f"{config_lib.suggest(unknown[0], MODES)}")
+  if "augment" in modes and not augment_config:  # before anything is compiled or timed
+    raise ValueError("The augment mode needs an augmentation config (--augment).")
   model = model_info.build(model_name, kwargs, dtype)
   mesh = sharding.make_mesh(build.DEFAULT_MESH)
   sharding.check_batch_size(batch_size, mesh, what="--batch_size")
@@ -116,8 +131,6 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
     report["results"].append(_result("train", compile_s, times, batch_size, model_info.compiled_flops(compiled)))
 
   if "augment" in modes:
-    if augment_fn is None:
-      raise ValueError("The augment mode needs an augmentation config (--augment).")
     out_shape = jax.eval_shape(lambda v, x: model.apply(v, x, train=False)[0], state.variables(), image).shape
     labels = jnp.zeros(out_shape[:-1], jnp.int32)
     chain = jax.jit(augment_fn)
@@ -133,7 +146,8 @@ def benchmark(model_name: str, kwargs: Dict[str, Any], input_shape: Sequence[int
 
 def main(argv):
   del argv
-  report = benchmark(_MODEL.value, config_lib.parse_kwargs(_KWARGS.value), [int(s) for s in _INPUT_SHAPE.value],
+  report = benchmark(_MODEL.value, config_lib.parse_kwargs(_KWARGS.value),
+                     cli.numbers(_INPUT_SHAPE.value, "input_shape", positive=True),
                      _BATCH.value, _DTYPE.value, _MODES.value, _STEPS.value, _WARMUP.value,
                      augment.SEGMENTATION_CHAIN if _AUGMENT.value else None)
   text = json.dumps(report, indent=2)
@@ -144,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _FLAGS)  # a user's mistake: one line on stderr, exit status 2 (tools/cli.py)

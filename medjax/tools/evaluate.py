@@ -20,7 +20,9 @@ folder (default WORKDIR/eval_<split>) receives:
 
 Host batch keys other than the model inputs and "id" that hold one scalar per case (patient_id, sex, site)
 become metadata columns: "patient_id" makes the bootstrap resample patients, the others give subgroup
-tables. The tool runs as a single process (the case ids are read on the host that runs it).
+tables. The tool runs as a single process (the case ids are read on the host that runs it). A user's mistake
+(a missing or empty workdir, an unknown split, a bad --checkpoint, a config that `build` refuses) prints one
+line `medjax.tools.evaluate: error: ...` and exits with status 2 (tools/cli.py).
 """
 
 from __future__ import annotations
@@ -121,13 +123,16 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
     surface_metrics: for segmentation, also HD95 and ASSD (host side, slower on large volumes).
     html: also write report.html.
   Returns: the report dict as written to report.json.
+  Raises: cli.UsageError (a ValueError) naming the splits for an unknown `split`; what `checkpoint.load`
+    raises for a missing workdir or checkpoint step; ConfigError for a config `build` refuses.
   """
   workdir = os.path.abspath(workdir)
   out = os.path.abspath(out or os.path.join(workdir, f"eval_{split}"))
+  # The split first, from the config alone: a mistyped --split fails before any weights are read.
+  dataset = build.dataset(checkpoint.load_config(workdir))
+  source = cli.split_source(dataset, split, "--split")
   loaded = checkpoint.load(workdir, step=str(which))  # the run's model, compute dtype and EMA choice
   config, model, step = loaded.config, loaded.model, loaded.step
-  dataset = build.dataset(config)
-  source = build.split_source(dataset, split, "--split")
   evaluator = build.evaluator(config, dataset.info, surface_metrics=surface_metrics)
 
   mesh = build.mesh(config, fallback=True)  # the run's mesh when this machine can build it
@@ -192,6 +197,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + ch
                                flag_values=_FLAGS)
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.", flag_values=_FLAGS)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.", flag_values=_FLAGS)
+flags.register_validator("checkpoint", lambda v: v in ("best", "latest") or str(v).isdigit(),
+                         "must be 'best', 'latest' or a step number", flag_values=_FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval_<split>).", flag_values=_FLAGS)
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% CIs (0: none).",
                                   flag_values=_FLAGS)
@@ -202,6 +209,7 @@ _HTML = flags.DEFINE_bool("html", False, "Also write report.html.", flag_values=
 
 def main(argv):
   del argv
+  cli.check_workdir(_WORKDIR.value)
   report = run(_WORKDIR.value, split=_SPLIT.value, which=_CHECKPOINT.value, out=_OUT.value,
                num_samples=_BOOTSTRAP.value, seed=_SEED.value, surface_metrics=_SURFACE.value, html=_HTML.value)
   out = _OUT.value or os.path.join(os.path.abspath(_WORKDIR.value), f"eval_{_SPLIT.value}")
@@ -214,4 +222,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, _FLAGS)
+  cli.run(main, _FLAGS)  # a user's mistake: one line on stderr, exit status 2 (tools/cli.py)

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 
 from medjax import models
 
+
 def build(model_name: str, kwargs: Dict[str, Any], dtype: str = "float32"):
-  """The registered model with the compute dtype set (parameters float32)."""
-  return models.build_model(model_name, {**kwargs, "dtype": jnp.dtype(dtype)})
+  """The registered model with the compute dtype set (parameters float32). An unknown name is a KeyError with
+  did-you-mean, a keyword the model does not take a ValueError naming `--kwargs` (where the tools take them)."""
+  return models.MODELS.build(model_name, {**kwargs, "dtype": jnp.dtype(dtype)}, where="--kwargs")
 
 
 def abstract_variables(model, input_shape: Sequence[int], batch_size: int = 1):

@@ -8,10 +8,13 @@ Prediction restores the run's best checkpoint by its `best_metric` (or the lates
 model as training did (`checkpoint.load` -> `build.model`: the configured compute dtype), and writes
 `<output>/<case><suffix>` for every input (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd), on the input's grid
 (`medjax.inference.Predictor`), in the input's format (NIfTI as .nii.gz) unless `--output_suffix` names
-another. The window is the training patch (`config.input.patch_size`, else `config.data.patch_size`, else
-`--roi`); preprocessing comes from `config.data` (`PreprocessSpec.from_data_config`), and the flags
-`--target_spacing`, `--normalization`, `--crop_nonzero` override it. An input with another number of channels
-than the network takes (a 4D image for a single-channel model) is refused, naming the file and its shape.
+another. The sliding window is `--roi`, else the run's own (`window_size`): `config.inference.roi_size`, else
+the training patch (`config.input.patch_size`, else `config.data.patch_size`), else the training image size
+(the dataset's `image_shape`: a run trained on whole images, like the README demo). Preprocessing comes from
+`config.data` (`PreprocessSpec.from_data_config`), and the flags `--target_spacing`, `--normalization`,
+`--crop_nonzero` override it. An input with another number of channels than the network takes (a 4D image for
+a single-channel model) is refused, naming the file and its shape. A user's mistake (a missing workdir or
+input, a malformed flag) prints one line `medjax.tools.predict: error: ...` and exits with status 2.
 
 The benchmark times `sliding_window_inference` of a randomly initialised 3D U-Net (no checkpoint) on one
 random `size^3` volume and prints one JSON object: compile seconds, median seconds per volume over `--steps`
@@ -24,9 +27,9 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from absl import app, flags
+from absl import flags
 
 from medjax.tools import cli
 
@@ -56,8 +59,10 @@ _LCC_CLASSES = flags.DEFINE_list("lcc_classes", None, "Classes for --lcc (defaul
 _LABEL_RESAMPLE = flags.DEFINE_enum("label_resample", "linear", ["linear", "nearest"],
                                     "Back to the input grid: resample probabilities linearly, or labels nearest.",
                                     flag_values=_FLAGS)
-_ROI = flags.DEFINE_list("roi", None, "Window size z,y,x (or one int for all axes) when the config has none; "
-                         "in --benchmark the window (default 128).", flag_values=_FLAGS)
+_ROI = flags.DEFINE_list("roi", None, "Sliding window z,y,x (one int: all axes). Default: the run's "
+                         "config.inference.roi_size, else its training patch (config.input.patch_size, else "
+                         "config.data.patch_size), else its training image size (the dataset's image_shape). "
+                         "In --benchmark the window (default 128).", flag_values=_FLAGS)
 _TARGET_SPACING = flags.DEFINE_list("target_spacing", None, "Override: resample to z,y,x mm.", flag_values=_FLAGS)
 _NORMALIZATION = flags.DEFINE_list("normalization", None, "Override: scheme(s), one or one per channel.",
                                    flag_values=_FLAGS)
@@ -78,8 +83,29 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "--benchmark: untimed volumes after 
 def _roi(values: Optional[Sequence[str]], default: Optional[Sequence[int]] = None):
   if not values:
     return None if default is None else tuple(int(v) for v in default)
-  roi = tuple(int(v) for v in values)
+  roi = cli.numbers(values, "roi", positive=True)
+  if len(roi) not in (1, 3):
+    raise cli.UsageError(f"--roi takes one or three positive integers (z,y,x), got {','.join(values)!r}.")
   return roi * 3 if len(roi) == 1 else roi
+
+
+def window_size(config) -> Tuple[Tuple[int, ...], str]:
+  """The sliding window a run predicts with, and where it came from: `config.inference.roi_size`, else the
+  training patch (`config.input.patch_size`, else `config.data.patch_size`), else the training image size
+  (`build.dataset(config).info.image_shape`: a run trained on whole images has no patch). Raises ValueError
+  asking for `--roi` when none is known (the dataset cannot be built on this machine)."""
+  for section, key in (("inference", "roi_size"), ("input", "patch_size"), ("data", "patch_size")):
+    value = (config.get(section) or {}).get(key)
+    if value:
+      return tuple(int(v) for v in value), f"config.{section}.{key}"
+  from medjax import build
+  try:  # builds the dataset only for its info; a generated one makes no example, a folder lists its files
+    shape = build.dataset(config).info.image_shape
+  except (ValueError, KeyError, OSError) as e:  # its data is elsewhere, or the config names none
+    raise ValueError(f"The run has no config.inference.roi_size, input.patch_size or data.patch_size, and its "
+                     f"dataset (for the training image size) cannot be built here ({cli.error_message(e)}): pass "
+                     "--roi z,y,x.") from None
+  return tuple(int(s) for s in shape), "the training image size (dataset image_shape)"
 
 
 def _mesh(shard: bool):
@@ -111,8 +137,9 @@ def run_prediction(workdir: str, input_path: str, output_dir: str, *, roi=None, 
                    overrides: Optional[Dict[str, Any]] = None, output_suffix: Optional[str] = None,
                    **predictor_kwargs) -> Dict[str, str]:
   """Predicts every case of `input_path` (a file or a folder of image files) into `output_dir`, as
-  `<case><suffix>` (`inference.volume.output_name`); returns {case: written file}. Raises ValueError naming
-  the file and its shape for an input whose channels the network does not take."""
+  `<case><suffix>` (`inference.volume.output_name`); returns {case: written file}. The window is `roi`, else
+  `window_size(config)`. Raises FileNotFoundError for a missing input, ValueError naming the file and its
+  shape for an input whose channels the network does not take."""
   from medjax import checkpoint, inference
   from medjax.inference import volume as inference_volume
   cases = inference_volume.image_inputs(input_path)
@@ -122,14 +149,10 @@ def run_prediction(workdir: str, input_path: str, output_dir: str, *, roi=None, 
   spatial_dims = config.get("model", {}).get("spatial_dims", 3)
   if spatial_dims != 3:
     raise ValueError(f"{workdir}: config.model.spatial_dims={spatial_dims}; predict works on 3D models only.")
-  config_roi = config.get("input", {}).get("patch_size") or config.get("data", {}).get("patch_size")
-  roi = roi or config_roi
-  if roi is None:
-    raise ValueError(f"{workdir}/config.json has no input.patch_size or data.patch_size: pass --roi z,y,x "
-                     "(the training patch size).")
+  roi, where = (tuple(int(r) for r in roi), "--roi") if roi else window_size(config)
+  print(f"window {roi} (z, y, x) from {where}")
   spec = inference.PreprocessSpec.from_data_config(config.get("data", {}), **(overrides or {}))
   predict_fn = inference.make_predict_fn(model.apply, variables)
-  roi = tuple(int(r) for r in roi)
   channels = input_channels(predict_fn, roi, config.get("data", {}).get("num_channels")) if len(roi) == 3 else None
   predictor = inference.Predictor(predict_fn, roi_size=roi, preprocessing=spec, num_channels=channels,
                                   **predictor_kwargs)
@@ -182,20 +205,25 @@ def main(argv):
   del argv
   if _BENCHMARK.value:
     report = benchmark(_SIZE.value, _roi(_ROI.value, (128, 128, 128)), _OVERLAP.value, _WINDOW_BATCH.value,
-                       [int(f) for f in _FEATURES.value], _NUM_CLASSES.value, _DTYPE.value, _STEPS.value,
-                       _WARMUP.value, _MODE.value, _SHARD.value)
+                       cli.numbers(_FEATURES.value, "features", positive=True), _NUM_CLASSES.value, _DTYPE.value,
+                       _STEPS.value, _WARMUP.value, _MODE.value, _SHARD.value)
     print(json.dumps(report, indent=2))
     return
   missing = [f"--{name}" for name, flag in (("workdir", _WORKDIR), ("input", _INPUT), ("output", _OUTPUT))
              if not flag.value]
   if missing:
-    raise app.UsageError(f"predict needs {', '.join(missing)} (or --benchmark).")
+    raise cli.UsageError(f"predict needs {', '.join(missing)} (or --benchmark).")
+  cli.check_workdir(_WORKDIR.value)
+  cli.check_exists(_INPUT.value, "--input")
+  if os.path.exists(_OUTPUT.value) and not os.path.isdir(_OUTPUT.value):
+    raise cli.UsageError(f"--output {os.path.abspath(_OUTPUT.value)} is a file; give a folder for the label maps.")
   overrides = dict(
-      target_spacing_mm=tuple(float(s) for s in _TARGET_SPACING.value) if _TARGET_SPACING.value else None,
+      target_spacing_mm=cli.numbers(_TARGET_SPACING.value, "target_spacing", float, positive=True),
       normalization=(_NORMALIZATION.value[0] if len(_NORMALIZATION.value) == 1 else tuple(_NORMALIZATION.value))
       if _NORMALIZATION.value else None,
       crop_nonzero=_CROP.value)
-  lcc = [int(c) for c in _LCC_CLASSES.value] if (_LCC.value and _LCC_CLASSES.value) else _LCC.value
+  lcc_classes = cli.numbers(_LCC_CLASSES.value or None, "lcc_classes")
+  lcc = list(lcc_classes) if (_LCC.value and lcc_classes) else _LCC.value
   run_prediction(_WORKDIR.value, _INPUT.value, _OUTPUT.value, roi=_roi(_ROI.value), which=_CHECKPOINT.value,
                  step=_STEP.value, use_ema=_USE_EMA.value, overrides=overrides, output_suffix=_OUTPUT_SUFFIX.value,
                  overlap=_OVERLAP.value,
@@ -204,4 +232,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, _FLAGS)
+  cli.run(main, _FLAGS)  # a user's mistake: one line on stderr, exit status 2 (tools/cli.py)

@@ -12,6 +12,7 @@ import pytest
 from medjax import checkpoint, inference, models
 from medjax.data import io
 from medjax.inference import volume as inference_volume
+from medjax.tools import cli
 from medjax.tools import predict as predict_tool
 
 nib = pytest.importorskip("nibabel")
@@ -182,12 +183,14 @@ def test_image_inputs_and_output_names(tmp_path):
     inference_volume.image_inputs(tmp_path / "empty")
 
 
-def _saved_unet_run(workdir, num_channels=None):
-  data = dict(name="image_folder", crop_nonzero=False)
+def _saved_unet_run(workdir, num_channels=None, data=None, patch_size=(4, 8, 8)):
+  """An untrained 3D U-Net saved as a run (config.json + a checkpoint of step 3); `patch_size` None: none in the
+  config."""
+  data = dict(name="image_folder", crop_nonzero=False) if data is None else data
   if num_channels is not None:
     data["num_channels"] = num_channels
   config = mlc.ConfigDict(dict(model_name="unet", model=dict(spatial_dims=3, num_classes=2, features=(2, 4)),
-                               input=dict(patch_size=(4, 8, 8)), data=data))
+                               input=dict(patch_size=patch_size) if patch_size else {}, data=data))
   model = models.build_model("unet", dict(config.model))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 8, 8, num_channels or 1)), train=False)["params"]
   checkpoint.save_config(workdir, config)
@@ -224,3 +227,67 @@ def test_input_channels_reads_the_weights(tmp_path):
   assert predict_tool.input_channels(predict_fn, (4, 8, 8)) == 3
   assert predict_tool.input_channels(predict_fn, (4, 8, 8), hint=3) == 3
   assert predict_tool.input_channels(predict_fn, (4, 8, 8), most=2) is None
+
+
+# The whole-image phantoms of the README demo: the run has no patch, its window is the training image size.
+PHANTOMS = dict(name="synthetic_phantoms", spatial_dims=3, image_size=(8, 12, 8), num_classes=2, num_train=2)
+
+
+def test_predict_without_roi_on_a_run_without_patch_size_uses_the_training_image_size(tmp_path, capsys):
+  workdir, cases, out_dir = (os.path.join(tmp_path, d) for d in ("run", "cases", "out"))
+  os.makedirs(cases)
+  _saved_unet_run(workdir, data=dict(PHANTOMS), patch_size=None)
+  _case(cases, "a.nii.gz")
+  written = predict_tool.run_prediction(workdir, cases, out_dir, window_batch=2)
+  assert "window (8, 12, 8) (z, y, x) from the training image size (dataset image_shape)" in capsys.readouterr().out
+  out = io.read_image(written["a"])
+  assert out.array.shape == SHAPE and out.array.dtype == np.uint8
+
+
+def test_window_size_prefers_the_inference_roi_then_the_patch_then_the_image_size():
+  config = mlc.ConfigDict(dict(inference=dict(roi_size=(4, 4, 4)), input=dict(patch_size=(8, 8, 8)),
+                               data=dict(PHANTOMS, patch_size=(16, 16, 16))))
+  assert predict_tool.window_size(config) == ((4, 4, 4), "config.inference.roi_size")
+  del config.inference
+  assert predict_tool.window_size(config) == ((8, 8, 8), "config.input.patch_size")
+  del config.input
+  assert predict_tool.window_size(config) == ((16, 16, 16), "config.data.patch_size")
+  del config.data.patch_size
+  assert predict_tool.window_size(config) == ((8, 12, 8), "the training image size (dataset image_shape)")
+
+
+def _predict_error(capsys, *argv) -> str:
+  """The one line `python -m medjax.tools.predict ARGV` writes for a mistake (run in this process), after exit 2."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.call(predict_tool.main, predict_tool._FLAGS, ["predict", *argv])
+  assert exit_info.value.code == 2, argv
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("medjax.tools.predict: error: "), lines
+  return lines[0][len("medjax.tools.predict: error: "):]
+
+
+def test_predict_command_line_mistakes_are_one_line(tmp_path, capsys):
+  workdir, cases, out_dir = (os.path.join(tmp_path, d) for d in ("run", "cases", "out"))
+  os.makedirs(cases)
+  _saved_unet_run(workdir, patch_size=None)  # image_folder with no data here: no window known without --roi
+  _case(cases, "a.nii.gz")
+  run = (f"--workdir={workdir}", f"--output={out_dir}")
+  assert _predict_error(capsys, *run) == "predict needs --input (or --benchmark)."
+  assert _predict_error(capsys, *run, f"--input={tmp_path}/cses") == (
+      f"--input {tmp_path}/cses does not exist. Did you mean 'cases'?")
+  assert _predict_error(capsys, f"--workdir={tmp_path}/rnu", f"--output={out_dir}", f"--input={cases}") == (
+      f"--workdir {tmp_path}/rnu does not exist. Did you mean 'run'?")
+  assert _predict_error(capsys, *run, f"--input={cases}", "--roi=8,a") == (
+      "--roi takes positive integers separated by commas, got '8,a'.")
+  assert _predict_error(capsys, *run, f"--input={cases}", "--roi=8,8") == (
+      "--roi takes one or three positive integers (z,y,x), got '8,8'.")
+  assert _predict_error(capsys, f"--workdir={workdir}", f"--input={cases}", f"--output={cases}/a.nii.gz") == (
+      f"--output {cases}/a.nii.gz is a file; give a folder for the label maps.")
+  assert _predict_error(capsys, *run, f"--input={cases}").startswith(
+      "The run has no config.inference.roi_size, input.patch_size or data.patch_size, and its dataset (for the "
+      "training image size) cannot be built here (")
+  with open(os.path.join(tmp_path, "broken.nii.gz"), "w") as f:
+    f.write("not an image")
+  assert _predict_error(capsys, *run, f"--input={tmp_path}/broken.nii.gz", "--roi=4,8,8").startswith(
+      f"cannot read NIfTI file {tmp_path}/broken.nii.gz: ")
+  assert not os.path.exists(os.path.join(out_dir, "a.nii.gz"))

@@ -14,7 +14,7 @@ from sklearn import metrics as skm
 
 from medjax import checkpoint, config_lib, train
 from medjax.data import datasets
-from medjax.tools import evaluate
+from medjax.tools import cli, evaluate
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -152,6 +152,42 @@ def test_command_line(cls_run, tmp_path):
   report = json.loads((tmp_path / "report.json").read_text())
   assert report["split"] == "test" and report["checkpoint"]["selected"] == "latest"
   assert report["metrics"]["auc"]["low"] is None  # --bootstrap=0: no intervals
+
+
+def _cli_error(capsys, argv) -> str:
+  """The one line `python -m medjax.tools.evaluate` writes for a mistake (run in this process), after exit 2."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.call(evaluate.main, evaluate._FLAGS, ["evaluate"] + argv)
+  assert exit_info.value.code == 2, argv
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("medjax.tools.evaluate: error: "), lines
+  return lines[0][len("medjax.tools.evaluate: error: "):]
+
+
+def test_command_line_mistakes_are_one_line(seg_run, tmp_path, capsys):
+  workdir, _ = seg_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("eval_*"))
+  files = sorted(os.listdir(run))
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "todo.txt").write_text("")
+  assert _cli_error(capsys, [f"--workdir={run}", "--split=tset"]) == (
+      "--split: the dataset has no split 'tset'; it has 'train', 'val', 'test'. Did you mean 'test'?")
+  assert _cli_error(capsys, [f"--workdir={tmp_path}/rnu"]) == (
+      f"--workdir {tmp_path}/rnu does not exist. Did you mean 'run'?")
+  assert _cli_error(capsys, [f"--workdir={tmp_path}/empty"]).startswith(f"--workdir {tmp_path}/empty is empty")
+  assert "config.json" in _cli_error(capsys, [f"--workdir={tmp_path}/notes"])  # checkpoint.load_config's words
+  assert _cli_error(capsys, [f"--workdir={run}", "--checkpoint=bets"]) == (
+      "flag --checkpoint=bets: must be 'best', 'latest' or a step number (pass --help to list the flags)")
+  assert _cli_error(capsys, []) == "--workdir is required (pass --help to list the flags)"
+  assert "step 7" in _cli_error(capsys, [f"--workdir={run}", "--checkpoint=7"])
+  config = checkpoint.load_config(str(run))
+  config.inference = dict(roi_size=(8, 8), overlapp=0.5)
+  checkpoint.save_config(str(run), config)
+  assert _cli_error(capsys, [f"--workdir={run}", "--split=test"]).startswith(
+      "config.inference: unknown key(s) ['overlapp']")
+  assert sorted(os.listdir(run)) == files  # no report folder for a failed evaluation
 
 
 def test_recorder_keeps_ids_and_metadata_of_real_cases():
