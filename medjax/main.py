@@ -16,6 +16,10 @@ starts when the flags or the environment say so:
     SLURM support (coordinator = first node of the step, process id = SLURM_PROCID).
 
 Every process runs the same `train.main`; see medjax/train.py for what each one writes.
+
+An existing --workdir is resumed with the config it was started with: a different one (other overrides, an
+edited experiment file) is refused with one line naming every differing key, unless `--allow_config_change`,
+which records the change in the workdir's config_history.jsonl (`medjax.checkpoint.config_history`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from medjax.tools import cli as tool_cli
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment file, optionally with its argument: path.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a run in --workdir with a config that differs from its config.json; the "
+    "change is appended to config_history.jsonl. The model (model_name, model.*) can never change.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -115,7 +122,11 @@ def run(argv: Sequence[str], overrides: Sequence[str]) -> None:
   except (config_lib.ConfigError, KeyError, ValueError) as e:
     _fail(str(e.args[0]) if e.args else str(e))
   logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-  train.main(config, _WORKDIR.value)
+  from medjax import checkpoint
+  try:
+    train.main(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except (config_lib.ConfigError, checkpoint.CheckpointError) as e:  # a changed config, no intact checkpoint
+    _fail(str(e.args[0]) if e.args else str(e))
 
 
 def cli() -> None:

@@ -21,7 +21,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+import warnings
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -223,21 +224,29 @@ def _summary_line(status: str, step: int, total_steps: int, final: Mapping[str, 
 # ------------------------------------------------------------------------------------------ main
 
 
-def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = None) -> Dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = None,
+         allow_config_change: bool = False) -> Dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its newest intact checkpoint if there is one.
 
   Args:
     config: the experiment config (validated here before anything loads).
     workdir: run directory (config.json, checkpoints/, metrics.jsonl, results.json, tensorboard/).
     on_eval: `on_eval(step, metrics) -> bool`, called on process 0 after every evaluation with the
       "val/..." metrics; True stops the run after that step's checkpoint (e.g. an Optuna pruner).
+    allow_config_change: resume an existing run whose config.json differs from `config` (`--allow_config_change`);
+      the change is appended to config_history.jsonl. The model (model_name, model.*) can never change.
   Returns:
     The last validation metrics ("val/..."), the test metrics of the last state ("test/...") and of the
     best checkpoint ("test_best/...") when `config.test_split` is set, plus "step" (the last step trained).
+  Raises:
+    ConfigError: the config differs from the run's config.json (`checkpoint.check_config`; before anything
+      is read or written), or an allowed change does not fit the saved training state.
+    DamagedCheckpointError: the workdir has checkpoints but none is intact.
   """
   started = time.perf_counter()
-  # ---- 1. config
+  # ---- 1. config: valid, and the one this workdir's run was started with (or an allowed change)
   build.validate(config)
+  config_change = checkpoint.check_config(workdir, config, allow_change=allow_config_change)
   run = build.settings(config)
   total_steps = int(config.total_steps)
   batch_size = run.batch_size
@@ -275,17 +284,16 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, state_sharding)
   ckpt = checkpoint.for_run(workdir, config)
-  start_step = ckpt.latest_step() or 0
+  start_step, state = restore_latest(ckpt, target, config_change)
   wall_before = wall_time_before(workdir, start_step)
   if start_step:
-    state = restore_state(ckpt, target, start_step)
     logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
     if early is not None:
       early.replay(evaluation_history(workdir, ckpt, early.metric, start_step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
   if is_main:
-    checkpoint.save_config(workdir, config)
+    checkpoint.record_config(workdir, config, step=start_step, allow_change=allow_config_change)
     provenance.write(workdir)
 
   # ---- 4. compiled steps
@@ -400,6 +408,48 @@ def _best_checkpoint(ckpt: checkpoint.Checkpointer, best_metric: Optional[str]) 
   return {"metric": best_metric, "value": checkpoint.metric_value(ckpt.metrics(step), best_metric), "step": step}
 
 
+def restore_latest(ckpt: checkpoint.Checkpointer, target: TrainState,
+                   config_change: Mapping[str, Any]) -> Tuple[int, Optional[TrainState]]:
+  """(step, state) of the newest intact checkpoint, restored into `target`; (0, None) when there is none.
+
+  Damaged steps (found when the directory was opened, or when reading one fails) are skipped with a
+  `DamagedCheckpointWarning` naming each and why; they stay on disk. `config_change` (from
+  `checkpoint.check_config`) turns a state that no longer fits into a ConfigError naming the changed keys.
+  """
+  for step in reversed(ckpt.all_steps()):
+    try:
+      state = restore_state(ckpt, target, step)
+    except checkpoint.DamagedCheckpointError:
+      continue  # now among ckpt.damaged_steps(); the warning below names it
+    except ValueError as e:
+      if not config_change:
+        raise
+      raise config_lib.ConfigError(
+          f"The config change ({checkpoint.config_history.describe(config_change)}) does not fit the training "
+          f"state saved at step {step}: {e} It cannot be applied to an existing run, even with "
+          f"--allow_config_change; start a fresh --workdir.") from None
+    _warn_damaged(ckpt, step)
+    return step, state
+  damaged = ckpt.damaged_steps()
+  if damaged:
+    listed = "; ".join(f"step {s}: {reason}" for s, reason in damaged.items())
+    raise checkpoint.DamagedCheckpointError(
+        f"No intact checkpoint to resume from in {ckpt.directory} (damaged: {listed}). Move the damaged steps out "
+        f"of it to train from scratch, or start a fresh --workdir.", step=max(damaged), reason=damaged[max(damaged)])
+  return 0, None
+
+
+def _warn_damaged(ckpt: checkpoint.Checkpointer, resumed: int) -> None:
+  for step, reason in ckpt.damaged_steps().items():
+    where = f"Checkpoint step {step} in {ckpt.directory} is damaged ({reason})"
+    if step > resumed:
+      message = (f"{where}; resuming from step {resumed}, the newest intact one. Step {step} stays on disk "
+                 f"(moved aside, all files kept, if this run saves step {step} again).")
+    else:
+      message = f"{where}; it is skipped and stays on disk."
+    warnings.warn(message, checkpoint.DamagedCheckpointWarning, stacklevel=3)
+
+
 def restore_state(ckpt: checkpoint.Checkpointer, target: TrainState, step: int) -> TrainState:
   """Restores the TrainState of `step` into `target` (ShapeDtypeStructs with shardings).
 
@@ -407,7 +457,6 @@ def restore_state(ckpt: checkpoint.Checkpointer, target: TrainState, step: int) 
   average restarts from the restored statistics, which is what the evaluation used before.
   """
   saved = ckpt.state_metadata(step)
-  saved = getattr(saved, "tree", saved)
   if "ema_model_state" in saved:
     return ckpt.restore(target, step=step)
   state = ckpt.restore(target.replace(ema_model_state=None), step=step, partial=True)

@@ -104,7 +104,7 @@ BAD_IMPORTS = [
       "medjax.config_lib -> medjax.registry (l.{line})")),
     ("config-lib-imports-nothing", "medjax/config_lib.py", "import jax.numpy as jnp",
      ("medjax.config_lib is not allowed to import jax:", "medjax.config_lib -> jax (l.{line})")),
-    ("only-entry-points-import-train", "medjax/checkpoint.py", _lazy("from medjax import train"),
+    ("only-entry-points-import-train", "medjax/checkpoint/__init__.py", _lazy("from medjax import train"),
      ("medjax.checkpoint is not allowed to import medjax.train:", "medjax.checkpoint -> medjax.train (l.{line})")),
     ("only-entry-points-import-train", "medjax/evaluators/base.py", "from medjax.tools import evaluate",
      ("medjax.evaluators is not allowed to import medjax.tools:",

@@ -1,14 +1,22 @@
-"""End to end: train.main in tmp_path, exact resume, and the non-finite stop."""
+"""End to end: train.main in tmp_path, exact resume, and the non-finite stop; a changed config on an existing
+run, and a resume past a damaged checkpoint."""
 
+import glob
+import hashlib
 import json
 import os
+import re
+import shutil
 
 import chex
 import jax
 import numpy as np
 import pytest
 
+from absl import flags
+
 from medjax import build, checkpoint, config_lib, metric_writer, train
+from medjax import main as main_lib
 from medjax.data import datasets, pipeline
 from medjax.data.datasets.base import Dataset
 from tests.train_testing import Preempted, preempt_after_save, set_dotted
@@ -168,3 +176,192 @@ def test_bad_augment_key_fails_validation():
   config.augment = dict(flp=dict(p=0.5))
   with pytest.raises(config_lib.ConfigError, match=r"config\.augment: .*'flp'.*Did you mean 'flip'"):
     build.validate(config)
+
+
+# ------------------------------------------------------------------------- the workdir is the run's record
+
+
+def _short_config(**overrides):
+  return _config(total_steps=4, checkpoint_every_steps=2, eval_every_steps=2, **overrides)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished 4-step run with checkpoints at steps 2 and 4; tests work on copies (`_copy`)."""
+  workdir = tmp_path_factory.mktemp("finished")
+  train.main(_short_config(), str(workdir))
+  return workdir
+
+
+def _copy(run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(run, workdir)
+  return str(workdir)
+
+
+def _snapshot(path):
+  """{relative file: sha256} of every file under `path`."""
+  files = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        files[os.path.relpath(os.path.join(root, name), path)] = hashlib.sha256(f.read()).hexdigest()
+  return files
+
+
+def test_rerun_with_a_changed_config_is_refused_and_the_workdir_is_untouched(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  before = _snapshot(workdir)
+  config_json = os.path.join(os.path.abspath(workdir), "config.json")
+  with pytest.raises(config_lib.ConfigError, match="^" + re.escape(
+      f"The config differs from the one this run was started with ({config_json}): lr: 0.005 -> 0.001; "
+      f"total_steps: 4 -> 8. Start a fresh --workdir, or pass --allow_config_change to resume with the new "
+      f"values, recorded in config_history.jsonl.") + "$"):
+    train.main(_config(total_steps=8, checkpoint_every_steps=2, eval_every_steps=2, lr=1e-3), workdir)
+  assert _snapshot(workdir) == before  # config.json byte-identical, checkpoints and logs untouched
+
+
+def test_an_allowed_change_resumes_and_is_recorded(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  result = train.main(_config(total_steps=6, checkpoint_every_steps=2, eval_every_steps=2), workdir,
+                      allow_config_change=True)
+  assert result["step"] == 6 and _results(workdir)["resumed_from_step"] == 4
+  (record,) = checkpoint.read_config_history(workdir)
+  assert (record["step"], record["changed"]) == (4, {"total_steps": {"old": 4, "new": 6}})
+  assert checkpoint.load_config(workdir).total_steps == 6
+  assert checkpoint.for_run(workdir, read_only=True).all_steps() == [4, 6]
+
+
+def test_the_model_cannot_change_even_when_allowed(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  before = _snapshot(workdir)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      f"The config changes the model of the run in {os.path.abspath(workdir)}: model.features: [4, 8] -> [8, 16]. "
+      f"model_name and model.* set the parameter shapes")):
+    train.main(_short_config(**{"model.features": (8, 16)}), workdir, allow_config_change=True)
+  assert _snapshot(workdir) == before
+
+
+def test_an_allowed_change_that_does_not_fit_the_saved_state_is_refused(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  before = _snapshot(workdir)
+  config = _short_config()
+  config.ema_decay = 0.9  # adds EMA weights to the training state
+  with pytest.raises(config_lib.ConfigError, match="^" + re.escape(
+      "The config change (ema_decay: 0.0 -> 0.9) does not fit the training state saved at step 4: "
+      f"Checkpoint {os.path.abspath(workdir)}/checkpoints step 4 does not match the requested state; missing "
+      "from the checkpoint: ema_params.dec0.conv0.conv.kernel, ") + r".* \(and \d+ more\)\. " + re.escape(
+          "It cannot be applied to an existing run, even with --allow_config_change; start a fresh --workdir.")
+                     + "$"):
+    train.main(config, workdir, allow_config_change=True)
+  assert _snapshot(workdir) == before
+
+
+def test_command_line_refuses_a_changed_config_in_one_line(finished_run, tmp_path, capsys):
+  workdir = _copy(finished_run, tmp_path)
+  before = _snapshot(workdir)
+  same = [f"--config={EXPERIMENT}:dims=2,quick=true", f"--workdir={workdir}", "--config.mesh=(('data',1),)",
+          "--config.data.num_train=8", "--config.total_steps=4", "--config.checkpoint_every_steps=2",
+          "--config.eval_every_steps=2"]
+
+  def error(*extra):
+    argv, overrides = main_lib.split_overrides(["medjax.main", *same, *extra])
+    try:
+      flags.FLAGS(argv)
+      with pytest.raises(SystemExit) as exit_info:
+        main_lib.run(argv, overrides)
+    finally:
+      flags.FLAGS.unparse_flags()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+  assert error("--config.lr=0.001").startswith(
+      "medjax.main: error: The config differs from the one this run was started with "
+      f"({os.path.abspath(workdir)}/config.json): lr: 0.005 -> 0.001. Start a fresh --workdir, or pass "
+      "--allow_config_change")
+  assert error("--allow_config_change", "--config.model.features=(8,16)").startswith(
+      f"medjax.main: error: The config changes the model of the run in {os.path.abspath(workdir)}: "
+      "model.features: [4, 8] -> [8, 16].")
+  assert _snapshot(workdir) == before
+
+
+def _damage(step_dir, kind):
+  """Damages a saved step as a full disk or a careless `rm` would; returns the reason the check gives."""
+  data = max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")), key=os.path.getsize)
+  name = os.path.relpath(data, step_dir)
+  if kind == "truncated array file":
+    with open(data, "r+b") as f:
+      f.truncate(10)
+    return re.escape(f"{name} is truncated (10 bytes, data up to byte ") + r"\d+ expected\)"
+  if kind == "deleted array file":
+    os.remove(data)
+    return re.escape(f"{name} is missing")
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+  return re.escape("state/_METADATA is missing")
+
+
+@pytest.mark.parametrize("kind", ["truncated array file", "deleted _METADATA", "deleted array file"])
+def test_resume_falls_back_to_the_newest_intact_step_and_keeps_the_damaged_one(finished_run, tmp_path, kind):
+  workdir = _copy(finished_run, tmp_path)
+  ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  reason = _damage(os.path.join(ckdir, "4"), kind)
+  damaged = _snapshot(os.path.join(ckdir, "4"))
+  with pytest.warns(checkpoint.DamagedCheckpointWarning) as warned:
+    result = train.main(_short_config(), workdir)
+  messages = [str(w.message) for w in warned if w.category is checkpoint.DamagedCheckpointWarning]
+  assert len(messages) == 2, messages
+  assert re.fullmatch(re.escape(f"Checkpoint step 4 in {ckdir} is damaged (") + reason + re.escape(
+      "); resuming from step 2, the newest intact one. Step 4 stays on disk (moved aside, all files kept, if this "
+      "run saves step 4 again)."), messages[0])
+  assert re.fullmatch(re.escape(f"Checkpoint step 4 in {ckdir} is damaged (") + reason + re.escape(
+      f"); moved it to {ckdir}/4.damaged (all files kept) to save step 4 again."), messages[1])
+  assert result["step"] == 4 and _results(workdir)["resumed_from_step"] == 2
+  assert _snapshot(os.path.join(ckdir, "4.damaged")) == damaged  # nothing lost
+  # The step trained again from step 2 is exactly the one that was damaged (an exact resume).
+  resumed, original = _final_state(workdir), _final_state(str(finished_run))
+  chex.assert_trees_all_equal(resumed["params"], original["params"])
+  chex.assert_trees_all_equal(resumed["opt_state"], original["opt_state"])
+
+
+def test_an_older_damaged_step_is_skipped_and_kept(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  _damage(os.path.join(ckdir, "2"), "deleted _METADATA")
+  damaged = _snapshot(os.path.join(ckdir, "2"))
+  with pytest.warns(checkpoint.DamagedCheckpointWarning, match="^" + re.escape(
+      f"Checkpoint step 2 in {ckdir} is damaged (state/_METADATA is missing); it is skipped and stays on disk.")
+                    + "$"):
+    assert train.main(_short_config(), workdir)["step"] == 4  # finished: nothing to train
+  assert _results(workdir)["resumed_from_step"] == 4 and _snapshot(os.path.join(ckdir, "2")) == damaged
+
+
+def test_load_names_a_damaged_step_and_the_intact_ones(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  _damage(os.path.join(ckdir, "4"), "deleted _METADATA")
+  where = f"step 4 in {ckdir} is damaged (state/_METADATA is missing); intact steps: [2]."
+  for step, message in [(4, f"Checkpoint {where}"), ("4", f"Checkpoint {where}"),
+                        ("latest", f"The latest checkpoint, {where}"), (None, f"The latest checkpoint, {where}")]:
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=f"^{re.escape(message)}$"):
+      checkpoint.load(workdir, step)
+  assert checkpoint.load(workdir, 2).step == 2
+  best = _results(workdir)["best"]
+  if best["step"] == 4:  # best by val/dice_mean, from the metrics saved with each step
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=re.escape(
+        f"The best checkpoint by val/dice_mean, {where}")):
+      checkpoint.load(workdir, "best")
+  else:
+    assert checkpoint.load(workdir, "best").step == 2
+
+
+def test_no_intact_checkpoint_to_resume_from(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
+  ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  for step in (2, 4):
+    _damage(os.path.join(ckdir, str(step)), "deleted _METADATA")
+  with pytest.raises(checkpoint.DamagedCheckpointError, match="^" + re.escape(
+      f"No intact checkpoint to resume from in {ckdir} (damaged: step 2: state/_METADATA is missing; step 4: "
+      "state/_METADATA is missing). Move the damaged steps out of it to train from scratch, or start a fresh "
+      "--workdir.") + "$"):
+    train.main(_short_config(), workdir)

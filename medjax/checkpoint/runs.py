@@ -1,0 +1,82 @@
+"""A run's checkpoints as a whole: `for_run(workdir)` opens them as the run's config asks, `load(workdir)` gives
+config + model + variables for inference."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, NamedTuple, Optional, Union
+
+from medjax import build
+from medjax.checkpoint.config_history import load_config
+from medjax.checkpoint.integrity import CheckpointError
+from medjax.checkpoint.manager import Checkpointer
+from medjax.typing import PyTree
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def for_run(workdir: str | os.PathLike, config: Any = None, *, read_only: bool = False) -> Checkpointer:
+  """The Checkpointer of a run: `workdir/checkpoints` with the retention and best-checkpoint ranking of the
+  run's config (`build.settings`; read from `workdir/config.json` when `config` is None). `read_only` opens
+  an existing run for restoring (no saves, synchronous, nothing created; CheckpointNotFoundError naming the
+  path when the run has no checkpoint directory)."""
+  config = load_config(workdir) if config is None else config
+  run = build.settings(config)
+  directory = os.path.join(os.fspath(workdir), CHECKPOINT_DIR)
+  if read_only:
+    return Checkpointer(directory, save_interval_steps=1, max_to_keep=1, best_metric=run.best_metric,
+                        best_mode=run.best_mode, async_save=False, read_only=True)
+  return Checkpointer(directory, save_interval_steps=1, max_to_keep=run.checkpoint.max_to_keep,
+                      keep_best=run.checkpoint.keep_best if run.best_metric else 0, best_metric=run.best_metric,
+                      best_mode=run.best_mode, async_save=run.checkpoint.async_save)
+
+
+class Loaded(NamedTuple):
+  """What `load` returns: `model.apply(variables, x, train=False)` works directly."""
+  config: Any
+  model: Any
+  variables: Dict[str, PyTree]
+  step: int
+  selected: str = "requested"
+  metrics: Optional[Dict[str, Any]] = None  # saved with the step (`Checkpointer.save(metrics=...)`)
+
+
+def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
+         use_ema: Optional[bool] = None) -> Loaded:
+  """Loads a run for inference: its config, the model it names, and its weights on the default device.
+
+  The model is `build.model(config)`, the one training used, so it computes in the run's
+  `config.compute_dtype`. Only the params, the model's mutable collections and their EMAs are read from disk;
+  the optimizer state is skipped, so no optimizer or training code is needed.
+
+  Args:
+    workdir: the run's work directory (holds config.json and checkpoints/).
+    step: a step number, "best" (by the run's best_metric), or "latest" (also None).
+    use_ema: use the EMA params (and the EMA of the batch statistics, when kept) when the run kept them;
+      None: as the run's own validation did (`config.ema_decay` > 0 and `config.eval_with_ema`).
+  Returns:
+    Loaded(config, model, variables={"params": ..., **model_state}, step, selected: how the step was chosen,
+    metrics: those saved with the step).
+  Raises:
+    CheckpointNotFoundError (a FileNotFoundError): no such workdir, config.json, checkpoint directory or step.
+    DamagedCheckpointError: the step (the requested one, or the latest / best on disk) is damaged; the
+      message names it and lists the intact steps. Both are CheckpointErrors (ValueErrors) with one line.
+  """
+  config = load_config(workdir)
+  model = build.model(config)
+  if use_ema is None:
+    use_ema = build.settings(config).use_ema_for_eval
+  ckpt = for_run(workdir, config, read_only=True)
+  try:
+    step, selected = ckpt.select_step(step)
+    part = ckpt.restore_fields(("params", "model_state", "ema_params", "ema_model_state"), step=step)
+    metrics = ckpt.metrics(step)
+  finally:
+    ckpt.close()
+  if "params" not in part:
+    raise CheckpointError(f"Checkpoint {ckpt.directory} step {step} has no 'params' in its state.")
+  params, model_state = part["params"], part.get("model_state")
+  if use_ema and part.get("ema_params"):
+    params, model_state = part["ema_params"], part.get("ema_model_state") or model_state
+  return Loaded(config=config, model=model, variables={"params": params, **dict(model_state or {})}, step=step,
+                selected=selected, metrics=metrics)
