@@ -9,6 +9,7 @@ import ml_collections as mlc
 import pytest
 
 from medjax import checkpoint, config_lib
+from tests import train_testing
 
 
 def _config(**changes):
@@ -18,13 +19,7 @@ def _config(**changes):
   c.input = dict(batch_size=2, patch_size=(16, 12))
   c.augment = dict()
   c.flags = dict(eval_with_ema=True)
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return train_testing.set_dotted(c, **changes)
 
 
 def _read(path):
