@@ -117,6 +117,12 @@ BAD_IMPORTS = [
      ("No cycles are allowed in medjax.metrics.\n",)),
     ("layers", "medjax/typing.py", _lazy("from medjax import build"),
      ("medjax.typing is not allowed to import medjax.build:", "medjax.typing -> medjax.build (l.{line})")),
+    # medjax.transfer sits with models and data: it may import models, never checkpoint, build or training.
+    ("layers", "medjax/transfer/files.py", _lazy("from medjax import checkpoint"),
+     ("medjax.transfer is not allowed to import medjax.checkpoint:",
+      "medjax.transfer.files -> medjax.checkpoint (l.{line})")),
+    ("models-no-training", "medjax/models/vgg.py", "from medjax import transfer",
+     ("medjax.models is not allowed to import medjax.transfer:", "medjax.models.vgg -> medjax.transfer (l.{line})")),
 ]
 
 
