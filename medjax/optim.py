@@ -6,6 +6,31 @@ Config keys read (see notes/CONTRACTS.md):
   schedule = dict(decay="cosine", warmup_steps=100, warmup_init=0.0, **schedule kwargs)  # missing -> constant
   total_steps = 2_000                                       # optimizer updates, warmup included
   grad_clip_norm = 1.0                                      # None or 0 = off
+Parameter groups (optional keys inside config.optim; absent = every parameter trains at the schedule's rate):
+  freeze = ("stem", "layer1/*")       # these parameters get exactly zero updates
+  train_only = ("head",)              # the complement: everything NOT matched is frozen (linear probing)
+  lr_multipliers = {"backbone": 0.1}  # or (("backbone", 0.1), ...) pairs; lr(step) * multiplier
+  layer_decay = 0.75                  # layer-wise lr decay (BEiT/ELECTRA), needs layer_groups
+  layer_groups = ("stem", "layer1", "layer2", "layer3", "layer4", "head")  # ordered input -> output
+A parameter's path is its "/"-joined key path in the params tree (no leading "params"), e.g.
+"layer1/block0/conv1/kernel". Patterns (freeze, train_only, lr_multipliers) are shell globs matched with
+`fnmatch.fnmatchcase` against the whole path; `*` also matches "/", and a pattern also selects every parameter
+below a matching path, so "stem" == "stem/*" selects the whole "stem" subtree. Every pattern must match at
+least one parameter (else an error naming it, with a few real paths). freeze and train_only are mutually
+exclusive. Frozen parameters get zero updates (bit-identical forever), no weight decay and no optimizer
+state, and their gradients are zeroed before clipping, so `grad_clip_norm` sees the trainable ones only.
+lr_multipliers: given as (pattern, multiplier) pairs the first matching pattern wins; given as a mapping (whose
+order ml_collections does not keep: ConfigDict sorts keys) a parameter matched by two patterns with different
+multipliers is an error. Unmatched parameters keep multiplier 1.
+layer_decay = d with n layer_groups: a parameter belongs to group i (0-based) if its path equals
+layer_groups[i] or starts with layer_groups[i] + "/"; it must be in exactly one group unless frozen (else an
+error naming it). Its multiplier is d ** (n - 1 - i): the last group (the head) trains at the full rate.
+The effective rate is lr_multiplier * layer factor * schedule(step), i.e. the whole optimizer update of the
+parameter (decoupled weight decay included) is scaled, as torch's per-param-group lr does. Each distinct
+effective multiplier is one optax.multi_transform group with its own optimizer and state; clipping stays
+global. The groups are a pure function of config + params tree, so a resumed run stays bit-exact. Gradual
+unfreezing and BatchNorm-statistics freezing are not handled here.
+
 `grad_accum_steps` is not handled here: the train step accumulates gradients and calls `tx.update` once per
 optimizer step, so every `*_steps` above counts optimizer updates.
 
@@ -23,6 +48,8 @@ pure, so the train loop can log `schedule_fn(step)`; optax calls it with its own
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import functools
 import inspect
 import math
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -278,6 +305,118 @@ def _number(value: Any, where: str, *, integer: bool = False, minimum: float = 0
   return int(value) if integer else float(value)
 
 
+# ------------------------------------------------------------------------------------- parameter groups
+
+_GROUP_KEYS = ("freeze", "train_only", "lr_multipliers", "layer_decay", "layer_groups")
+_FROZEN = "frozen"
+
+
+def _path_str(path: Sequence[Any]) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _selects(pattern: str, path: str) -> bool:
+  """True if the glob `pattern` matches `path` or one of its ancestors (so "stem" selects "stem/conv/kernel")."""
+  return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + "/*")
+
+
+def _strings(value: Any, where: str) -> Tuple[str, ...]:
+  value = (value,) if isinstance(value, str) else tuple(value or ())
+  if not all(isinstance(v, str) and v for v in value):
+    raise ValueError(f"{where} must be a non-empty string or a sequence of them, got {value!r}.")
+  return value
+
+
+def _resolve_groups(optim: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+  """Pops and checks the parameter-group keys of config.optim; None when none is set."""
+  given = {k: optim.pop(k) for k in _GROUP_KEYS if k in optim}
+  if all(v is None or (hasattr(v, "__len__") and not len(v)) for v in given.values()):
+    return None  # the plain transformation, so runs without groups keep their optimizer state layout
+  freeze = _strings(given.get("freeze"), "config.optim.freeze")
+  train_only = _strings(given.get("train_only"), "config.optim.train_only")
+  if freeze and train_only:
+    raise ValueError(f"config.optim.freeze={freeze} and config.optim.train_only={train_only} are mutually "
+                     "exclusive: train_only freezes everything it does not match.")
+  mults = given.get("lr_multipliers") or ()
+  ordered = not isinstance(mults, Mapping) and not hasattr(mults, "to_dict")
+  pairs = tuple(mults) if ordered else tuple(_as_dict(mults, "config.optim.lr_multipliers").items())
+  if not all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and p[0] for p in pairs):
+    raise ValueError("config.optim.lr_multipliers must be a {pattern: multiplier} mapping or a sequence of "
+                     f"(pattern, multiplier) pairs, got {mults!r}.")
+  pairs = tuple((p, _number(m, f"config.optim.lr_multipliers[{p!r}]")) for p, m in pairs)
+  decay, layers = given.get("layer_decay"), _strings(given.get("layer_groups"), "config.optim.layer_groups")
+  if (decay is None) != (not layers):
+    raise ValueError("config.optim.layer_decay and config.optim.layer_groups must be given together, got "
+                     f"layer_decay={decay!r}, layer_groups={layers!r}.")
+  if decay is not None:
+    decay = _number(decay, "config.optim.layer_decay")
+    if decay <= 0.0 or len(set(layers)) != len(layers):
+      raise ValueError(f"config.optim.layer_decay must be > 0 and config.optim.layer_groups unique, got "
+                       f"{decay!r} and {layers}.")
+  layer_factors = tuple(decay ** (len(layers) - 1 - i) for i in range(len(layers))) if layers else (1.0,)
+  # Every multiplier a parameter can get, known before the params tree is, since multi_transform needs
+  # its transformations up front; sorted so the group names (and the optimizer state) are deterministic.
+  multipliers = sorted({m * f for m in {1.0, *(m for _, m in pairs)} for f in layer_factors})
+  return dict(frozen_patterns=freeze or train_only, train_only=bool(train_only), pairs=pairs, ordered=ordered,
+              layers=layers, layer_factors=layer_factors, multipliers=multipliers)
+
+
+def _no_match_error(key: str, pattern: str, paths: Sequence[str]) -> ValueError:
+  shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+  return ValueError(f"config.optim.{key}: pattern {pattern!r} matches no parameter. Parameters: {shown}.")
+
+
+def _group_labels(g: Mapping[str, Any], params: Any) -> Any:
+  """Pytree of group names like `params`: "frozen" or "group<k>", k indexing g["multipliers"].
+
+  Raises ValueError for patterns that match nothing and for parameters in no (or several) layer groups.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [_path_str(p) for p, _ in leaves]
+  frozen_key = "train_only" if g["train_only"] else "freeze"
+  for key, patterns in ((frozen_key, g["frozen_patterns"]), ("lr_multipliers", [p for p, _ in g["pairs"]])):
+    for pattern in patterns:
+      if not any(_selects(pattern, path) for path in paths):
+        raise _no_match_error(key, pattern, paths)
+  labels = []
+  for path in paths:
+    hit = any(_selects(p, path) for p in g["frozen_patterns"])
+    if hit != g["train_only"]:
+      labels.append(_FROZEN)
+      continue
+    matched = [(p, m) for p, m in g["pairs"] if _selects(p, path)]
+    if not g["ordered"] and len({m for _, m in matched}) > 1:
+      raise ValueError(f"config.optim.lr_multipliers: parameter {path!r} is matched by patterns "
+                       f"{[p for p, _ in matched]} with different multipliers; give (pattern, multiplier) pairs "
+                       "to make the first match win.")
+    factor = 1.0
+    if g["layers"]:
+      groups = [i for i, prefix in enumerate(g["layers"]) if path == prefix or path.startswith(prefix + "/")]
+      if len(groups) != 1:
+        what = "no layer group" if not groups else f"several layer groups {[g['layers'][i] for i in groups]}"
+        raise ValueError(f"config.optim.layer_groups: parameter {path!r} is in {what}; groups: {g['layers']}.")
+      factor = g["layer_factors"][groups[0]]
+    labels.append(f"group{g['multipliers'].index((matched[0][1] if matched else 1.0) * factor)}")
+  return jax.tree_util.tree_unflatten(treedef, labels)
+
+
+def _grouped(g: Mapping[str, Any], make_tx: Callable[[float], optax.GradientTransformation],
+             clip: Optional[float]) -> optax.GradientTransformation:
+  """[zero frozen grads] -> [global clip] -> multi_transform(one `make_tx(multiplier)` per group, frozen: 0)."""
+  labels = functools.partial(_group_labels, g)
+  transforms = {f"group{k}": make_tx(m) for k, m in enumerate(g["multipliers"])}
+  parts = []
+  if g["frozen_patterns"]:
+    transforms[_FROZEN] = optax.set_to_zero()
+    # Zeroed before clipping so the global norm is that of the trainable gradients, as with torch's
+    # requires_grad=False; set_to_zero keeps no state.
+    parts.append(optax.masked(optax.set_to_zero(), lambda t: jax.tree.map(lambda s: s == _FROZEN, labels(t))))
+  if clip:
+    parts.append(optax.clip_by_global_norm(clip))
+  parts.append(optax.multi_transform(transforms, labels))
+  return optax.chain(*parts) if len(parts) > 1 else parts[0]
+
+
 def _resolve(config: Any) -> Dict[str, Any]:
   """Reads and checks every optimizer/schedule key of `config`; builds nothing."""
   optim = _as_dict(_get(config, "optim"), "config.optim")
@@ -289,7 +428,8 @@ def _resolve(config: Any) -> Dict[str, Any]:
     raise KeyError(f"config.optim.name: {OPTIMIZERS.unknown_message(opt_name)}")
   opt_fn = OPTIMIZERS.get(opt_name)
   valid, required = _kwarg_names(opt_fn, skip=("learning_rate",))
-  _check_keys("config.optim", f"optimizer {opt_name!r}", list(optim), valid, required)
+  _check_keys("config.optim", f"optimizer {opt_name!r}", list(optim), valid + _GROUP_KEYS, required)
+  groups = _resolve_groups(optim)
   if "wd" in optim:
     optim["wd"] = _number(optim["wd"], "config.optim.wd")
 
@@ -313,7 +453,7 @@ def _resolve(config: Any) -> Dict[str, Any]:
 
   return dict(opt_name=opt_name, opt_fn=opt_fn, opt_kwargs=optim, lr=lr, total_steps=total_steps,
               sched_name=sched_name, sched_kwargs=sched, warmup_steps=warmup_steps,
-              warmup_init=warmup_init, clip=clip)
+              warmup_init=warmup_init, clip=clip, groups=groups)
 
 
 def _schedule_from(r: Mapping[str, Any]) -> ScheduleFn:
@@ -328,7 +468,8 @@ def validate_optim_config(config: Any) -> None:
   """Checks config.optim / lr / schedule / total_steps / grad_clip_norm; raises ValueError or KeyError.
 
   Cheap: resolves names, checks keys and values, and builds the schedule closure and the optax
-  transformation, both pure Python objects (no arrays are created and no device is touched).
+  transformation, both pure Python objects (no arrays are created and no device is touched). Parameter-group
+  patterns are checked for type here but against the params tree only at `tx.init(params)`.
   """
   make_optimizer(config)
 
@@ -337,14 +478,23 @@ def make_optimizer(config: Any) -> Tuple[optax.GradientTransformation, ScheduleF
   """Builds `(tx, schedule_fn)` from `config` (keys in the module docstring).
 
   tx = [clip_by_global_norm(grad_clip_norm)] -> optimizer(learning_rate=schedule_fn, **config.optim).
-  Clipping acts on the raw (accumulated) gradient, before weight decay and the optimizer.
+  Clipping acts on the raw (accumulated) gradient, before weight decay and the optimizer. With parameter
+  groups (module docstring) the optimizer is an optax.multi_transform whose labels are computed from the
+  params tree at `tx.init` / `tx.update`, which is where a pattern matching nothing raises.
   """
   r = _resolve(config)
   schedule_fn = _schedule_from(r)
-  try:
-    tx = r["opt_fn"](schedule_fn, **r["opt_kwargs"])
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"config.optim: {e}") from e
+
+  def make_tx(multiplier: float = 1.0) -> optax.GradientTransformation:
+    lr = schedule_fn if multiplier == 1.0 else (lambda s: multiplier * schedule_fn(s))
+    try:
+      return r["opt_fn"](lr, **r["opt_kwargs"])
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config.optim: {e}") from e
+
+  if r["groups"] is not None:
+    return _grouped(r["groups"], make_tx, r["clip"]), schedule_fn
+  tx = make_tx()
   if r["clip"]:
     tx = optax.chain(optax.clip_by_global_norm(r["clip"]), tx)
   return tx, schedule_fn

@@ -219,12 +219,13 @@ def test_unknown_optimizer_name():
 
 def test_unknown_kwarg_names_the_key():
   with pytest.raises(ValueError, match=r"config\.optim: unknown key 'momentun' for optimizer 'sgd'\. "
-                                       r"Did you mean 'momentum'\? Valid: momentum, nesterov, wd\."):
+                                       r"Did you mean 'momentum'\? Valid: freeze, layer_decay, layer_groups, "
+                                       r"lr_multipliers, momentum, nesterov, train_only, wd\."):
     optim.make_optimizer(_config(optim=dict(name="sgd", momentun=0.9)))
   with pytest.raises(ValueError,
                      match=r"config\.schedule: unknown key 'alpah' for schedule 'cosine'.*'alpha'"):
     optim.validate_optim_config(_config(schedule=dict(decay="cosine", alpah=0.1)))
-  with pytest.raises(ValueError, match=r"unknown key 'zzz'.*Valid: b1, b2, eps, wd"):
+  with pytest.raises(ValueError, match=r"unknown key 'zzz'.*Valid: b1, b2, eps, freeze,"):
     optim.validate_optim_config(_config(optim=dict(name="adam", zzz=1)))
 
 
