@@ -110,7 +110,9 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
     def average(old, new):  # integer leaves (counters) are taken as they are
       if not jnp.issubdtype(old.dtype, jnp.floating):
         return new
-      return (decay * old + (1.0 - decay) * new).astype(old.dtype)
+      # old + (1 - decay) (new - old), not decay old + (1 - decay) new: equal in exact arithmetic, but only
+      # this form leaves the average of an unchanged (frozen) parameter bit-identical.
+      return (old + (1.0 - decay) * (new - old)).astype(old.dtype)
 
     ema_params = jax.tree.map(average, ema_params, params)
     if ema_model_state is not None:  # None in checkpoints written before batch statistics were averaged

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -156,6 +158,13 @@ def test_train_main_frozen_params_are_bit_identical_after_10_steps(tmp_path):
       chex.assert_trees_all_equal(value, start[path])  # bitwise
     elif path.endswith("kernel"):
       assert not np.array_equal(value, start[path]), path
+  # The EMA of a frozen parameter stays bit-identical too (steps.train_step's average form).
+  ckpt = checkpoint.Checkpointer(os.path.join(str(tmp_path), "checkpoints"), save_interval_steps=1, max_to_keep=10,
+                                 read_only=True)
+  ema = _paths(ckpt.restore_fields(("ema_params",))["ema_params"])
+  for path, value in ema.items():
+    if path.startswith("enc0/"):
+      chex.assert_trees_all_equal(value, start[path])
 
 
 def test_train_main_linear_probing_resumes_bit_exact(tmp_path, monkeypatch):
