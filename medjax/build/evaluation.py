@@ -70,6 +70,12 @@ class CaseEvaluation:
   predict: Callable[..., Any]
 
 
+def _window_predictor(model: Any, variables: Any, flips: Optional[tuple]):
+  """Windows (n, *roi, C) -> softmax probabilities (n, *roi, K), flip-TTA averaged when `flips` is set."""
+  predict = inference.make_predict_fn(model.apply, variables, output="softmax")
+  return inference.flip_tta(predict, flips) if flips else predict
+
+
 def case_evaluation(model: Any, config: mlc.ConfigDict, stats_fn: Callable, mesh: Any) -> CaseEvaluation:
   """The `CaseEvaluation` of `config.inference` (`inference_options`) with `config.eval_flips` per window;
   windows average softmax probabilities as nnU-Net does (the segmentation evaluator takes their argmax)."""
@@ -80,11 +86,9 @@ def case_evaluation(model: Any, config: mlc.ConfigDict, stats_fn: Callable, mesh
                             pad_value=options["pad_value"])
 
   def probabilities(variables, batch):
-    predict = inference.make_predict_fn(model.apply, variables, output="softmax")
-    if flips:
-      predict = inference.flip_tta(predict, flips)
     probs = inference.sliding_window_planned(
-        predict, batch["image"], batch["window_origins"][0], batch["window_valid"][0], batch["window_steps"][0],
+        _window_predictor(model, variables, flips), batch["image"], batch["window_origins"][0],
+        batch["window_valid"][0], batch["window_steps"][0],
         roi_size=options["roi_size"], mode=options["mode"], sigma_scale=options["sigma_scale"], mesh=mesh)
     # The canvas around the case is certain background, so it adds nothing to the foreground classes.
     background = jax.nn.one_hot(0, probs.shape[-1], dtype=probs.dtype)
@@ -110,9 +114,6 @@ def eval_apply_fn(model: Any, config: mlc.ConfigDict, *, sliding_window: bool = 
 
   def apply(variables, images, train: bool = False):
     del train
-    predict = inference.make_predict_fn(model.apply, variables, output="softmax")
-    if flips:
-      predict = inference.flip_tta(predict, flips)
-    return inference.sliding_window_inference(predict, images, **options), {}
+    return inference.sliding_window_inference(_window_predictor(model, variables, flips), images, **options), {}
 
   return apply

@@ -6,22 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from benchmarks import monai_augment
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture
-def torch_one_thread():
-  """torch with one intra-op thread for the test (2 threads on a loaded 2-core CI machine run far slower)."""
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("monai")
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield torch
-  torch.set_num_threads(threads)
+PEER_MODULES = ("monai",)  # the torch_one_thread fixture (tests/conftest.py) skips without them
 
 
 def test_help_needs_no_torch():

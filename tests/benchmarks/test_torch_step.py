@@ -14,14 +14,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 _KEYS = ("mode", "compile_s", "median_ms", "samples_per_s", "steps_timed", "params", "device", "torch", "monai")
 
 
-@pytest.fixture
-def torch_one_thread():
-  """torch with one intra-op thread for the test (2 threads on a loaded 2-core CI machine run ~40x slower)."""
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("monai")
-  threads = torch.get_num_threads()
-  yield torch
-  torch.set_num_threads(threads)
+PEER_MODULES = ("monai",)  # the torch_one_thread fixture (tests/conftest.py) skips without them
 
 
 def _medjax_args(command):

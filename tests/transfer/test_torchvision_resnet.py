@@ -97,15 +97,7 @@ def test_unsupported_models_and_variables_are_refused():
 
 # ---------------------------------------------------------------------------------------- with torch
 
-@pytest.fixture
-def torch_one_thread():
-  """torch with one intra-op thread (more threads on a loaded 2-core CI machine run much slower)."""
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("torchvision")
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield torch
-  torch.set_num_threads(threads)
+PEER_MODULES = ("torchvision",)  # the torch_one_thread fixture (tests/conftest.py) skips without them
 
 
 def _random_torchvision(torch, model_name, num_classes):
