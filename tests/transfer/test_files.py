@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from medjax import transfer
-from medjax.transfer import torchvision_resnet
 from tests.transfer import transfer_testing
 
 
@@ -18,7 +17,7 @@ from tests.transfer import transfer_testing
 def state_dict():
   """A medjax-exported torchvision state dict (tiny resnet18, widths 4..32), with its int64 counters."""
   variables = transfer_testing.random_variables("resnet18", {"num_classes": 5, "width": 4})
-  return torchvision_resnet.export_torchvision(variables, "resnet18")
+  return transfer.to_torch(variables, "resnet18")
 
 
 def _assert_same(loaded, expected):
@@ -40,8 +39,8 @@ def test_save_then_load_is_exact(tmp_path, state_dict, suffix):
 def test_loaded_file_imports_to_the_variables_it_was_exported_from(tmp_path, suffix):
   variables = transfer_testing.random_variables("resnet50", {"num_classes": 3, "width": 2}, seed=1)
   path = tmp_path / f"weights{suffix}"
-  transfer.save_state_dict(path, transfer.export_torchvision(variables, "resnet50"))
-  imported = transfer.import_torchvision(transfer.load_state_dict(path), "resnet50", {"width": 2})
+  transfer.save_state_dict(path, transfer.to_torch(variables, "resnet50"))
+  imported = transfer.from_torch(transfer.load_state_dict(path), "resnet50", {"width": 2})
   _assert_same(_flat(imported), _flat(variables))
 
 

@@ -19,7 +19,7 @@ def _flat(tree, prefix=""):
 
 def test_names_and_layouts_of_a_bottleneck_resnet():
   variables = transfer_testing.random_variables("resnet50", {"num_classes": 3, "width": 2})
-  state_dict = transfer.export_torchvision(variables, "resnet50")
+  state_dict = transfer.to_torch(variables, "resnet50")
   params, stats = variables["params"], variables["batch_stats"]
   assert state_dict["conv1.weight"].shape == (2, 3, 7, 7)  # (O, I, H, W) from (H, W, I, O)
   assert np.array_equal(state_dict["conv1.weight"], params["stem_conv"]["kernel"].transpose(3, 2, 0, 1))
@@ -42,57 +42,57 @@ def test_names_and_layouts_of_a_bottleneck_resnet():
 ])
 def test_export_then_import_is_exact(model_name, kwargs):
   variables = transfer_testing.random_variables(model_name, kwargs, in_channels=1)
-  state_dict = transfer.export_torchvision(variables, model_name)
+  state_dict = transfer.to_torch(variables, model_name)
   assert state_dict["conv1.weight"].shape[1] == 1
   # num_classes and the input channels are read from the state dict.
-  imported = transfer.import_torchvision(state_dict, model_name, {k: v for k, v in kwargs.items() if k != "num_classes"})
+  imported = transfer.from_torch(state_dict, model_name, {k: v for k, v in kwargs.items() if k != "num_classes"})
   expected, got = _flat(variables), _flat(imported)
   assert sorted(got) == sorted(expected)
   for path, value in expected.items():
     assert got[path].dtype == value.dtype and np.array_equal(got[path], value), path
-  again = transfer.export_torchvision(imported, model_name)
+  again = transfer.to_torch(imported, model_name)
   assert all(np.array_equal(again[name], value) for name, value in state_dict.items()) and len(again) == len(state_dict)
 
 
 def test_mismatch_lists_every_missing_unexpected_and_misshaped_tensor():
-  state_dict = transfer.export_torchvision(
+  state_dict = transfer.to_torch(
       transfer_testing.random_variables("resnet18", {"num_classes": 5, "width": 4}), "resnet18")
   state_dict["extra.weight"] = np.zeros((2, 3), np.float32)
   with pytest.raises(transfer.WeightMismatchError) as info:
-    transfer.import_torchvision(state_dict, "resnet34", {"num_classes": 7, "width": 4})
+    transfer.from_torch(state_dict, "resnet34", {"num_classes": 7, "width": 4})
   error = info.value
   assert isinstance(error, ValueError)
   # resnet34 has blocks (3, 4, 6, 3), resnet18 (2, 2, 2, 2): 1 + 2 + 4 + 1 missing basic blocks of 2 convs and
   # 2 norms (conv weight, norm weight/bias/running_mean/running_var): 8 * 2 * 5 tensors.
   assert len(error.missing) == 80 and error.unexpected == [("extra.weight", (2, 3))]
   assert error.mismatched == [("fc.bias", "params/head/bias", (5,), (7,)),
-                              ("fc.weight", "params/head/kernel", (5, 32), (32, 7))]
+                              ("fc.weight", "params/head/kernel", (5, 32), (7, 32))]
   message = str(error)
   assert message.startswith("the torchvision state dict does not fit medjax resnet34({'num_classes': 7, 'width': 4}): "
                             "80 missing, 1 unexpected, 2 mis-shaped tensors\n")
-  assert "  layer3.5.conv2.weight <- params/stage3_block5/conv2/kernel (3, 3, 16, 16)\n" in message
+  assert "  layer3.5.conv2.weight <- params/stage3_block5/conv2/kernel (16, 16, 3, 3)\n" in message
   assert "  layer1.2.bn1.running_var <- batch_stats/stage1_block2/norm1/var (4,)\n" in message
   assert "unexpected in the state dict (torch name, torch shape):\n  extra.weight (2, 3)\n" in message
   assert message.endswith("  fc.bias: (5,) -> params/head/bias: (7,)\n"
-                          "  fc.weight: (5, 32) -> params/head/kernel: (32, 7)")
+                          "  fc.weight: (5, 32) -> params/head/kernel: (7, 32)")
 
 
 def test_basic_blocks_into_a_bottleneck_model_report_shapes_and_names():
-  state_dict = transfer.export_torchvision(
+  state_dict = transfer.to_torch(
       transfer_testing.random_variables("resnet18", {"num_classes": 5, "width": 4}), "resnet18")
   with pytest.raises(transfer.WeightMismatchError) as info:
-    transfer.import_torchvision(state_dict, "resnet50", {"width": 4})
+    transfer.from_torch(state_dict, "resnet50", {"width": 4})
   error = info.value
-  assert ("layer1.0.conv1.weight", "params/stage1_block0/conv1/kernel", (4, 4, 3, 3), (1, 1, 4, 4)) in error.mismatched
-  assert ("layer1.0.conv3.weight", "params/stage1_block0/conv3/kernel", (1, 1, 4, 16)) in error.missing
+  assert ("layer1.0.conv1.weight", "params/stage1_block0/conv1/kernel", (4, 4, 3, 3), (4, 4, 1, 1)) in error.mismatched
+  assert ("layer1.0.conv3.weight", "params/stage1_block0/conv3/kernel", (16, 4, 1, 1)) in error.missing
 
 
 def test_unsupported_models_and_variables_are_refused():
-  with pytest.raises(ValueError, match=r"no torchvision ResNet mapping for model 'unet'; supported: \['resnet18', "):
-    transfer.import_torchvision({}, "unet")
+  with pytest.raises(ValueError, match=r"no torchvision weight mapping for the medjax model 'unet'; supported \(source:model\): "):
+    transfer.from_torch({}, "unet")
   variables = transfer_testing.random_variables("resnet18", {"num_classes": 2, "width": 4, "norm": "group"})
   with pytest.raises(ValueError, match=r"^no torchvision name for the medjax variable params/\w+/norm\d?/norm/\w+ \(module 'norm'\)$"):
-    transfer.export_torchvision(variables, "resnet18")
+    transfer.to_torch(variables, "resnet18")
 
 
 # ---------------------------------------------------------------------------------------- with torch
@@ -125,13 +125,13 @@ def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread, 
   with torch.no_grad():
     expected = model(torch.from_numpy(x)).numpy()
 
-  variables = transfer.import_torchvision(state_dict, model_name)
+  variables = transfer.from_torch(state_dict, model_name)
   medjax_model = models.build_model(model_name, {"num_classes": 10})
   logits, _ = medjax_model.apply(variables, x.transpose(0, 2, 3, 1), train=False)  # channels-last
   assert logits.shape == (2, 10)
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
 
-  exported = transfer.export_torchvision(variables, model_name)
+  exported = transfer.to_torch(variables, model_name)
   assert sorted(exported) == sorted(state_dict)
   for name, value in state_dict.items():
     assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name

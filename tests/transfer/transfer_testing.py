@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from medjax.transfer import torchvision_resnet
+from medjax.transfer import mapping
 
 
 def random_variables(model_name: str, model_kwargs, seed: int = 0, in_channels: int = 3):
   """Variables of `model_name(**model_kwargs)` with random values everywhere (running variances positive), so
   any mix-up of tensors or layouts changes them."""
   rng = np.random.default_rng(seed)
-  shapes = torchvision_resnet.variable_shapes(model_name, model_kwargs, in_channels)
+  shapes = mapping.variable_shapes(model_name, model_kwargs, in_channels)
 
   def fill(tree, name=""):
     if isinstance(tree, dict):
