@@ -285,6 +285,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
                         abstract_state, state_sharding)
   ckpt = checkpoint.for_run(workdir, config)
   start_step, state = restore_latest(ckpt, target, config_change)
+  pretrained = None
   wall_before = wall_time_before(workdir, start_step)
   if start_step:
     logging.info("Resumed from %s at step %d.", ckpt.directory, start_step)
@@ -292,13 +293,21 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
       early.replay(evaluation_history(workdir, ckpt, early.metric, start_step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    pretrained = checkpoint.initial_variables(config, state.variables())
+    if pretrained is not None:  # config.init_from: the fresh state with the pretrained weights merged in
+      variables, init_report = pretrained
+      state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed), variables)
+      logging.info("%s", init_report.summary())
   if is_main:
     checkpoint.record_config(workdir, config, step=start_step, allow_change=allow_config_change)
     provenance.write(workdir)
+    if not start_step and pretrained is not None:
+      init_report.write(os.path.join(workdir, checkpoint.INIT_REPORT_FILE))
 
   # ---- 4. compiled steps
   train_step = build.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=run.grad_accum_steps,
-                                    ema_decay=run.ema_decay, augment_fn=build.augment_fn(config))
+                                    ema_decay=run.ema_decay, augment_fn=build.augment_fn(config),
+                                    freeze_batch_stats=run.freeze_batch_stats)
   eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=build.eval_apply_fn(model, config),
                                         stats_fn=evaluator.stats_fn))
   cases = build.case_evaluation(model, config, evaluator.stats_fn, mesh) if whole_cases else None

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from medjax import build, checkpoint, optim, train
+from medjax import build, checkpoint, optim, param_paths, train
 from tests.test_train import _config as _train_config
 from tests.test_train import _final_state
 from tests.train_testing import Preempted, preempt_after_save
@@ -39,7 +39,7 @@ def _config(lr=0.5, name="sgd", **optim_keys):
 
 
 def _paths(tree):
-  return {optim._path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {param_paths.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _step_sizes(config, steps=1):

@@ -93,25 +93,44 @@ def eval_batch_size(config: mlc.ConfigDict, mesh: Any, *, round_up: bool = False
 
 
 def init_state_fn(model: Any, tx: Any, example_image: np.ndarray, use_ema: bool):
-  """Returns `init(rng) -> TrainState` for a batch-1 dummy input shaped like `example_image` (*spatial, C)."""
+  """Returns `init(rng, variables=None) -> TrainState` for a batch-1 dummy input shaped like `example_image`
+  (*spatial, C). Given `variables` (e.g. pretrained ones merged by `checkpoint.initial_variables`), the state
+  starts from them instead of the model's initialisation; the state's rng is the same either way."""
 
-  def init(rng):
+  def init(rng, variables=None):
     init_rng, state_rng = jax.random.split(rng)
-    dummy = jnp.zeros((1,) + tuple(example_image.shape), jnp.float32)
-    variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
+    if variables is None:
+      dummy = jnp.zeros((1,) + tuple(example_image.shape), jnp.float32)
+      variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
     return TrainState.create(variables=variables, tx=tx, rng=state_rng, use_ema=use_ema)
 
   return init
 
 
+def train_apply_fn(model: Any, *, freeze_batch_stats: bool = False) -> Callable[..., Any]:
+  """The training forward pass: `model.apply`, or with `freeze_batch_stats` the same with batch norms in
+  inference mode (`layers.frozen_batch_stats`: running statistics used and kept)."""
+  if not freeze_batch_stats:
+    return model.apply
+
+  def apply(*args, **kwargs):
+    with models.layers.frozen_batch_stats():
+      return model.apply(*args, **kwargs)
+
+  return apply
+
+
 def jit_train_step(model: Any, objective: Any, tx: Any, mesh: Any, state_sharding: Any, *,
-                   accum_steps: int = 1, ema_decay: float = 0.0, augment_fn: Optional[Callable] = None):
+                   accum_steps: int = 1, ema_decay: float = 0.0, augment_fn: Optional[Callable] = None,
+                   freeze_batch_stats: bool = False):
   """`steps.train_step` bound to its hyperparameters and jitted over `mesh`, the state donated.
+  `freeze_batch_stats`: see `train_apply_fn`.
 
   Batches come in split over the data axis; metrics come out replicated.
   """
   return jax.jit(
-      functools.partial(steps.train_step, apply_fn=model.apply, objective=objective, tx=tx,
+      functools.partial(steps.train_step, apply_fn=train_apply_fn(model, freeze_batch_stats=freeze_batch_stats),
+                        objective=objective, tx=tx,
                         accum_steps=accum_steps, ema_decay=ema_decay, augment_fn=augment_fn),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),

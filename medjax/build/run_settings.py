@@ -26,6 +26,62 @@ class CheckpointSettings:
   async_save: bool = True
 
 
+INIT_SOURCES = ("auto", "medjax", "torchvision", "timm", "monai")
+INIT_STEPS = ("best", "latest")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+  """`config.init_from`: the weights a new run starts from (a string is `path` alone). Read only when the run
+  starts at step 0; a resumed run restores its own checkpoint.
+
+  path: a medjax workdir (config.json + checkpoints/), or a weight file (.safetensors, .npz, .pt/.pth).
+  step: a workdir's "best" (by its best_metric; its latest without one), "latest", or a step number.
+  use_ema: a workdir's EMA weights; None: as that run evaluated (`Settings.use_ema_for_eval`).
+  source: a file's tensor names: "medjax" ("params/stem_conv/kernel", as `medjax.tools.convert_weights` and
+    `transfer.save_state_dict` of flattened variables write), a PyTorch layout ("torchvision", "timm",
+    "monai"), or "auto" (medjax names when every name has a "/", else "torchvision").
+  model_name / model: the model that a PyTorch-layout file belongs to; default this run's `model_name`, and
+    `config.model` without num_classes (read from the file) and, with `inflate`, with spatial_dims=2.
+  exclude: patterns of this model's variables to keep freshly initialised (("head",) for a new classifier).
+  inflate: None, "average" or "center": 2D kernels into a 3D model (`transfer.adapt.inflate_kernel`).
+  adapt_channels: kernels differing only in input channels are adapted (`transfer.adapt.adapt_input_channels`).
+  allow_missing: variables absent from the source stay initialised (reported) instead of an error.
+  """
+  path: str
+  step: Any = "best"
+  use_ema: Optional[bool] = None
+  source: str = "auto"
+  model_name: Optional[str] = None
+  model: Optional[dict] = None
+  exclude: Tuple[str, ...] = ()
+  inflate: Optional[str] = None
+  adapt_channels: bool = True
+  allow_missing: bool = False
+
+
+INIT_FROM_KEYS = tuple(f.name for f in dataclasses.fields(InitFrom))
+
+
+def init_from(config: mlc.ConfigDict) -> Optional[InitFrom]:
+  """`config.init_from` as `InitFrom` (None when unset); ConfigError for unknown keys or a missing path."""
+  given = config.get("init_from")
+  if not given:
+    return None
+  if isinstance(given, str):
+    given = {"path": given}
+  given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
+  unknown = sorted(set(given) - set(INIT_FROM_KEYS))
+  if unknown or "path" not in given:
+    raise ConfigError(f"config.init_from: {'unknown key(s) ' + str(unknown) if unknown else 'path is required'}; "
+                      f"known keys: {', '.join(INIT_FROM_KEYS)}.")
+  for key in ("exclude",):
+    if isinstance(given.get(key), str):
+      given[key] = (given[key],)
+  given["exclude"] = tuple(given.get("exclude") or ())
+  return InitFrom(**given)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The run-level config keys with their defaults, resolved once (`settings(config)`).
@@ -33,7 +89,9 @@ class Settings:
   Units: `*_steps` in optimizer steps; `None` for `eval_every_steps` / `checkpoint_every_steps` means only at
   the last step. `batch_size` is `config.input.batch_size` (global, over all devices); `eval_batch_size` is
   `config.input.eval_batch_size`, else the training batch size. `validation` applies to runs that train on
-  patches of segmentation cases (`validation_mode`).
+  patches of segmentation cases (`validation_mode`). `freeze_batch_stats` trains with batch norms in
+  inference mode (running statistics used and kept, as torch's `module.eval()` on the norms; linear probing,
+  small-batch fine-tuning).
   """
   batch_size: Optional[int] = None
   eval_batch_size: Optional[int] = None
@@ -54,6 +112,7 @@ class Settings:
   checkpoint_every_steps: Optional[int] = None
   eval_flips: Optional[Tuple[Tuple[int, ...], ...]] = None
   validation: str = "whole_case"
+  freeze_batch_stats: bool = False
   checkpoint: CheckpointSettings = CheckpointSettings()
 
   @property

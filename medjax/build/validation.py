@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from medjax import evaluators, losses, models, optim, sharding
+from medjax import evaluators, losses, models, optim, sharding, transfer
 from medjax.build.evaluation import inference_options
 from medjax.build.parts import augment_fn, model
-from medjax.build.run_settings import BEST_MODES, COMPUTE_DTYPES, PSEUDO_PREFIX, VALIDATION_MODES, Settings, settings
+from medjax.build.run_settings import (BEST_MODES, COMPUTE_DTYPES, INIT_SOURCES, INIT_STEPS, PSEUDO_PREFIX,
+                                       VALIDATION_MODES, Settings, init_from, settings)
 from medjax.config_lib import ConfigError, named, suggest
 from medjax.data import datasets, pipeline
 
@@ -26,7 +28,7 @@ _OPTIONAL_TYPES: Tuple[Tuple[str, Any], ...] = (
     ("grad_clip_norm", (float, type(None))), ("compute_dtype", str), ("sharding", str),
     ("best_metric", (str, type(None))), ("best_mode", str), ("test_split", (str, type(None))),
     ("eval_split", str), ("eval_flips", (tuple, list, type(None))), ("eval_with_ema", bool),
-    ("validation", str),
+    ("validation", str), ("freeze_batch_stats", bool), ("init_from", (str, dict, mlc.ConfigDict, type(None))),
 )
 _EARLY_STOPPING_KEYS = ("metric", "mode", "patience", "min_delta")
 
@@ -134,6 +136,31 @@ def _check_validation(config: mlc.ConfigDict, run: Settings) -> None:
                         f"named val/{PSEUDO_PREFIX}..., e.g. 'val/{PSEUDO_PREFIX}{metric[4:]}'.")
 
 
+def _check_init_from(config: mlc.ConfigDict) -> None:
+  """`config.init_from`: known keys and values, and a path that exists (nothing is read here)."""
+  options = init_from(config)
+  if options is None:
+    return
+  path = os.path.expanduser(options.path)
+  if not os.path.exists(path):
+    raise ConfigError(f"config.init_from.path: {options.path!r} does not exist (a workdir or a weight file "
+                      f"{', '.join(transfer.SUFFIXES)}).")
+  if os.path.isfile(path) and not path.lower().endswith(transfer.SUFFIXES):
+    raise ConfigError(f"config.init_from.path: {options.path!r} is neither a workdir nor a weight file "
+                      f"({', '.join(transfer.SUFFIXES)}).")
+  if options.source not in INIT_SOURCES:
+    raise ConfigError(f"config.init_from.source must be one of {INIT_SOURCES}, got {options.source!r}."
+                      f"{suggest(str(options.source), INIT_SOURCES)}")
+  if not (options.step in INIT_STEPS or (isinstance(options.step, int) and not isinstance(options.step, bool)
+                                          and options.step >= 0)):
+    raise ConfigError(f"config.init_from.step must be 'best', 'latest' or a step number, got {options.step!r}.")
+  if options.inflate is not None and options.inflate not in transfer.INFLATE_MODES:
+    raise ConfigError(f"config.init_from.inflate must be None or one of {transfer.INFLATE_MODES}, got "
+                      f"{options.inflate!r}.")
+  if options.model_name is not None:
+    _resolve(models.MODELS, options.model_name, "init_from.model_name")
+
+
 def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
   """Checks a config end to end before any data loads or anything compiles.
 
@@ -172,6 +199,7 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
     raise ConfigError(f"config.compute_dtype must be one of {COMPUTE_DTYPES}, got {run.compute_dtype!r}.")
   early_stopping_options(config)
   _check_validation(config, run)
+  _as_config_error(lambda: _check_init_from(config))
   if run.best_mode not in BEST_MODES:
     raise ConfigError(f"config.best_mode must be 'max' or 'min', got {run.best_mode!r}.")
   if run.grad_accum_steps < 1 or run.batch_size % run.grad_accum_steps:

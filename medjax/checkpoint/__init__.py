@@ -25,6 +25,9 @@ intact step with a `DamagedCheckpointWarning`, and `load` of a damaged step rais
 naming it and the intact steps. A changed config on an existing run is refused (`check_config`) unless
 allowed, and then recorded (`record_config`; `config_history`).
 
+`init_from` starts a new run from another run's or a file's weights (`config.init_from`), writing
+workdir/init_report.json.
+
 Modules: `manager` (Checkpointer), `integrity` (damage checks, errors), `config_history` (config.json and
 its history), `runs` (for_run, load), `ranking` (metrics and best steps), `state_tree` (key paths, mismatches).
 """
@@ -32,6 +35,7 @@ its history), `runs` (for_run, load), `ranking` (metrics and best steps), `state
 from medjax.checkpoint.config_history import (ARCHITECTURE_KEYS, CONFIG_FILE, CONFIG_HISTORY_FILE, check_config,
                                               config_diff, load_config, read_config_history, record_config,
                                               save_config)
+from medjax.checkpoint.init_from import INIT_REPORT_FILE, initial_variables, pretrained_variables
 from medjax.checkpoint.integrity import (CheckpointError, CheckpointNotFoundError, DamagedCheckpointError,
                                          DamagedCheckpointWarning, step_damage)
 from medjax.checkpoint.manager import BEST_MODES, Checkpointer
@@ -39,8 +43,28 @@ from medjax.checkpoint.ranking import metric_value
 from medjax.checkpoint.runs import CHECKPOINT_DIR, Loaded, for_run, load
 
 __all__ = [
-    "ARCHITECTURE_KEYS", "BEST_MODES", "CHECKPOINT_DIR", "CONFIG_FILE", "CONFIG_HISTORY_FILE", "CheckpointError",
-    "CheckpointNotFoundError", "Checkpointer", "DamagedCheckpointError", "DamagedCheckpointWarning", "Loaded",
-    "check_config", "config_diff", "for_run", "load", "load_config", "metric_value", "read_config_history",
-    "record_config", "save_config", "step_damage",
+                                              "ARCHITECTURE_KEYS",
+                                              "BEST_MODES",
+                                              "CHECKPOINT_DIR",
+                                              "CONFIG_FILE",
+                                              "CONFIG_HISTORY_FILE",
+                                              "INIT_REPORT_FILE",
+                                              "CheckpointError",
+                                              "CheckpointNotFoundError",
+                                              "Checkpointer",
+                                              "DamagedCheckpointError",
+                                              "DamagedCheckpointWarning",
+                                              "Loaded",
+                                              "check_config",
+                                              "config_diff",
+                                              "for_run",
+                                              "initial_variables",
+                                              "load",
+                                              "load_config",
+                                              "metric_value",
+                                              "pretrained_variables",
+                                              "read_config_history",
+                                              "record_config",
+                                              "save_config",
+                                              "step_damage",
 ]

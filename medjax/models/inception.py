@@ -37,6 +37,10 @@ INCEPTION_CONFIG = (
   ("inception5b", 384, 192, 384, 48, 128, 128),
 )
 AUX_AFTER = ("inception4a", "inception4d")  # where the two auxiliary heads branch off
+# torchvision's `transform_input`: ImageNet-normalised input -> (x - 0.5) / 0.5 per channel, which is what its
+# pretrained GoogLeNet weights were trained on (RGB order).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def conv_bn(features: int, kernel_size: int = 1, stride: int = 1, **kw) -> layers.ConvNormAct:
@@ -106,6 +110,8 @@ class GoogLeNet(nn.Module):
       training only (they are built at init whatever `train` is, so the parameters always exist).
     dropout: dropout rate before the head ("dropout" rng stream; off when not train).
     aux_dropout: dropout rate inside the auxiliary heads.
+    transform_input: torchvision's `transform_input` (its pretrained weights need it): re-normalise a
+      3-channel input normalised with the ImageNet mean / std to mean 0.5 / std 0.5 per channel first.
     dtype / param_dtype: compute / parameter dtypes (batch-norm statistics in float32).
     remat: rematerialise each Inception module in the backward pass.
 
@@ -119,6 +125,7 @@ class GoogLeNet(nn.Module):
   aux_heads: bool = False
   dropout: float = 0.2
   aux_dropout: float = 0.7
+  transform_input: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
@@ -127,6 +134,9 @@ class GoogLeNet(nn.Module):
   def __call__(self, x, *, train: bool):
     name = type(self).__name__
     layers.check_rank(x, self.spatial_dims, name)
+    if self.transform_input and x.shape[-1] != 3:
+      raise ValueError(f"{name}(transform_input=True) re-normalises 3-channel (RGB) input, got {x.shape[-1]} "
+                       f"channels.")
     layers.check_min_size(x.shape, [
       ("stem conv", lambda n: layers.pool_out_size(n, 7, 2, 3)),
       ("stem max-pool 1", lambda n: layers.pool_out_size(n, 3, 2, ceil_mode=True)),
@@ -136,6 +146,10 @@ class GoogLeNet(nn.Module):
     ], name)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.astype(self.dtype)
+    if self.transform_input:
+      # (x * std + mean - 0.5) / 0.5: undo the ImageNet normalisation, apply mean 0.5 / std 0.5.
+      std, mean = jnp.asarray(IMAGENET_STD), jnp.asarray(IMAGENET_MEAN)
+      x = (x * (std / 0.5) + (mean - 0.5) / 0.5).astype(self.dtype)
     x = conv_bn(64, 7, 2, name="conv1", **kw)(x, train)
     x = layers.max_pool_ceil(x, 3, 2)
     x = conv_bn(64, 1, name="conv2", **kw)(x, train)

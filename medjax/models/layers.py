@@ -15,8 +15,10 @@ squeeze-excitation, stochastic depth, channel rounding) are built on them in `mo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -86,6 +88,26 @@ def activation(name: str) -> Callable[[Any], Any]:
     raise ValueError(f"Unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}.") from None
 
 
+_FROZEN_BATCH_STATS = contextvars.ContextVar("medjax_frozen_batch_stats", default=False)
+
+
+@contextlib.contextmanager
+def frozen_batch_stats() -> Iterator[None]:
+  """Within this context (at trace time), batch norms built with `train=True` normalise with their running
+  statistics and leave them unchanged, as PyTorch's `module.eval()` on the norms while the rest trains
+  (dropout stays on). `config.freeze_batch_stats` wraps the train step's forward pass in it."""
+  token = _FROZEN_BATCH_STATS.set(True)
+  try:
+    yield
+  finally:
+    _FROZEN_BATCH_STATS.reset(token)
+
+
+def use_running_average(train: bool) -> bool:
+  """Whether a batch norm uses (and keeps) its running statistics: outside training, or when frozen."""
+  return not train or _FROZEN_BATCH_STATS.get()
+
+
 def make_norm(kind: str, *, train: bool, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
               name: Optional[str] = None, scale_init: Callable = nn.initializers.ones,
               momentum: float = 0.9, epsilon: float = NORM_EPSILON) -> Callable[[Any], Any]:
@@ -101,7 +123,7 @@ def make_norm(kind: str, *, train: bool, dtype: Dtype = jnp.float32, param_dtype
   """
   common = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)
   if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum, **common)
+    return nn.BatchNorm(use_running_average=use_running_average(train), momentum=momentum, **common)
   if kind == "instance":
     return nn.GroupNorm(num_groups=None, group_size=1, **common)
   if kind == "group":

@@ -14,10 +14,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from medjax.transfer import mapping, torchvision_resnet
+from medjax.transfer import mapping, torchvision_cnns, torchvision_mobile, torchvision_resnet, vit_weights
 
 _FAMILIES: Tuple[mapping.TorchMapping, ...] = (
     torchvision_resnet.TorchvisionResNet(), torchvision_resnet.TimmResNet(),
+    torchvision_mobile.TorchvisionEfficientNet(), torchvision_mobile.TorchvisionMobileNetV2(),
+    torchvision_mobile.TorchvisionMobileNetV3Large(), torchvision_mobile.TorchvisionMobileNetV3Small(),
+    vit_weights.TorchvisionViT(), vit_weights.TimmViT(),
+    *torchvision_cnns.families(),
 )
 _BY_KEY: Dict[Tuple[str, str], mapping.TorchMapping] = {
     (family.source, name): family for family in _FAMILIES for name in family.model_names}

@@ -159,7 +159,7 @@ def _key(mapping: TorchMapping, path: Path) -> Tuple[TorchKey, Layout]:
 
 def from_torch(mapping: TorchMapping, state_dict: Mapping[str, Any], model_name: str,
                model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-  """Converts the torch state dict into the variables of the medjax model `model_name` (see `medjax.transfer.from_torch`)."""
+  """The torch state dict as the variables of the medjax model `model_name` (`medjax.transfer.from_torch`)."""
   mapping.check_model_name(model_name)
   given = {name: np.asarray(value) for name, value in state_dict.items()
            if not name.endswith(mapping.ignored_suffixes)}

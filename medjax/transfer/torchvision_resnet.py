@@ -52,7 +52,8 @@ class TorchvisionResNet(mapping.TorchMapping):
   """torchvision.models.resnet{18,34,50,101,152}; timm's ResNets use the same names."""
 
   source = "torchvision"
-  model_names = ("resnet18", "resnet34", "resnet50", "resnet101")
+  # ACS and 2.5D ResNets keep the 2D parameter tree (`medjax.models.acs`), so 2D weights load into them as they are.
+  model_names = tuple(f"resnet{d}{kind}" for kind in ("", "_acs", "_2.5d") for d in (18, 34, 50, 101))
 
   def torch_key(self, path: mapping.Path) -> mapping.TorchKey:
     _, *modules, _ = path
