@@ -9,8 +9,9 @@ Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
             "acs" | "2.5d" (2D kernels on volumes, medjax.models.acs; ResNets on 3D subsets only)
   size      28 (default) | 64 (MedMNIST+ files; 2D subsets also 128 and 224)
   seed      0
-  recipe    "official" (default) | "improved"
-  epochs    100 (default, the official count); the improved recipe also converges in fewer (e.g. 30)
+  recipe    "official" (default) | "improved" | "finetune" (a short fine-tuning recipe, below; 20 epochs)
+  epochs    the recipe's (100, the official count; 20 for "finetune"); the improved recipe also converges in
+            fewer (e.g. 30)
   tta       false (default) | true: evaluate (validation, so also the selection, and test) on the mean
             logits of each image and its left-right mirror (`config.eval_flips`)
   mixup     0 (default: off) | alpha > 0: improved recipe only, mixup (Zhang et al., ICLR 2018) on every batch
@@ -19,9 +20,14 @@ Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
             class-balanced draws with replacement, each image drawn with probability ~ count(class)^-power
             (`input.sampler="balanced"`): 1 gives equal class shares, 0.5 ("square-root" sampling) moves
             BreastMNIST's 27/73 malignant/benign training shares to 38/62
+  init      "" (default: from scratch) | a pretrained run's workdir or a weight file: `config.init_from` with a
+            new head (exclude "head"), the best-validation step of a workdir; 2D weights into a "3d" model are
+            inflated (I3D average), into "acs" / "2.5d" models loaded as they are, RGB kernels summed for
+            1-channel volumes. Relative paths are taken from the repository root.
   data_dir  folder of the official .npz files; default ../shared/data/medmnist; a relative path is taken
             from the repository root, so a run works from any directory
-  quick     true: 4 steps, narrow one-block-per-stage model, for smoke tests (still reads data_dir)
+  quick     true: 4 steps, narrow one-block-per-stage model (with `init`: the pretrained one), for smoke tests
+            (still reads data_dir)
 
 Official protocol (MedMNIST v2, Yang et al., Scientific Data 10, 41 (2023), and its `experiments`
 repository): 100 epochs, batch 128 (2D) / 32 (3D), Adam lr 1e-3 without weight decay, lr x0.1 at epochs
@@ -37,6 +43,21 @@ Improved recipe: the same batch, splits and selection rule (100 epochs unless `e
 plus on-device augmentation (horizontal flip, small affine, brightness/contrast), AdamW (weight decay 0.05)
 with a 5-epoch warmup and cosine decay, label smoothing 0.1, and an EMA (decay 0.99 after the step's
 warm-up) of the weights and of the batch statistics, used for evaluation.
+
+Fine-tuning recipe ("finetune"): the improved recipe's augmentation, label smoothing and EMA, AdamW (weight
+decay 0.05) at 1e-3 for the new head with layer-wise decay 0.75 down the ResNet (stage 4: 0.75, ..., stem:
+0.75^5 = 0.24 of it; `config.optim.layer_decay`), a 2-epoch warmup and cosine decay over 20 epochs (the
+`epochs` argument's default for this recipe).
+
+Transfer (issue 19): ResNet-18 pretrained on PneumoniaMNIST (chest X-ray) for 10 epochs of the official
+recipe, then BreastMNIST (ultrasound) from it or from scratch (README "Transfer learning"):
+  python -m medjax.main --config experiments/medmnist_resnet.py:subset=pneumoniamnist,epochs=10 \
+      --workdir runs/tl/pneu_r18_e10_s0
+  python -m medjax.tools.sweep --config experiments/medmnist_resnet.py:recipe=finetune,init=runs/tl/pneu_r18_e10_s0 \
+      --workdir runs/tl/breast_ft_pneu
+  python -m medjax.tools.sweep --config experiments/medmnist_resnet.py:recipe=finetune --workdir runs/tl/breast_ft_scratch
+  python -m medjax.main --config experiments/medmnist_resnet.py:subset=adrenalmnist3d,init=runs/tl/pneu_r18_e10_s0,quick=true \
+      --workdir /tmp/adrenal_inflated   # 2D -> 3D inflation
 
 Runs (from the repository root; each writes `results.json` and `config.json` in its workdir):
   python -m medjax.main --config experiments/medmnist_resnet.py:subset=breastmnist --workdir runs/mm/breast_r18_s0
@@ -78,7 +99,10 @@ SUBSETS = {
 SIZES = {2: (28, 64, 128, 224), 3: (28, 64)}
 MODELS = ("resnet18", "resnet50", "vit_hybrid")
 CONVS = {2: ("2d",), 3: ("3d", "acs", "2.5d")}
-RECIPES = ("official", "improved")
+RECIPES = ("official", "improved", "finetune")
+FINETUNE_EPOCHS = 20
+# ResNet parameter groups from input to output, for the fine-tuning recipe's layer-wise learning-rate decay.
+RESNET_LAYER_GROUPS = ("stem_*", "stage1_*", "stage2_*", "stage3_*", "stage4_*", "head")
 EPOCHS = 100
 BATCH = {2: 128, 3: 32}
 
@@ -108,11 +132,16 @@ def _check(arg):
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
-                             recipe="official", epochs=EPOCHS, tta=False, mixup=0.0, balance=0.0,
+                             recipe="official", epochs=0, tta=False, mixup=0.0, balance=0.0, init="",
                              data_dir=DEFAULT_DATA_DIR, quick=False)
+  if not arg.epochs:  # the recipe's own length
+    arg.epochs = FINETUNE_EPOCHS if arg.recipe == "finetune" else EPOCHS
   dims, conv = _check(arg)
   if arg.epochs < 1:
     raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: epochs must be >= 1, got {arg.epochs}.")
+  if arg.recipe == "finetune" and arg.model == "vit_hybrid":
+    raise config_lib.ConfigError("experiments/medmnist_resnet.py: recipe=finetune's layer groups are the ResNet's; "
+                                 "use model=resnet18 or resnet50.")
   if arg.mixup < 0 or (arg.mixup > 0 and arg.recipe != "improved"):
     raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: mixup={arg.mixup} needs recipe=improved and "
                                  "alpha >= 0 (0 is off); the official protocol has no augmentation.")
@@ -171,7 +200,9 @@ def get_config(arg=None):
     c.loss = dict(name="xent", label_smoothing=0.1)
     c.optim = dict(name="adamw", wd=0.05)
     c.lr = 5e-4 if arg.model == "vit_hybrid" else 1e-3
-    c.schedule = dict(decay="cosine", warmup_steps=5 * steps_per_epoch)
+    c.schedule = dict(decay="cosine", warmup_steps=(2 if arg.recipe == "finetune" else 5) * steps_per_epoch)
+    if arg.recipe == "finetune":
+      c.optim.update(layer_decay=0.75, layer_groups=RESNET_LAYER_GROUPS)
     c.ema_decay = 0.99  # with the step's (1 + t) / (10 + t) warm-up, so short runs forget the init
     # Horizontal flips only: up/down and slice order carry anatomy. Pixels outside the image copy the edge.
     c.augment = dict(flip=dict(p=0.5, axes=(-1,)),
@@ -185,15 +216,24 @@ def get_config(arg=None):
       c.input.update(sampler="balanced", balance_power=float(arg.balance))
       c.tags.balance = float(arg.balance)
 
+  if arg.init:
+    path = os.path.expanduser(arg.init)
+    c.init_from = dict(path=os.path.normpath(os.path.join(REPO_ROOT, path)), exclude=("head",))
+    if conv == "3d":
+      c.init_from.inflate = "average"
+    c.tags.init = arg.init
+
   if arg.quick:
     c.total_steps = 4
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
     c.input.batch_size, c.input.eval_batch_size = 8, 8
-    if arg.model == "vit_hybrid":
+    if arg.init:
+      pass  # the pretrained model's architecture: only the run is short
+    elif arg.model == "vit_hybrid":
       c.model.update(width=4, stage_sizes=(1, 1, 1), hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
     else:
       c.model.update(width=4, stage_sizes=(1, 1, 1, 1))
-    if arg.recipe == "improved":
+    if arg.recipe != "official":
       c.schedule.warmup_steps = 1
   return c
 

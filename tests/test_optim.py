@@ -220,7 +220,7 @@ def test_unknown_optimizer_name():
 def test_unknown_kwarg_names_the_key():
   with pytest.raises(ValueError, match=r"config\.optim: unknown key 'momentun' for optimizer 'sgd'\. "
                                        r"Did you mean 'momentum'\? Valid: freeze, layer_decay, layer_groups, "
-                                       r"lr_multipliers, momentum, nesterov, train_only, wd\."):
+                                       r"lr_multipliers, momentum, nesterov, train_only, unfreeze, wd\."):
     optim.make_optimizer(_config(optim=dict(name="sgd", momentun=0.9)))
   with pytest.raises(ValueError,
                      match=r"config\.schedule: unknown key 'alpah' for schedule 'cosine'.*'alpha'"):

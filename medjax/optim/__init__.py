@@ -26,19 +26,19 @@ state, and their gradients are zeroed before clipping, so `grad_clip_norm` sees 
 lr_multipliers: given as (pattern, multiplier) pairs the first matching pattern wins; given as a mapping (whose
 order ml_collections does not keep: ConfigDict sorts keys) a parameter matched by two patterns with different
 multipliers is an error. Unmatched parameters keep multiplier 1.
-layer_decay = d with n layer_groups: a parameter belongs to group i (0-based) if its path equals
-layer_groups[i] or starts with layer_groups[i] + "/"; it must be in exactly one group unless frozen (else an
-error naming it). Its multiplier is d ** (n - 1 - i): the last group (the head) trains at the full rate.
-The effective rate is lr_multiplier * layer factor * schedule(step), i.e. the whole optimizer update of the
-parameter (decoupled weight decay included) is scaled, as torch's per-param-group lr does. Each distinct
-effective multiplier is one optax.multi_transform group with its own optimizer and state; clipping stays
-global. The groups are a pure function of config + params tree, so a resumed run stays bit-exact.
+layer_decay = d with n layer_groups: a parameter belongs to group i (0-based) if the pattern layer_groups[i]
+selects it (as above: "layer1" is the layer1 subtree, "stage1_*" every stage-1 block); it must be in exactly one
+group unless frozen (else an error naming it). Its multiplier is d ** (n - 1 - i): the last group (the head)
+trains at the full rate. The effective rate is lr_multiplier * layer factor * schedule(step), i.e. the whole
+optimizer update of the parameter (decoupled weight decay included) is scaled, as torch's per-param-group lr
+does. Each distinct effective multiplier is one optax.multi_transform group with its own optimizer and state;
+clipping stays global. The groups are a pure function of config + params tree, so a resumed run stays bit-exact.
 unfreeze = ((pattern, step), ...): a parameter matched by a pattern (the first match wins) trains from that
-optimizer step on (ULMFiT's gradual unfreezing, Howard & Ruder 2018); before it, its gradient is zeroed
-before clipping, as a frozen one's, and it gets no update. Its group's optimizer starts fresh at the step
-(Adam's moments and bias correction count from there) while the learning rate stays the run's lr(step).
-Parameters no pattern matches train from step 0; `freeze` / `train_only` still win (frozen for good).
-Batch-norm statistics are frozen by `config.freeze_batch_stats` (medjax.build), not here.
+optimizer step on (ULMFiT's gradual unfreezing, Howard & Ruder 2018); before it, its gradient is zeroed before
+clipping, as a frozen one's, and it gets no update. Its group's optimizer starts fresh at the step (Adam's
+moments and bias correction count from there) while the learning rate stays the run's lr(step). Parameters no
+pattern matches train from step 0; `freeze` / `train_only` still win (frozen for good). Batch-norm statistics
+are frozen by `config.freeze_batch_stats` (medjax.build), not here.
 
 `grad_accum_steps` is not handled here: the train step accumulates gradients and calls `tx.update` once per
 optimizer step, so every `*_steps` above counts optimizer updates.

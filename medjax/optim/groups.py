@@ -102,7 +102,7 @@ def _group_labels(g: Mapping[str, Any], params: Any) -> Any:
                        "to make the first match win.")
     factor = 1.0
     if g["layers"]:
-      groups = [i for i, prefix in enumerate(g["layers"]) if path == prefix or path.startswith(prefix + "/")]
+      groups = [i for i, pattern in enumerate(g["layers"]) if selects(pattern, path)]
       if len(groups) != 1:
         what = "no layer group" if not groups else f"several layer groups {[g['layers'][i] for i in groups]}"
         raise ValueError(f"config.optim.layer_groups: parameter {path!r} is in {what}; groups: {g['layers']}.")

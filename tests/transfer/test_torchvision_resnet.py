@@ -137,3 +137,26 @@ def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread, 
     assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
   # torchvision accepts the exported dict as it is (strict: same names, shapes, counters included).
   model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()}, strict=True)
+
+
+def test_timm_resnet_same_eval_logits(torch_one_thread):
+  torch = torch_one_thread
+  timm = pytest.importorskip("timm")
+  torch.manual_seed(0)
+  model = timm.create_model("resnet18", pretrained=False, num_classes=6)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.normal_(0.0, 0.1)
+        module.running_var.uniform_(0.5, 2.0)
+        module.weight.uniform_(0.5, 1.5)
+  model.eval()
+  state_dict = {name: value.numpy() for name, value in model.state_dict().items()}
+  x = np.random.default_rng(1).normal(size=(2, 3, 45, 61)).astype(np.float32)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  variables = transfer.from_torch(state_dict, "resnet18", source="timm")
+  logits, _ = models.build_model("resnet18", {"num_classes": 6}).apply(variables, x.transpose(0, 2, 3, 1), train=False)
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
+  exported = transfer.to_torch(variables, "resnet18", source="timm")
+  model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()}, strict=True)
