@@ -110,10 +110,24 @@ def test_choices_validate(arg):
     ("recipe=improved,mixup=-1", "alpha >= 0"),
     ("balance=0.5", "balance=0.5 needs recipe=improved"),
     ("recipe=improved,balance=1.5", r"a power in \[0, 1\]"),
+    ("recipe=finetune,model=vit_hybrid", "recipe=finetune's layer groups are the ResNet's"),
 ])
 def test_bad_arguments_name_the_problem(arg, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     _load(arg)
+
+
+def test_finetune_recipe_and_init(tmp_path):
+  c = build.validate(_load(f"recipe=finetune,init={tmp_path}"))
+  assert c.total_steps == 20 * 5 and c.schedule.warmup_steps == 2 * 5  # 20 epochs of ceil(546 / 128) steps
+  assert (c.optim.layer_decay, c.optim.layer_groups[0], c.optim.layer_groups[-1]) == (0.75, "stem_*", "head")
+  assert dict(c.init_from) == {"path": str(tmp_path), "exclude": ("head",)} and c.tags.init == str(tmp_path)
+  inflated = _load(f"subset=adrenalmnist3d,init={tmp_path},quick=true")
+  assert inflated.init_from.inflate == "average" and inflated.model.get("width") is None  # the pretrained model
+  acs = _load(f"subset=adrenalmnist3d,conv=acs,init={tmp_path}")
+  assert "inflate" not in acs.init_from  # ACS keeps 2D kernels
+  relative = _load("init=runs/x")
+  assert relative.init_from.path == os.path.join(REPO_ROOT, "runs", "x")
 
 
 def test_sweep_is_three_seeds():
