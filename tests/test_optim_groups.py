@@ -118,6 +118,10 @@ def test_layer_decay_rates_follow_the_documented_rule():
   expected = {p: 0.5 * decay ** (n - 1 - LAYERS.index(p.split("/")[0])) for p in _paths(_params())}
   assert expected["head/bias"] == 0.5 and expected["stem/norm/scale"] == 0.5 * 0.75 ** 3
   _assert_rates(got, expected)
+  # Groups are patterns: "layer*" puts both layers in one group (n = 3: stem d^2, layers d, head 1).
+  got = _step_sizes(_config(layer_decay=decay, layer_groups=("stem", "layer*", "head")))
+  _assert_rates(got, {p: 0.5 * decay ** {"stem": 2, "layer1": 1, "layer2": 1, "head": 0}[p.split("/")[0]]
+                      for p in _paths(_params())})
 
 
 def test_everything_composes_with_schedule_and_momentum():
