@@ -11,11 +11,16 @@ concatenation with the skip.
 With feature_size 48, 1 input channel and 14 classes the "params" collection has 62,187,296 entries, exactly
 MONAI's count (MONAI's instance norm has no affine parameters, hence `norm_affine=False`).
 
-Deliberate differences from MONAI (neither changes the parameter count):
+Differences from MONAI (neither changes the parameter count):
 - Patch merging concatenates all 2^d offsets of each 2x..x2 block in row-major order (offsets leading, as
-  `space_to_depth` lays them out); MONAI v1's 3D merging takes two offsets twice and drops two.
+  `space_to_depth` lays them out), as MONAI's `downsample="mergingv2"` in 3D. MONAI's default "merging" (and
+  both kinds in 2D) concatenates the same 2^d offsets in another order (MONAI 1.6.1; older releases took two
+  3D offsets twice): a fixed permutation of the merging norm and reduction weights, which
+  `medjax.transfer.monai_transformers` applies on conversion.
 - When a window shrinks to a small feature map, the relative position index is that of the shrunk window
-  (read from the full table); MONAI slices the full window's index matrix, which mixes up positions.
+  (read from the full table); MONAI slices the full window's `(N, N)` index matrix to its first `n x n`
+  entries, which mixes up positions. `monai_window_index=True` does as MONAI, to reproduce its outputs with
+  its weights whenever a stage's map is no larger than the window (e.g. stage 4 at 96^3 input, window 7).
 """
 
 from __future__ import annotations
@@ -149,6 +154,7 @@ class WindowAttention(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  monai_index: bool = False  # see SwinUNETR.monai_window_index
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -173,7 +179,10 @@ class WindowAttention(nn.Module):
 
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                        (int(np.prod([2 * w - 1 for w in self.window])), h), self.param_dtype)
-    index = relative_position_index(ws, self.window)
+    if self.monai_index:  # MONAI's slice of the full window's index matrix (the same where ws == window)
+      index = relative_position_index(self.window, self.window)[:n, :n]
+    else:
+      index = relative_position_index(ws, self.window)
     bias = table.astype(jnp.float32)[index.reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
     logits = logits + bias
     regions = shift_regions(padded, ws, ss)
@@ -206,13 +215,14 @@ class SwinBlock(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  monai_index: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     ln = dict(epsilon=LN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
     y = nn.LayerNorm(name="norm1", **ln)(x)
     y = WindowAttention(self.num_heads, self.window, self.shifted, self.qkv_bias, self.attn_dropout,
-                        self.dropout, self.dtype, self.param_dtype, name="attn")(y, train)
+                        self.dropout, self.dtype, self.param_dtype, self.monai_index, name="attn")(y, train)
     x = x + drop_path(self, y, self.drop_path, train)
     y = nn.LayerNorm(name="norm2", **ln)(x)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
@@ -249,7 +259,7 @@ def norm_layer(kind: str, affine: bool, *, train: bool, dtype: Dtype, param_dtyp
   if kind == "instance":
     return nn.GroupNorm(num_groups=None, group_size=1, **common)
   if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, **common)
+    return nn.BatchNorm(use_running_average=layers.use_running_average(train), momentum=0.9, **common)
   if kind == "group":
     return lambda x: nn.GroupNorm(num_groups=math.gcd(x.shape[-1], layers.MAX_GROUPS), **common)(x)
   return layers.make_norm(kind, train=train)  # raises the unknown-norm error
@@ -297,6 +307,8 @@ class SwinUNETR(nn.Module):
       windows, starting plain).
     window_size: int or per-axis tuple; an axis of a stage's map no longer than the window gets a window of
       the map's size and no shift. The bias tables are sized by this window whatever the input.
+    monai_window_index: index a shrunk window's relative position biases as MONAI does (see the module
+      docstring); needed to reproduce MONAI's outputs with its weights when a map is no larger than the window.
     mlp_ratio / qkv_bias: transformer MLP width factor; bias on the q, k, v projection.
     normalize: parameter-free LayerNorm of the encoder outputs before the decoder uses them (MONAI default).
     norm / norm_affine: decoder normalisation ("instance" | "batch" | "group" | "none"); MONAI's instance
@@ -329,6 +341,7 @@ class SwinUNETR(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  monai_window_index: bool = False
 
   def _check(self, x):
     name = type(self).__name__
@@ -369,8 +382,8 @@ class SwinUNETR(nn.Module):
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       for j in range(depth):
         h = block_cls(heads, window, j % 2 == 1, self.mlp_ratio, self.qkv_bias, self.dropout,
-                      self.attn_dropout, rates[sum(self.depths[:i]) + j], name=f"stage{i + 1}_block{j}",
-                      **kw)(h, train)
+                      self.attn_dropout, rates[sum(self.depths[:i]) + j], monai_index=self.monai_window_index,
+                      name=f"stage{i + 1}_block{j}", **kw)(h, train)
       h = PatchMerging(name=f"stage{i + 1}_merge", **kw)(h)
       hidden.append(out(h))
 

@@ -9,6 +9,11 @@ Design choices (documented here once):
   is cropped to the skip's size, so any input size works.
 - `residual=True` wraps each stage's `blocks_per_stage` convs in one residual unit (a 1x1 strided conv +
   norm projects the skip when the shape changes), as MONAI's UnetResBlock does for two convs.
+- MONAI's DynUNet is this network with three options (its weights convert with
+  `medjax.transfer.monai_cnns.MonaiDynUNet`): `decoder_residual=False` (DynUNet's `res_block=True` makes only
+  the encoder stages residual), `decoder_kernel_from_below=True` (its decoder stage at level i convolves with
+  the kernel size of level i + 1, nnU-Net's with that of level i) and `upsample_bias=False` (its default
+  `trans_bias=False`).
 - Dropout (rate `dropout`, "dropout" rng stream) follows every conv block when > 0.
 - Computation in `dtype`, parameters in `param_dtype`, norm statistics in float32; all logits are float32.
 """
@@ -115,6 +120,11 @@ class UNet(nn.Module):
       per-transition entries (e.g. `((1, 2, 2), 2, 2)`); the decoder upsamples by the same strides.
     blocks_per_stage: conv blocks per encoder and decoder stage.
     residual: residual unit around each stage's convs.
+    decoder_residual: with `residual`, the decoder stages are residual too (False: plain conv blocks there,
+      as MONAI DynUNet's `res_block=True`).
+    decoder_kernel_from_below: the decoder stage at level i uses `kernel_size` of level i + 1 (MONAI DynUNet)
+      instead of level i's (nnU-Net); the two differ only for per-level kernels.
+    upsample_bias: a bias on each up-convolution (MONAI DynUNet's `trans_bias`).
     norm: "instance" | "batch" | "group" | "none".
     act: "leaky_relu" (slope 0.01, nnU-Net) | "relu" | "gelu" | "silu".
     deep_supervision: number of extra 1x1 heads on the decoder outputs below full resolution (at most
@@ -137,6 +147,9 @@ class UNet(nn.Module):
   strides: Any = 2
   blocks_per_stage: int = 2
   residual: bool = False
+  decoder_residual: bool = True
+  decoder_kernel_from_below: bool = False
+  upsample_bias: bool = True
   norm: str = "instance"
   act: str = "leaky_relu"
   deep_supervision: int = 0
@@ -174,15 +187,17 @@ class UNet(nn.Module):
     decoder_outputs, gates = {}, {}
     for i in reversed(range(levels - 1)):
       skip = skips[i]
-      x = layers.Upsample(self.features[i], strides[i], dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=f"up{i}")(x)
+      x = layers.Upsample(self.features[i], strides[i], use_bias=self.upsample_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=f"up{i}")(x)
       x = x[(slice(None),) + tuple(slice(0, n) for n in skip.shape[1:-1])]  # crop to the skip's size
       if self.attention_gates:
         skip, gate = AttentionGate(max(self.features[i] // 2, 1), norm=self.norm, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name=f"gate{i}")(skip, x, train)
         gates[i] = gate
       x = jnp.concatenate([x, skip], axis=-1)
-      x = stage_cls(self.features[i], kernels[i], (1,) * nd, name=f"dec{i}", **common)(x, train)
+      kernel = kernels[i + 1] if self.decoder_kernel_from_below else kernels[i]
+      x = stage_cls(self.features[i], kernel, (1,) * nd, name=f"dec{i}",
+                    **{**common, "residual": self.residual and self.decoder_residual})(x, train)
       decoder_outputs[i] = x
     aux["features"] = x
     if self.attention_gates:

@@ -9,6 +9,8 @@ models never import it (.importlinter).
   torchvision_mobile  torchvision EfficientNet B0-B3, MobileNetV2, MobileNetV3 small/large names.
   torchvision_cnns    torchvision VGG-11/16 (+BN), DenseNet, GoogLeNet, ShuffleNetV2 names.
   vit_weights         torchvision and timm ViT names.
+  monai_transformers  MONAI UNETR and SwinUNETR names (shared MONAI helpers: monai_common).
+  monai_cnns          MONAI DynUNet (as medjax "unet") and DenseNet121 names.
   adapt               2D -> 3D inflation, input-channel adaptation of pretrained kernels.
   partial             merge pretrained variables into a fresh model, with a LoadReport by path.
 """

@@ -14,14 +14,19 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from medjax.transfer import mapping, torchvision_cnns, torchvision_mobile, torchvision_resnet, vit_weights
+from medjax.transfer import (mapping, monai_cnns, monai_transformers, torchvision_cnns, torchvision_mobile,
+                             torchvision_resnet, vit_weights)
 
 _FAMILIES: Tuple[mapping.TorchMapping, ...] = (
     torchvision_resnet.TorchvisionResNet(), torchvision_resnet.TimmResNet(),
     torchvision_mobile.TorchvisionEfficientNet(), torchvision_mobile.TorchvisionMobileNetV2(),
     torchvision_mobile.TorchvisionMobileNetV3Large(), torchvision_mobile.TorchvisionMobileNetV3Small(),
     vit_weights.TorchvisionViT(), vit_weights.TimmViT(),
-    *torchvision_cnns.families(),
+    torchvision_cnns.TorchvisionVGG(), torchvision_cnns.TorchvisionDenseNet(), torchvision_cnns.TorchvisionGoogLeNet(),
+    torchvision_cnns.TorchvisionShuffleNetV2(),
+    # One instance per family serves every configuration: `bind` configures it from the model kwargs.
+    monai_transformers.MonaiUNETR(), monai_transformers.MonaiSwinUNETR(), monai_cnns.MonaiDynUNet(),
+    monai_cnns.MonaiDenseNet121(),
 )
 _BY_KEY: Dict[Tuple[str, str], mapping.TorchMapping] = {
     (family.source, name): family for family in _FAMILIES for name in family.model_names}
@@ -61,12 +66,16 @@ def from_torch(state_dict: Mapping[str, Any], model_name: str, model_kwargs: Opt
   return mapping.from_torch(family(model_name, source), state_dict, model_name, model_kwargs)
 
 
-def to_torch(variables: Mapping[str, Any], model_name: str, *, source: str = "torchvision") -> Dict[str, np.ndarray]:
+def to_torch(variables: Mapping[str, Any], model_name: str, model_kwargs: Optional[Mapping[str, Any]] = None, *,
+             source: str = "torchvision") -> Dict[str, np.ndarray]:
   """Converts medjax variables (`{"params": ..., "batch_stats": ...}`) into a `source` state dict
   `{torch name: np.ndarray}` that the PyTorch model's strict `load_state_dict` accepts (buffers medjax does not
   keep are written with their initial values, e.g. `num_batches_tracked` = 0). `from_torch` inverts it exactly.
+  model_kwargs: the model's fields where the names depend on them (MONAI DynUNet's spatial_dims, features and
+    strides, SwinUNETR's spatial_dims and window_size, VGG's stage_sizes and batch_norm; the model's defaults
+    where absent); else unused.
 
   Raises ValueError: `model_name` has no `source` mapping, or a variable has no torch name (e.g. a ResNet
   built with `norm="group"`).
   """
-  return mapping.to_torch(family(model_name, source), variables, model_name)
+  return mapping.to_torch(family(model_name, source), variables, model_name, model_kwargs)

@@ -95,6 +95,17 @@ class TorchMapping(abc.ABC):
   def torch_key(self, path: Path) -> TorchKey:
     """The torch tensor of the medjax variable at `path`; ValueError if it has none."""
 
+  def ignored(self, name: str) -> bool:
+    """Whether the torch tensor `name` is a buffer medjax keeps no counterpart of (skipped on import; default:
+    names ending in one of `ignored_suffixes`)."""
+    return name.endswith(self.ignored_suffixes)
+
+  def bind(self, model_name: str, model_kwargs: Mapping[str, Any]) -> TorchMapping:
+    """The mapping for one model: a family whose names depend on the model's fields (VGG's layer numbering,
+    DynUNet's strides) returns an instance configured for them. Default: itself."""
+    del model_name, model_kwargs
+    return self
+
   def model_kwargs(self, state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """The model's fields: `model_kwargs` completed from the state dict (e.g. num_classes from the head)."""
     return dict(model_kwargs)
@@ -161,9 +172,9 @@ def from_torch(mapping: TorchMapping, state_dict: Mapping[str, Any], model_name:
                model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """The torch state dict as the variables of the medjax model `model_name` (`medjax.transfer.from_torch`)."""
   mapping.check_model_name(model_name)
-  given = {name: np.asarray(value) for name, value in state_dict.items()
-           if not name.endswith(mapping.ignored_suffixes)}
+  given = {name: np.asarray(value) for name, value in state_dict.items() if not mapping.ignored(name)}
   kwargs = mapping.model_kwargs(given, dict(model_kwargs or {}))
+  mapping = mapping.bind(model_name, kwargs)
   shapes = flatten(variable_shapes(model_name, kwargs, mapping.in_channels(given), mapping))
 
   missing, mismatched, used, out = [], [], set(), {}
@@ -210,9 +221,11 @@ def _mismatch_message(mapping: TorchMapping, model_name: str, kwargs: Mapping[st
   return "\n".join(lines)
 
 
-def to_torch(mapping: TorchMapping, variables: Mapping[str, Any], model_name: str) -> Dict[str, np.ndarray]:
+def to_torch(mapping: TorchMapping, variables: Mapping[str, Any], model_name: str,
+             model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, np.ndarray]:
   """Converts medjax variables into the torch state dict (see `medjax.transfer.to_torch`)."""
   mapping.check_model_name(model_name)
+  mapping = mapping.bind(model_name, dict(model_kwargs or {}))
   flat = flatten({c: variables[c] for c in ("params", "batch_stats") if c in variables})
   parts: Dict[str, Dict[int, np.ndarray]] = {}
   state_dict: Dict[str, np.ndarray] = {}
@@ -223,7 +236,7 @@ def to_torch(mapping: TorchMapping, variables: Mapping[str, Any], model_name: st
       state_dict[key.name] = tensor
     else:
       parts.setdefault(key.name, {})[key.part[0]] = tensor
-    if path[0] == "batch_stats" and path[-1] == "mean" and "num_batches_tracked" in mapping.ignored_suffixes:
+    if path[0] == "batch_stats" and path[-1] == "mean" and mapping.ignored("x.num_batches_tracked"):
       state_dict[key.name.rsplit(".", 1)[0] + ".num_batches_tracked"] = np.array(0, dtype=np.int64)
   for name, pieces in parts.items():
     state_dict[name] = np.concatenate([pieces[i] for i in sorted(pieces)], axis=0)

@@ -53,9 +53,9 @@ tests/transfer/test_torchvision_cnns.py):
   * DenseNet and ShuffleNetV2 read their architecture from the state dict when not given (DenseNet:
     growth_rate, bn_size, block_config, init_features; ShuffleNet: stage_channels, stage_blocks), so
     torchvision's densenet161/169/201 load as medjax "densenet121" and any shufflenet_v2 width as any
-    registered variant. VGG reads width and head_features; its stage layout is fixed per mapping instance
-    (`TorchvisionVGG(model_name)`): torch names count modules across stages, which a variable path alone
-    does not tell.
+    registered variant. VGG reads width and head_features; its stage layout (torch names count modules
+    across stages, which a variable path alone does not tell) comes from the model's `stage_sizes` and
+    `batch_norm` through `bind`.
   * norm other than "batch", DenseNet's `small_input` stem and VGG's `pool_size != 7` have no torchvision
     counterpart: to_torch refuses variables it cannot name; from_torch lists what does not fit.
 
@@ -129,29 +129,32 @@ def _count(state_dict: Mapping[str, np.ndarray], pattern: str) -> Dict[Tuple[int
 
 
 class TorchvisionVGG(mapping.TorchMapping):
-  """torchvision.models.vgg11/vgg11_bn/vgg16/vgg16_bn <-> the medjax model of the same name; one instance per
-  variant (`TorchvisionVGG("vgg16_bn")`, all four: `TorchvisionVGG.variants()`), because torchvision numbers
-  the `features` modules across stages and that numbering depends on the stage layout and batch norm."""
+  """torchvision.models.vgg11/vgg11_bn/vgg16/vgg16_bn <-> the medjax model of the same name (or any VGG whose
+  `stage_sizes` torchvision has, e.g. vgg13's (2, 2, 2, 2, 2)). torchvision numbers the `features` modules
+  across stages, so the names depend on the model's `stage_sizes` and `batch_norm`: `bind` configures the
+  mapping from the model kwargs (the registered variant's defaults where absent); `TorchvisionVGG()` (one
+  instance for every variant) names nothing until bound."""
 
   source = SOURCE
-  VARIANTS = ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn")
+  model_names = ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn")
   CELLS = 7 * 7  # torchvision's AdaptiveAvgPool2d((7, 7)) before the flatten
 
-  def __init__(self, model_name: str):
-    if model_name not in self.VARIANTS:
-      raise ValueError(f"no {SOURCE} VGG mapping for {model_name!r}; the variants are {list(self.VARIANTS)}")
-    self.model_names = (model_name,)
-    model_cls = MODELS.get(model_name)
-    self.stage_sizes: Tuple[int, ...] = tuple(model_cls.stage_sizes)
-    self.batch_norm: bool = bool(model_cls.batch_norm)
+  def __init__(self, stage_sizes: Optional[Tuple[int, ...]] = None, batch_norm: bool = False):
+    self.stage_sizes = None if stage_sizes is None else tuple(int(n) for n in stage_sizes)
+    self.batch_norm = bool(batch_norm)
 
-  @classmethod
-  def variants(cls) -> Tuple[TorchvisionVGG, ...]:
-    return tuple(cls(name) for name in cls.VARIANTS)
+  def bind(self, model_name: str, model_kwargs: Mapping[str, Any]) -> TorchvisionVGG:
+    self.check_model_name(model_name)
+    model_cls = MODELS.get(model_name)  # the variants only change these defaults
+    return type(self)(model_kwargs.get("stage_sizes", model_cls.stage_sizes),
+                      model_kwargs.get("batch_norm", model_cls.batch_norm))
 
   def _feature_index(self, path: mapping.Path, stage: int, conv: int) -> int:
+    if self.stage_sizes is None:
+      raise ValueError("TorchvisionVGG() names tensors once bound to a model: bind(model_name, model_kwargs) (the "
+                       "transfer.from_torch / to_torch entry points do)")
     if not (1 <= stage <= len(self.stage_sizes) and 1 <= conv <= self.stage_sizes[stage - 1]):
-      raise ValueError(f"{'/'.join(path)} is not in {self.model_names[0]}'s stages {self.stage_sizes}")
+      raise ValueError(f"{'/'.join(path)} is not in the VGG stages {self.stage_sizes}")
     per_conv = 3 if self.batch_norm else 2  # Conv2d, [BatchNorm2d,] ReLU
     before = sum(n * per_conv + 1 for n in self.stage_sizes[:stage - 1])  # + 1: each stage's MaxPool2d
     return before + (conv - 1) * per_conv
@@ -179,10 +182,6 @@ class TorchvisionVGG(mapping.TorchMapping):
       kwargs["width"] = _rows(state_dict, "features.0.weight")
     if "head_features" not in kwargs and {"classifier.0.weight", "classifier.3.weight"} <= set(state_dict):
       kwargs["head_features"] = (_rows(state_dict, "classifier.0.weight"), _rows(state_dict, "classifier.3.weight"))
-    for field, value in (("stage_sizes", self.stage_sizes), ("batch_norm", self.batch_norm)):
-      if field in kwargs and (tuple(kwargs[field]) if field == "stage_sizes" else kwargs[field]) != value:
-        raise ValueError(f"the {SOURCE} mapping of {self.model_names[0]} has {field}={value}, got "
-                         f"{kwargs[field]!r}; use the mapping of the variant with that layout")
     return kwargs
 
   def in_channels(self, state_dict: Mapping[str, np.ndarray]) -> int:
@@ -324,8 +323,3 @@ class TorchvisionShuffleNetV2(mapping.TorchMapping):
 
   def in_channels(self, state_dict: Mapping[str, np.ndarray]) -> int:
     return _first_conv_channels(state_dict, "conv1.0.weight")
-
-
-def families() -> Tuple[mapping.TorchMapping, ...]:
-  """Every mapping of this module, one instance each (four for VGG), as convert.py registers them."""
-  return (*TorchvisionVGG.variants(), TorchvisionDenseNet(), TorchvisionGoogLeNet(), TorchvisionShuffleNetV2())

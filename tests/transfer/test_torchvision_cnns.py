@@ -21,7 +21,9 @@ DENSENET = ("densenet121", {"num_classes": 4, "growth_rate": 4, "block_config": 
 GOOGLENET = ("googlenet", {"num_classes": 3, "aux_heads": True})
 SHUFFLENET = ("shufflenet_v2_x0_5", {"num_classes": 6, "stage_channels": (8, 16, 32, 64, 48),
                                      "stage_blocks": (2, 1, 2)})
-FAMILIES = {"vgg11_bn": torchvision_cnns.TorchvisionVGG("vgg11_bn"),
+# One VGG mapping for every variant: `bind` configures it from the model.
+VGG_FAMILY = torchvision_cnns.TorchvisionVGG()
+FAMILIES = {"vgg11_bn": VGG_FAMILY,
             "densenet121": torchvision_cnns.TorchvisionDenseNet(),
             "googlenet": torchvision_cnns.TorchvisionGoogLeNet(),
             "shufflenet_v2_x0_5": torchvision_cnns.TorchvisionShuffleNetV2()}
@@ -39,7 +41,7 @@ def _flat(tree):
 @pytest.mark.parametrize("model_name,kwargs", [VGG, ("vgg16", {"num_classes": 2, "width": 2, "head_features": (8, 8)}),
                                                DENSENET, GOOGLENET, SHUFFLENET])
 def test_export_then_import_is_exact(model_name, kwargs):
-  family = FAMILIES.get(model_name) or torchvision_cnns.TorchvisionVGG(model_name)
+  family = FAMILIES.get(model_name, VGG_FAMILY)
   variables = transfer_testing.random_variables(model_name, kwargs, in_channels=1)
   state_dict = mapping.to_torch(family, variables, model_name)
   given = {k: v for k, v in kwargs.items() if k not in INFERRED.get(model_name, ("num_classes",))}
@@ -82,10 +84,10 @@ def test_names_and_flatten_layouts():
 
 def test_vgg11_into_vgg16_lists_missing_unexpected_and_misshaped():
   kwargs = {"num_classes": 5, "width": 2, "head_features": (8, 8)}
-  state_dict = mapping.to_torch(torchvision_cnns.TorchvisionVGG("vgg11"),
+  state_dict = mapping.to_torch(VGG_FAMILY,
                                 transfer_testing.random_variables("vgg11", kwargs), "vgg11")
   with pytest.raises(mapping.WeightMismatchError) as info:
-    mapping.from_torch(torchvision_cnns.TorchvisionVGG("vgg16"), state_dict, "vgg16", {"num_classes": 7})
+    mapping.from_torch(VGG_FAMILY, state_dict, "vgg16", {"num_classes": 7})
   error = info.value
   # vgg16's convs sit at features 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28; vgg11's at 0, 3, 6, 8, 11,
   # 13, 16, 18: only features.0 fits, 12 convs (weight + bias) are missing, 7 unexpected, the head mis-shaped.
@@ -98,18 +100,32 @@ def test_vgg11_into_vgg16_lists_missing_unexpected_and_misshaped():
                                "'head_features': (8, 8)}): 24 missing, 14 unexpected, 2 mis-shaped tensors\n")
 
 
+def test_one_vgg_mapping_binds_to_each_model():
+  from medjax import transfer
+  assert len({id(transfer.family(name)) for name in ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn")}) == 1
+  # The names follow the model's own stage layout: vgg11 built with vgg16's stages is named as vgg16.
+  kwargs = {"num_classes": 2, "width": 2, "head_features": (8, 8)}
+  as_vgg16 = transfer.to_torch(transfer_testing.random_variables(
+      "vgg11", {**kwargs, "stage_sizes": (2, 2, 3, 3, 3)}), "vgg11", {**kwargs, "stage_sizes": (2, 2, 3, 3, 3)})
+  vgg16 = transfer.to_torch(transfer_testing.random_variables("vgg16", kwargs), "vgg16")
+  assert sorted(as_vgg16) == sorted(vgg16) and "features.28.weight" in vgg16
+  bn = transfer.to_torch(transfer_testing.random_variables("vgg11", {**kwargs, "batch_norm": True}), "vgg11",
+                         {**kwargs, "batch_norm": True})
+  assert "features.1.running_var" in bn
+
+
 def test_refusals():
-  with pytest.raises(ValueError, match=r"no torchvision VGG mapping for 'vgg13'"):
-    torchvision_cnns.TorchvisionVGG("vgg13")
-  with pytest.raises(ValueError, match=r"has stage_sizes=\(1, 1, 2, 2, 2\), got"):
-    mapping.from_torch(FAMILIES["vgg11_bn"], {}, "vgg11_bn", {"stage_sizes": (2, 2, 2, 2, 2)})
+  with pytest.raises(ValueError, match=r"no torchvision mapping of TorchvisionVGG for model 'vgg13'"):
+    mapping.from_torch(VGG_FAMILY, {}, "vgg13")
+  with pytest.raises(ValueError, match=r"names tensors once bound"):
+    VGG_FAMILY.torch_key(("params", "stage1", "conv1", "kernel"))
   variables = transfer_testing.random_variables("densenet121", {**DENSENET[1], "norm": "group"})
   with pytest.raises(ValueError, match=r"^no torchvision name for the medjax variable params/\w+/norm\d?/norm/\w+ "
                                        r"\(module 'norm'\)$"):
     mapping.to_torch(FAMILIES["densenet121"], variables, "densenet121")
   variables = transfer_testing.random_variables("vgg16", {"num_classes": 2, "width": 2, "pool_size": 2})
   with pytest.raises(ValueError, match=r"needs a multiple of 49 kernel rows, got 64"):
-    mapping.to_torch(torchvision_cnns.TorchvisionVGG("vgg16"), variables, "vgg16")
+    mapping.to_torch(VGG_FAMILY, variables, "vgg16")
   # googlenet without aux heads in the dict but asked for them: the aux tensors are listed as missing.
   without_aux = transfer_testing.random_variables("googlenet", {"num_classes": 3})
   state_dict = mapping.to_torch(FAMILIES["googlenet"], without_aux, "googlenet")

@@ -13,22 +13,10 @@ import pytest
 from medjax import models
 from medjax.transfer import mapping
 from medjax.transfer.vit_weights import TimmViT, TorchvisionViT
+from tests.transfer.transfer_testing import random_variables
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64}
 TORCHVISION, TIMM = TorchvisionViT(), TimmViT()
-
-
-def _random_variables(family, model_name, kwargs, in_channels=3, seed=0):
-  """Random values in every variable of `model_name(**kwargs)`, traced at its image size."""
-  rng = np.random.default_rng(seed)
-  shapes = mapping.variable_shapes(model_name, kwargs, in_channels, family)
-
-  def fill(tree):
-    if isinstance(tree, Mapping):
-      return {k: fill(v) for k, v in tree.items()}
-    return rng.normal(size=tree.shape).astype(tree.dtype)
-
-  return fill(shapes)
 
 
 def _flat(tree, prefix=""):
@@ -40,7 +28,7 @@ def _flat(tree, prefix=""):
 
 def test_torchvision_and_timm_names_and_layouts():
   kwargs = {**TINY, "num_classes": 5, "image_size": 32, "patch_size": 8}
-  variables = _random_variables(TORCHVISION, "vit_ti16", kwargs)
+  variables = random_variables("vit_ti16", kwargs, mapping=TORCHVISION)
   params = variables["params"]
   block1 = params["transformer"]["encoder"]["block1"]
   tv = mapping.to_torch(TORCHVISION, variables, "vit_ti16")
@@ -76,7 +64,7 @@ def test_torchvision_and_timm_names_and_layouts():
     (TIMM, "vit_b16", {**TINY, "num_classes": 2, "image_size": 16, "patch_size": 8, "classifier": "gap"}, 3),
 ])
 def test_export_then_import_is_exact(family, model_name, kwargs, in_channels):
-  variables = _random_variables(family, model_name, kwargs, in_channels)
+  variables = random_variables(model_name, kwargs, in_channels=in_channels, mapping=family)
   state_dict = mapping.to_torch(family, variables, model_name)
   # num_classes, patch_size, a square image_size, qkv_bias and the input channels are read off the state dict.
   given = {k: v for k, v in kwargs.items()
@@ -94,7 +82,7 @@ def test_export_then_import_is_exact(family, model_name, kwargs, in_channels):
 
 def test_mismatch_lists_missing_unexpected_and_misshaped_tensors():
   kwargs = {**TINY, "num_classes": 5, "image_size": 32, "patch_size": 8}
-  state_dict = mapping.to_torch(TORCHVISION, _random_variables(TORCHVISION, "vit_ti16", kwargs), "vit_ti16")
+  state_dict = mapping.to_torch(TORCHVISION, random_variables("vit_ti16", kwargs, mapping=TORCHVISION), "vit_ti16")
   state_dict["heads.pre_logits.weight"] = np.zeros((32, 32), np.float32)  # torchvision representation_size
   with pytest.raises(mapping.WeightMismatchError) as info:
     mapping.from_torch(TORCHVISION, state_dict, "vit_ti16", {**TINY, "num_layers": 3, "mlp_dim": 48})
@@ -115,7 +103,7 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_tensors():
                           "params/transformer/encoder/block1/mlp2/kernel: (32, 48)")
 
   # A wider timm model: every tensor with the hidden axis is mis-shaped, a pos_embed of another grid too.
-  timm_dict = mapping.to_torch(TIMM, _random_variables(TIMM, "vit_ti16", kwargs), "vit_ti16")
+  timm_dict = mapping.to_torch(TIMM, random_variables("vit_ti16", kwargs, mapping=TIMM), "vit_ti16")
   timm_dict["fc_norm.weight"] = np.ones(32, np.float32)  # timm's avg-pool fc_norm layout is refused
   with pytest.raises(mapping.WeightMismatchError) as info:
     mapping.from_torch(TIMM, timm_dict, "vit_ti16", {**TINY, "hidden_size": 48, "image_size": 40})
