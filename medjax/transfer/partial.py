@@ -13,20 +13,20 @@ initialised) and pretrained ones in medjax names (from a medjax checkpoint, or a
 and every source variable not used is in `skipped` (excluded, or not in the model). Anything else (a
 variable the source lacks, a shape no option adapts) is an error that lists all of them at once.
 
-Patterns are fnmatch globs on "/"-joined paths without the collection ("head/kernel", "stage4_*"); a
-pattern without wildcards also selects everything under it ("head" is the head's kernel and bias), as in
-`config.optim.freeze`.
+Patterns are those of `medjax.param_paths` (as in `config.optim.freeze`): fnmatch globs on "/"-joined paths
+without the collection ("head/kernel", "stage4_*"); a pattern also selects everything under a path it matches
+("head" is the head's kernel and bias).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from medjax.param_paths import selects
 from medjax.transfer import adapt
 from medjax.transfer.mapping import WeightMismatchError, flatten, unflatten
 
@@ -38,9 +38,9 @@ def _name(path: Path) -> str:
 
 
 def matches(path: Path, pattern: str) -> bool:
-  """Whether the variable at `path` (collection first) is selected by `pattern` (see the module docstring)."""
-  name = "/".join(path[1:])
-  return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern.rstrip("/") + "/")
+  """Whether the variable at `path` (collection first) is selected by `pattern` (`param_paths.selects` on the
+  path without its collection)."""
+  return selects(pattern, "/".join(path[1:]))
 
 
 @dataclasses.dataclass
