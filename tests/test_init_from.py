@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medjax import build, checkpoint, config_lib, param_paths, train, transfer
-from tests.train_testing import Preempted, preempt_after_save, set_dotted
+from tests.train_testing import Preempted, preempt_after_save, run_straight_and_resumed, set_dotted
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "synthetic_resnet.py")
 
@@ -118,13 +118,7 @@ def test_unfreezing_and_init_from_resume_bit_exact(pretrained, tmp_path, monkeyp
   config = _config(total_steps=6, checkpoint_every_steps=3, eval_every_steps=3)
   config.init_from = dict(path=pretrained, step=2)
   config.optim.unfreeze = (("head", 0), ("stage4_*", 2), ("*", 4))
-  train.main(config, str(tmp_path / "straight"))
-  original_save = preempt_after_save(monkeypatch, at_step=3)
-  with pytest.raises(Preempted):
-    train.main(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
-  train.main(config, str(tmp_path / "resumed"))
-  straight, resumed = _state(str(tmp_path / "straight")), _state(str(tmp_path / "resumed"))
+  straight, resumed = map(_state, run_straight_and_resumed(config, tmp_path, monkeypatch, at_step=3))
   chex.assert_trees_all_equal(resumed, straight)  # bitwise: params, batch stats, optimizer state
 
 
@@ -153,7 +147,7 @@ def test_unfreeze_schedule_zero_before_fresh_adam_after():
 
 
 @pytest.mark.parametrize("init_from, pattern", [
-    ("/no/such/run", r"config\.init_from\.path: '/no/such/run' does not exist"),
+    (__file__, r"config\.init_from\.path: '.*test_init_from\.py' is neither a workdir nor a weight file"),
     (dict(path=".", stepp=3), r"config\.init_from: unknown key\(s\) \['stepp'\]; known keys: path, step"),
     (dict(path=".", inflate="mean"), r"config\.init_from\.inflate must be None or one of \('average', 'center'\)"),
     (dict(path=".", source="keras"), r"config\.init_from\.source must be one of"),
@@ -177,3 +171,22 @@ def test_wrong_architecture_names_the_source_and_every_mismatch(tmp_path):
                             "not fit the model: ")
   assert "\n  params/stem_conv/kernel (" in message and "not in the model (1): params/enc0/conv/kernel" in message
   assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")  # nothing was saved
+
+
+def test_init_file_is_needed_at_the_start_only(pretrained, tmp_path, monkeypatch):
+  weights = tmp_path / "w.safetensors"
+  variables = jax.device_get(checkpoint.load(pretrained).variables)
+  transfer.save_state_dict(weights, {"/".join(k): v for k, v in transfer.flatten(variables).items()})
+  config = _config(total_steps=2, checkpoint_every_steps=1, eval_every_steps=2)
+  config.init_from = str(weights)
+  config.freeze_batch_stats = True
+  original_save = preempt_after_save(monkeypatch, at_step=1)
+  with pytest.raises(Preempted):
+    train.main(config, str(tmp_path / "run"))
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
+  os.remove(weights)  # a resumed run restores its own checkpoint and never reads init_from again
+  assert train.main(config, str(tmp_path / "run"))["step"] == 2
+  final = _state(str(tmp_path / "run"))
+  chex.assert_trees_all_equal(final["model_state"]["batch_stats"], variables["batch_stats"])  # frozen statistics
+  with pytest.raises(FileNotFoundError, match=r"config\.init_from\.path: '.*w\.safetensors' does not exist"):
+    train.main(config, str(tmp_path / "new_run"))

@@ -15,7 +15,7 @@ import pytest
 from medjax import build, checkpoint, optim, param_paths, train
 from tests.test_train import _config as _train_config
 from tests.test_train import _final_state
-from tests.train_testing import Preempted, preempt_after_save
+from tests.train_testing import run_straight_and_resumed
 
 LAYERS = ("stem", "layer1", "layer2", "head")
 
@@ -177,13 +177,7 @@ def test_train_main_linear_probing_resumes_bit_exact(tmp_path, monkeypatch):
   assert head, "the synthetic U-Net's output layer name changed"
   config.optim.train_only = tuple(sorted({p.rsplit("/", 1)[0] for p in head}))
   config.optim.lr_multipliers = {"*bias": 2.0}
-  train.main(config, str(tmp_path / "straight"))
-  original_save = preempt_after_save(monkeypatch, at_step=3)
-  with pytest.raises(Preempted):
-    train.main(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
-  train.main(config, str(tmp_path / "resumed"))
-  straight, resumed = _final_state(str(tmp_path / "straight")), _final_state(str(tmp_path / "resumed"))
+  straight, resumed = map(_final_state, run_straight_and_resumed(config, tmp_path, monkeypatch, at_step=3))
   chex.assert_trees_all_equal(resumed["params"], straight["params"])  # bitwise
   chex.assert_trees_all_equal(resumed["opt_state"], straight["opt_state"])
   start = _paths(_init_params(config))

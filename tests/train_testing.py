@@ -1,6 +1,8 @@
 """Shared helpers for the training-loop tests."""
 
-from medjax import checkpoint
+import pytest
+
+from medjax import checkpoint, train
 
 
 class Preempted(Exception):
@@ -31,3 +33,16 @@ def set_dotted(config, **overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def run_straight_and_resumed(config, tmp_path, monkeypatch, at_step: int):
+  """Trains `config` straight through in `tmp_path/straight`, and in `tmp_path/resumed` with a preemption right
+  after the checkpoint of step `at_step`, then resumed to the end; returns the two workdirs (straight, resumed)."""
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.main(config, straight)
+  original_save = preempt_after_save(monkeypatch, at_step=at_step)
+  with pytest.raises(Preempted):
+    train.main(config, resumed)
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
+  train.main(config, resumed)
+  return straight, resumed

@@ -137,14 +137,12 @@ def _check_validation(config: mlc.ConfigDict, run: Settings) -> None:
 
 
 def _check_init_from(config: mlc.ConfigDict) -> None:
-  """`config.init_from`: known keys and values, and a path that exists (nothing is read here)."""
+  """`config.init_from`: known keys and values (nothing is read here). A missing path is an error only when a
+  run starts (`checkpoint.initial_variables`): a resumed run never reads it, so it may be gone by then."""
   options = init_from(config)
   if options is None:
     return
   path = os.path.expanduser(options.path)
-  if not os.path.exists(path):
-    raise ConfigError(f"config.init_from.path: {options.path!r} does not exist (a workdir or a weight file "
-                      f"{', '.join(transfer.SUFFIXES)}).")
   if os.path.isfile(path) and not path.lower().endswith(transfer.SUFFIXES):
     raise ConfigError(f"config.init_from.path: {options.path!r} is neither a workdir nor a weight file "
                       f"({', '.join(transfer.SUFFIXES)}).")

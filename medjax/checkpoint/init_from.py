@@ -39,6 +39,9 @@ def pretrained_variables(options: build.InitFrom, config: mlc.ConfigDict) -> Tup
   transfer.WeightMismatchError (a PyTorch file that does not fit its model), each naming the path.
   """
   path = os.path.expanduser(options.path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.init_from.path: {options.path!r} does not exist (a workdir, or a weight file "
+                            f"{', '.join(transfer.SUFFIXES)}).")
   if os.path.isdir(path):
     loaded = load(path, options.step, use_ema=options.use_ema)
     return jax.device_get(loaded.variables), f"workdir {options.path} step {loaded.step} ({loaded.selected})"

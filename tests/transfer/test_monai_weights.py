@@ -36,10 +36,6 @@ CASES = {
 }
 
 
-def _flat(tree):
-  return {"/".join(path): np.asarray(value) for path, value in mapping.flatten(tree).items()}
-
-
 def random_variables(family, model_name, kwargs, in_channels, seed=0):
   return transfer_testing.random_variables(model_name, kwargs, seed, in_channels, mapping=family)
 
@@ -51,14 +47,7 @@ def test_export_then_import_is_exact(case):
   state_dict = mapping.to_torch(family, variables, model_name, kwargs)
   # The family reads the architecture off the state dict; only what it cannot see is given.
   given = {k: v for k, v in kwargs.items() if k in ("image_size", "num_heads", "window_size")}
-  imported = mapping.from_torch(family, state_dict, model_name, given)
-  expected, got = _flat(variables), _flat(imported)
-  assert sorted(got) == sorted(expected)
-  for path, value in expected.items():
-    assert got[path].dtype == value.dtype and np.array_equal(got[path], value), path
-  again = mapping.to_torch(family, imported, model_name, kwargs)
-  assert sorted(again) == sorted(state_dict)
-  assert all(np.array_equal(again[name], value) for name, value in state_dict.items())
+  transfer_testing.assert_exact_round_trip(family, state_dict, variables, model_name, given, kwargs)
 
 
 def test_names_and_layouts():
@@ -134,12 +123,8 @@ def test_public_entry_binds_one_dynunet_mapping_to_any_strides():
   assert sd["upsamples.1.transp_conv.conv.weight"].shape == (4, 2, 1, 2, 2)  # transition 0: (1, 2, 2)
   assert sd["upsamples.0.transp_conv.conv.weight"].shape == (8, 4, 2, 2, 2)
   assert np.array_equal(sd["skip_layers.next_layer.next_layer.conv1.conv.weight"], sd["bottleneck.conv1.conv.weight"])
-  imported = transfer.from_torch(sd, "unet", source="monai")  # the architecture, strides included, from the dict
-  expected, got = _flat(variables), _flat(imported)
-  assert sorted(got) == sorted(expected)
-  assert all(got[p].dtype == v.dtype and np.array_equal(got[p], v) for p, v in expected.items())
-  again = transfer.to_torch(imported, "unet", kwargs, source="monai")
-  assert sorted(again) == sorted(sd) and all(np.array_equal(again[n], v) for n, v in sd.items())
+  # The architecture, strides included, is read off the dict.
+  transfer_testing.assert_exact_round_trip(None, sd, variables, "unet", export_kwargs=kwargs, source="monai")
   # The UNet's default strides (2 per transition) where the kwargs leave them out.
   plain = {k: v for k, v in kwargs.items() if k not in ("strides", "kernel_size")}
   sd = transfer.to_torch(random_variables(transfer.family("unet", "monai"), "unet", plain, 1), "unet", plain,
@@ -176,19 +161,14 @@ def _check(torch, model_name, net, x, model_kwargs=None, build_kwargs=None):
   """MONAI `net` and the converted medjax model agree on `x` (B, C, *spatial); the export loads strictly. Through
   the registered family, bound to the network's configuration by the kwargs it reads off the state dict."""
   family = transfer.family(model_name, "monai")
-  state_dict = {name: value.numpy() for name, value in net.state_dict().items()}
-  with torch.no_grad():
-    expected = net(torch.from_numpy(x)).numpy()
+  state_dict, expected = transfer_testing.torch_state_and_outputs(torch, net, x)
   variables = transfer.from_torch(state_dict, model_name, model_kwargs, source="monai")
   kwargs = family.model_kwargs(state_dict, dict(model_kwargs or {}))
   model = models.build_model(model_name, {**kwargs, **(build_kwargs or {})})
   logits, _ = model.apply(variables, np.moveaxis(x, 1, -1), train=False)
   np.testing.assert_allclose(np.moveaxis(np.asarray(logits), -1, 1), expected, rtol=1e-4, atol=1e-4)
   exported = transfer.to_torch(variables, model_name, kwargs, source="monai")
-  assert sorted(exported) == sorted(state_dict)
-  for name, value in state_dict.items():
-    assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
-  net.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()}, strict=True)
+  transfer_testing.assert_export_loads_strictly(torch, net, state_dict, exported)
 
 
 def test_unetr_matches_monai(torch_one_thread):

@@ -34,10 +34,6 @@ INFERRED = {"vgg11_bn": ("num_classes", "width", "head_features"),
             "shufflenet_v2_x0_5": ("num_classes", "stage_channels", "stage_blocks")}
 
 
-def _flat(tree):
-  return {"/".join(path): np.asarray(value) for path, value in mapping.flatten(tree).items()}
-
-
 @pytest.mark.parametrize("model_name,kwargs", [VGG, ("vgg16", {"num_classes": 2, "width": 2, "head_features": (8, 8)}),
                                                DENSENET, GOOGLENET, SHUFFLENET])
 def test_export_then_import_is_exact(model_name, kwargs):
@@ -45,14 +41,7 @@ def test_export_then_import_is_exact(model_name, kwargs):
   variables = transfer_testing.random_variables(model_name, kwargs, in_channels=1)
   state_dict = mapping.to_torch(family, variables, model_name)
   given = {k: v for k, v in kwargs.items() if k not in INFERRED.get(model_name, ("num_classes",))}
-  imported = mapping.from_torch(family, state_dict, model_name, given)
-  expected, got = _flat(variables), _flat(imported)
-  assert sorted(got) == sorted(expected)
-  for path, value in expected.items():
-    assert got[path].dtype == value.dtype and np.array_equal(got[path], value), path
-  again = mapping.to_torch(family, imported, model_name)
-  assert sorted(again) == sorted(state_dict)
-  assert all(np.array_equal(again[name], value) for name, value in state_dict.items())
+  transfer_testing.assert_exact_round_trip(family, state_dict, variables, model_name, given)
 
 
 def test_names_and_flatten_layouts():
@@ -141,19 +130,6 @@ def test_refusals():
 PEER_MODULES = ("torchvision",)  # the torch_one_thread fixture (tests/conftest.py) skips without them
 
 
-def _randomise_batch_norms(torch, model):
-  """Random affine parameters and running statistics (torchvision's 1 / 0 would hide a swapped
-  scale/mean/var), eval mode."""
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.1)
-        module.running_mean.normal_(0.0, 0.1)
-        module.running_var.uniform_(0.5, 2.0)
-  return model.eval()
-
-
 def _torchvision_model(torch, model_name):
   """The torchvision counterpart of the small medjax model `model_name` (VGG, DENSENET, ... kwargs)."""
   import torchvision
@@ -179,7 +155,7 @@ def _torchvision_model(torch, model_name):
     k = SHUFFLENET[1]
     model = torchvision.models.ShuffleNetV2(list(k["stage_blocks"]), list(k["stage_channels"]),
                                             num_classes=k["num_classes"])
-  return _randomise_batch_norms(torch, model)
+  return transfer_testing.randomise_norms(torch, model)
 
 
 def _medjax_logits(model_name, kwargs, variables, x):
@@ -202,10 +178,8 @@ def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread, 
   torch = torch_one_thread
   family, kwargs = FAMILIES[model_name], dict([VGG, DENSENET, GOOGLENET, SHUFFLENET])[model_name]
   model = _torchvision_model(torch, model_name)
-  state_dict = {name: value.numpy() for name, value in model.state_dict().items()}
   x = np.random.default_rng(0).normal(size=INPUTS[model_name]).astype(np.float32)
-  with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
+  state_dict, expected = transfer_testing.torch_state_and_outputs(torch, model, x)
 
   variables = mapping.from_torch(family, state_dict, model_name)  # the architecture is read off the dict
   logits = _medjax_logits(model_name, kwargs, variables, x)
@@ -213,10 +187,7 @@ def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread, 
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
   exported = mapping.to_torch(family, variables, model_name)
-  assert sorted(exported) == sorted(state_dict)
-  for name, value in state_dict.items():
-    assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
-  model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()}, strict=True)
+  transfer_testing.assert_export_loads_strictly(torch, model, state_dict, exported)
 
 
 def test_googlenet_aux_heads_and_transform_input_match_torchvision(torch_one_thread):

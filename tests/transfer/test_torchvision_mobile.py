@@ -22,27 +22,14 @@ FAMILIES = [
 ]
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    out.update(_flat(value, f"{prefix}{key}/") if isinstance(value, dict) else {prefix + key: np.asarray(value)})
-  return out
-
-
 @pytest.mark.parametrize("family,model_name,kwargs", FAMILIES, ids=[f[1] for f in FAMILIES])
 def test_export_then_import_is_exact(family, model_name, kwargs):
   variables = transfer_testing.random_variables(model_name, kwargs, in_channels=1)
   state_dict = mapping.to_torch(family, variables, model_name)
   assert state_dict["features.0.0.weight"].shape[1] == 1
   # num_classes and the input channels are read from the state dict; width_mult is the caller's.
-  imported = mapping.from_torch(family, state_dict, model_name, {"width_mult": kwargs["width_mult"]})
-  expected, got = _flat(variables), _flat(imported)
-  assert sorted(got) == sorted(expected)
-  for path, value in expected.items():
-    assert got[path].dtype == value.dtype and np.array_equal(got[path], value), path
-  again = mapping.to_torch(family, imported, model_name)
-  assert sorted(again) == sorted(state_dict)
-  assert all(np.array_equal(again[name], value) for name, value in state_dict.items())
+  transfer_testing.assert_exact_round_trip(family, state_dict, variables, model_name,
+                                           {"width_mult": kwargs["width_mult"]})
 
 
 def test_names_and_layouts():
@@ -114,14 +101,7 @@ def _random_torchvision(torch, model_name, num_classes, **kwargs):
   import torchvision
   torch.manual_seed(0)
   model = getattr(torchvision.models, model_name)(num_classes=num_classes, **kwargs)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.1)
-        module.running_mean.normal_(0.0, 0.1)
-        module.running_var.uniform_(0.5, 2.0)
-  return model.eval()
+  return transfer_testing.randomise_norms(torch, model)
 
 
 @pytest.mark.parametrize("family,model_name,kwargs", [
@@ -132,11 +112,9 @@ def _random_torchvision(torch, model_name, num_classes, **kwargs):
 def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread, family, model_name, kwargs):
   torch = torch_one_thread
   model = _random_torchvision(torch, model_name, num_classes=10, **kwargs)
-  state_dict = {name: value.numpy() for name, value in model.state_dict().items()}
   # (B, C, H, W), non-square and odd: every stride-2 layer sees odd sizes (45 -> 23 -> 12 -> 6 -> 3 -> 2).
   x = np.random.default_rng(0).normal(size=(2, 3, 45, 61)).astype(np.float32)
-  with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
+  state_dict, expected = transfer_testing.torch_state_and_outputs(torch, model, x)
 
   variables = mapping.from_torch(family, state_dict, model_name, kwargs)
   medjax_model = models.build_model(model_name, {"num_classes": 10, **kwargs})
@@ -144,9 +122,6 @@ def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread, 
   assert logits.shape == (2, 10)
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
 
-  exported = mapping.to_torch(family, variables, model_name)
-  assert sorted(exported) == sorted(state_dict)
-  for name, value in state_dict.items():
-    assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
   # torchvision accepts the exported dict as it is (strict: same names, shapes, counters included).
-  model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()}, strict=True)
+  exported = mapping.to_torch(family, variables, model_name)
+  transfer_testing.assert_export_loads_strictly(torch, model, state_dict, exported)

@@ -10,13 +10,6 @@ from medjax import models, transfer
 from tests.transfer import transfer_testing
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    out.update(_flat(value, f"{prefix}{key}/") if isinstance(value, dict) else {prefix + key: np.asarray(value)})
-  return out
-
-
 def test_names_and_layouts_of_a_bottleneck_resnet():
   variables = transfer_testing.random_variables("resnet50", {"num_classes": 3, "width": 2})
   state_dict = transfer.to_torch(variables, "resnet50")
@@ -45,13 +38,8 @@ def test_export_then_import_is_exact(model_name, kwargs):
   state_dict = transfer.to_torch(variables, model_name)
   assert state_dict["conv1.weight"].shape[1] == 1
   # num_classes and the input channels are read from the state dict.
-  imported = transfer.from_torch(state_dict, model_name, {k: v for k, v in kwargs.items() if k != "num_classes"})
-  expected, got = _flat(variables), _flat(imported)
-  assert sorted(got) == sorted(expected)
-  for path, value in expected.items():
-    assert got[path].dtype == value.dtype and np.array_equal(got[path], value), path
-  again = transfer.to_torch(imported, model_name)
-  assert all(np.array_equal(again[name], value) for name, value in state_dict.items()) and len(again) == len(state_dict)
+  given = {k: v for k, v in kwargs.items() if k != "num_classes"}
+  transfer_testing.assert_exact_round_trip(None, state_dict, variables, model_name, given)
 
 
 def test_mismatch_lists_every_missing_unexpected_and_misshaped_tensor():
@@ -105,25 +93,15 @@ def _random_torchvision(torch, model_name, num_classes):
   statistics (torchvision's 1 / 0 would hide a swapped scale/mean/var)."""
   import torchvision
   torch.manual_seed(0)
-  model = getattr(torchvision.models, model_name)(num_classes=num_classes)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.1)
-        module.running_mean.normal_(0.0, 0.1)
-        module.running_var.uniform_(0.5, 2.0)
-  return model.eval()
+  return transfer_testing.randomise_norms(torch, getattr(torchvision.models, model_name)(num_classes=num_classes))
 
 
 @pytest.mark.parametrize("model_name", ["resnet18", "resnet50"])
 def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread, model_name):
   torch = torch_one_thread
   model = _random_torchvision(torch, model_name, num_classes=10)
-  state_dict = {name: value.numpy() for name, value in model.state_dict().items()}
   x = np.random.default_rng(0).normal(size=(2, 3, 40, 56)).astype(np.float32)  # (B, C, H, W), non-square
-  with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
+  state_dict, expected = transfer_testing.torch_state_and_outputs(torch, model, x)
 
   variables = transfer.from_torch(state_dict, model_name)
   medjax_model = models.build_model(model_name, {"num_classes": 10})
@@ -131,32 +109,19 @@ def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread, 
   assert logits.shape == (2, 10)
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
 
-  exported = transfer.to_torch(variables, model_name)
-  assert sorted(exported) == sorted(state_dict)
-  for name, value in state_dict.items():
-    assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
   # torchvision accepts the exported dict as it is (strict: same names, shapes, counters included).
-  model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()}, strict=True)
+  transfer_testing.assert_export_loads_strictly(torch, model, state_dict, transfer.to_torch(variables, model_name))
 
 
 def test_timm_resnet_same_eval_logits(torch_one_thread):
   torch = torch_one_thread
   timm = pytest.importorskip("timm")
   torch.manual_seed(0)
-  model = timm.create_model("resnet18", pretrained=False, num_classes=6)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.running_mean.normal_(0.0, 0.1)
-        module.running_var.uniform_(0.5, 2.0)
-        module.weight.uniform_(0.5, 1.5)
-  model.eval()
-  state_dict = {name: value.numpy() for name, value in model.state_dict().items()}
+  model = transfer_testing.randomise_norms(torch, timm.create_model("resnet18", pretrained=False, num_classes=6))
   x = np.random.default_rng(1).normal(size=(2, 3, 45, 61)).astype(np.float32)
-  with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
+  state_dict, expected = transfer_testing.torch_state_and_outputs(torch, model, x)
   variables = transfer.from_torch(state_dict, "resnet18", source="timm")
   logits, _ = models.build_model("resnet18", {"num_classes": 6}).apply(variables, x.transpose(0, 2, 3, 1), train=False)
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
   exported = transfer.to_torch(variables, "resnet18", source="timm")
-  model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()}, strict=True)
+  transfer_testing.assert_export_loads_strictly(torch, model, state_dict, exported)

@@ -5,25 +5,17 @@ outside the plain layout refused by name."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import pytest
 
 from medjax import models
 from medjax.transfer import mapping
 from medjax.transfer.vit_weights import TimmViT, TorchvisionViT
+from tests.transfer import transfer_testing
 from tests.transfer.transfer_testing import random_variables
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64}
 TORCHVISION, TIMM = TorchvisionViT(), TimmViT()
-
-
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    out.update(_flat(value, f"{prefix}{key}/") if isinstance(value, Mapping) else {prefix + key: np.asarray(value)})
-  return out
 
 
 def test_torchvision_and_timm_names_and_layouts():
@@ -70,14 +62,7 @@ def test_export_then_import_is_exact(family, model_name, kwargs, in_channels):
   given = {k: v for k, v in kwargs.items()
            if k not in ("num_classes", "patch_size", "qkv_bias") and not (k == "image_size" and np.ndim(v) == 0)}
   assert family.model_kwargs(state_dict, given) == kwargs
-  imported = mapping.from_torch(family, state_dict, model_name, given)
-  expected, got = _flat(variables), _flat(imported)
-  assert sorted(got) == sorted(expected)
-  for path, value in expected.items():
-    assert got[path].dtype == value.dtype and np.array_equal(got[path], value), path
-  again = mapping.to_torch(family, imported, model_name)
-  assert sorted(again) == sorted(state_dict)
-  assert all(np.array_equal(again[name], value) for name, value in state_dict.items())
+  transfer_testing.assert_exact_round_trip(family, state_dict, variables, model_name, given)
 
 
 def test_mismatch_lists_missing_unexpected_and_misshaped_tensors():
@@ -146,10 +131,8 @@ def _randomise(torch, model):
 
 
 def _check_against_torch(torch, family, model, model_name, image_size, given_kwargs):
-  state_dict = {name: value.numpy() for name, value in model.state_dict().items()}
   x = np.random.default_rng(0).normal(size=(2, 3, *image_size)).astype(np.float32)  # (B, C, H, W)
-  with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
+  state_dict, expected = transfer_testing.torch_state_and_outputs(torch, model, x)
 
   variables = mapping.from_torch(family, state_dict, model_name, given_kwargs)
   kwargs = family.model_kwargs(state_dict, given_kwargs)
@@ -158,10 +141,7 @@ def _check_against_torch(torch, family, model, model_name, image_size, given_kwa
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
 
   exported = mapping.to_torch(family, variables, model_name)
-  assert sorted(exported) == sorted(state_dict)
-  for name, value in state_dict.items():
-    assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
-  model.load_state_dict({name: torch.from_numpy(value) for name, value in exported.items()}, strict=True)
+  transfer_testing.assert_export_loads_strictly(torch, model, state_dict, exported)
 
 
 def test_same_eval_logits_as_torchvision_and_exact_round_trip(torch_one_thread):
