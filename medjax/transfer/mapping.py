@@ -69,6 +69,19 @@ ATTENTION_OUT = Layout("attention_out", lambda t, shape: t.T.reshape(shape),
                        lambda x: x.reshape(-1, x.shape[-1]).T, lambda s: (s[-1], int(np.prod(s[:-1]))))
 
 
+LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
+              ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+
+
+def leaf_name(path: Path) -> str:
+  """The torch tensor name of a Conv / Dense / norm leaf (PyTorch's for every family): kernel and scale ->
+  weight, bias -> bias, mean -> running_mean, var -> running_var."""
+  try:
+    return LEAF_NAMES[path[0], path[-1]]
+  except KeyError:
+    raise ValueError(f"no torch name for the medjax variable {'/'.join(path)} (leaf {path[-1]!r})") from None
+
+
 def auto_layout(path: Path) -> Layout:
   """KERNEL for a "kernel" leaf, COPY for anything else."""
   return KERNEL if path[-1] == "kernel" else COPY

@@ -110,15 +110,15 @@ class MonaiDynUNet(common.MonaiMapping):
       prefix = self._block(i) if stage[1] == "enc" else f"upsamples.{self.levels - 2 - i}.conv_block"
       conv = _DYN_BLOCK[rest[0]]
       if rest[1] == "conv":
-        return mapping.TorchKey(f"{prefix}.{conv}.conv.{common.leaf(path)}")
-      return mapping.TorchKey(f"{prefix}.norm{conv[-1]}.{common.leaf(path)}")
+        return mapping.TorchKey(f"{prefix}.{conv}.conv.{mapping.leaf_name(path)}")
+      return mapping.TorchKey(f"{prefix}.norm{conv[-1]}.{mapping.leaf_name(path)}")
     if stage and stage[1] == "up" and not rest and i < self.levels - 1:
       layout = common.transposed_conv_layout(strides[i]) if leaf == "kernel" else None
-      return mapping.TorchKey(f"upsamples.{self.levels - 2 - i}.transp_conv.conv.{common.leaf(path)}", layout)
+      return mapping.TorchKey(f"upsamples.{self.levels - 2 - i}.transp_conv.conv.{mapping.leaf_name(path)}", layout)
     if head == "seg_head" and not rest:
-      return mapping.TorchKey(f"output_block.conv.conv.{common.leaf(path)}")
+      return mapping.TorchKey(f"output_block.conv.conv.{mapping.leaf_name(path)}")
     if stage and stage[1] == "ds_head" and not rest:
-      return mapping.TorchKey(f"deep_supervision_heads.{i - 1}.conv.conv.{common.leaf(path)}")
+      return mapping.TorchKey(f"deep_supervision_heads.{i - 1}.conv.conv.{mapping.leaf_name(path)}")
     raise common.unknown(path, "DynUNet")
 
   def model_kwargs(self, state_dict, model_kwargs):
@@ -208,14 +208,14 @@ class MonaiDenseNet121(common.MonaiMapping):
     names = {"stem_conv": "features.conv0", "stem_norm": "features.norm0", "final_norm": "features.norm5",
              "head": "class_layers.out"}
     if head in names and not rest:
-      return mapping.TorchKey(f"{names[head]}.{common.leaf(path)}")
+      return mapping.TorchKey(f"{names[head]}.{mapping.leaf_name(path)}")
     layer = re.fullmatch(r"block(\d+)_layer(\d+)", head)
     if layer and len(rest) == 1 and rest[0] in ("norm1", "conv1", "norm2", "conv2"):
       prefix = f"features.denseblock{layer[1]}.denselayer{layer[2]}.layers"
-      return mapping.TorchKey(f"{prefix}.{rest[0]}.{common.leaf(path)}")
+      return mapping.TorchKey(f"{prefix}.{rest[0]}.{mapping.leaf_name(path)}")
     transition = re.fullmatch(r"transition(\d+)", head)
     if transition and rest in (["norm"], ["conv"]):
-      return mapping.TorchKey(f"features.transition{transition[1]}.{rest[0]}.{common.leaf(path)}")
+      return mapping.TorchKey(f"features.transition{transition[1]}.{rest[0]}.{mapping.leaf_name(path)}")
     raise common.unknown(path, "DenseNet")
 
   def model_kwargs(self, state_dict, model_kwargs):

@@ -21,18 +21,6 @@ import numpy as np
 from medjax.models.base import MODELS
 from medjax.transfer import mapping
 
-_LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
-           ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
-
-
-def leaf(path: mapping.Path) -> str:
-  """The torch leaf name (`weight`, `bias`, `running_mean`, `running_var`) of the medjax variable at `path`."""
-  try:
-    return _LEAVES[path[0], path[-1]]
-  except KeyError:
-    raise ValueError(f"no MONAI name for the medjax variable {'/'.join(path)} (leaf {path[-1]!r})") from None
-
-
 def unknown(path: mapping.Path, family: str) -> ValueError:
   return ValueError(f"no MONAI {family} name for the medjax variable {'/'.join(path)}")
 
@@ -40,9 +28,9 @@ def unknown(path: mapping.Path, family: str) -> ValueError:
 def res_block(path: mapping.Path, rest: Sequence[str], family: str) -> str:
   """MONAI UnetResBlock / UnetBasicBlock names below the block: conv{k} -> conv{k}.conv, norm{k} -> norm{k}."""
   if len(rest) == 1 and re.fullmatch(r"conv[123]", rest[0]):
-    return f"{rest[0]}.conv.{leaf(path)}"
+    return f"{rest[0]}.conv.{mapping.leaf_name(path)}"
   if len(rest) == 1 and re.fullmatch(r"norm[123]", rest[0]):
-    return f"{rest[0]}.{leaf(path)}"
+    return f"{rest[0]}.{mapping.leaf_name(path)}"
   raise unknown(path, family)
 
 

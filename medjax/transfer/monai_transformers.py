@@ -121,17 +121,17 @@ class MonaiUNETR(common.MonaiMapping):
     up = common.transposed_conv_layout((2,) * self.spatial_dims)
     head, rest = modules[0] if modules else "", modules[1:]
     if head == "patch_embed" and not rest:
-      return mapping.TorchKey(f"vit.patch_embedding.patch_embeddings.{common.leaf(path)}")
+      return mapping.TorchKey(f"vit.patch_embedding.patch_embeddings.{mapping.leaf_name(path)}")
     if head == "encoder":
       if not rest and leaf == "pos_embedding":
         return mapping.TorchKey("vit.patch_embedding.position_embeddings", mapping.COPY)
       if rest == ["norm"]:
-        return mapping.TorchKey(f"vit.norm.{common.leaf(path)}")
+        return mapping.TorchKey(f"vit.norm.{mapping.leaf_name(path)}")
       block = re.fullmatch(r"block(\d+)", rest[0]) if rest else None
       names = {("norm1",): "norm1", ("norm2",): "norm2", ("attn", "qkv"): "attn.qkv",
                ("attn", "out"): "attn.out_proj", ("mlp1",): "mlp.linear1", ("mlp2",): "mlp.linear2"}
       if block and tuple(rest[1:]) in names:
-        return mapping.TorchKey(f"vit.blocks.{block[1]}.{names[tuple(rest[1:])]}.{common.leaf(path)}")
+        return mapping.TorchKey(f"vit.blocks.{block[1]}.{names[tuple(rest[1:])]}.{mapping.leaf_name(path)}")
     if head == "enc0":
       return mapping.TorchKey(f"encoder1.layer.{common.res_block(path, rest, 'UNETR')}")
     enc, dec = re.fullmatch(r"enc(\d)", head), re.fullmatch(r"dec(\d)", head)
@@ -149,7 +149,7 @@ class MonaiUNETR(common.MonaiMapping):
     if dec and rest and rest[0] == "res":
       return mapping.TorchKey(f"decoder{int(dec[1]) + 2}.conv_block.{common.res_block(path, rest[1:], 'UNETR')}")
     if head == "seg_head" and not rest:
-      return mapping.TorchKey(f"out.conv.conv.{common.leaf(path)}")
+      return mapping.TorchKey(f"out.conv.conv.{mapping.leaf_name(path)}")
     raise common.unknown(path, "UNETR")
 
   def model_kwargs(self, state_dict, model_kwargs):
@@ -231,7 +231,7 @@ class MonaiSwinUNETR(common.MonaiMapping):
     _, *modules, leaf = path
     head, rest = modules[0] if modules else "", modules[1:]
     if head == "patch_embed" and not rest:
-      return mapping.TorchKey(f"swinViT.patch_embed.proj.{common.leaf(path)}")
+      return mapping.TorchKey(f"swinViT.patch_embed.proj.{mapping.leaf_name(path)}")
     block, merge = re.fullmatch(r"stage(\d+)_block(\d+)", head), re.fullmatch(r"stage(\d+)_merge", head)
     if block:
       prefix = f"swinViT.layers{block[1]}.0.blocks.{block[2]}"
@@ -240,10 +240,10 @@ class MonaiSwinUNETR(common.MonaiMapping):
       names = {("norm1",): "norm1", ("norm2",): "norm2", ("attn", "qkv"): "attn.qkv", ("attn", "proj"): "attn.proj",
                ("mlp", "fc1"): "mlp.linear1", ("mlp", "fc2"): "mlp.linear2"}
       if tuple(rest) in names:
-        return mapping.TorchKey(f"{prefix}.{names[tuple(rest)]}.{common.leaf(path)}")
+        return mapping.TorchKey(f"{prefix}.{names[tuple(rest)]}.{mapping.leaf_name(path)}")
     if merge and rest in (["norm"], ["reduction"]):
       layout = merging_layout(self.downsample, self.spatial_dims, leaf == "kernel")
-      return mapping.TorchKey(f"swinViT.layers{merge[1]}.0.downsample.{rest[0]}.{common.leaf(path)}", layout)
+      return mapping.TorchKey(f"swinViT.layers{merge[1]}.0.downsample.{rest[0]}.{mapping.leaf_name(path)}", layout)
     up = re.fullmatch(r"decoder(_in|\d+)_up", head)
     if up and not rest and leaf == "kernel":
       index = 1 if up[1] == "_in" else int(up[1]) + 2
@@ -258,7 +258,7 @@ class MonaiSwinUNETR(common.MonaiMapping):
         prefix = f"encoder{index}.layer" if res[1] == "encoder" else f"decoder{index}.conv_block"
       return mapping.TorchKey(f"{prefix}.{common.res_block(path, rest, 'SwinUNETR')}")
     if head == "head" and not rest:
-      return mapping.TorchKey(f"out.conv.conv.{common.leaf(path)}")
+      return mapping.TorchKey(f"out.conv.conv.{mapping.leaf_name(path)}")
     raise common.unknown(path, "SwinUNETR")
 
   def model_kwargs(self, state_dict, model_kwargs):

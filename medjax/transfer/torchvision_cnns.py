@@ -71,7 +71,6 @@ import numpy as np
 
 from medjax.models.base import MODELS
 from medjax.transfer import mapping
-from medjax.transfer.torchvision_resnet import leaf_name
 
 SOURCE = "torchvision"
 
@@ -101,7 +100,7 @@ def _unnamed(path: mapping.Path, module: Any = None) -> ValueError:
 
 
 def _key(path: mapping.Path, *parts: str, layout: Optional[mapping.Layout] = None) -> mapping.TorchKey:
-  return mapping.TorchKey(".".join(parts + (leaf_name(path),)), layout)
+  return mapping.TorchKey(".".join(parts + (mapping.leaf_name(path),)), layout)
 
 
 def _first_conv_channels(state_dict: Mapping[str, np.ndarray], name: str) -> int:

@@ -74,7 +74,6 @@ import numpy as np
 
 from medjax.models import efficientnet, mobile_blocks, mobilenet
 from medjax.transfer import mapping
-from medjax.transfer.torchvision_resnet import leaf_name
 
 # A Dense kernel (in, out) stored as torchvision's 1x1 conv weight (out, in, 1, 1) (squeeze-excitation).
 SE_DENSE = mapping.Layout("se_dense", lambda t, shape: t[:, :, 0, 0].T, lambda x: x.T[:, :, None, None],
@@ -95,7 +94,7 @@ def _join(path: mapping.Path, parts: List[str], rest: Sequence[str], children: M
   if len(rest) != 1 or rest[0] not in children:
     raise _unknown(path)
   layout = SE_DENSE if rest[0] in ("fc1", "fc2") and path[-1] == "kernel" else None
-  return mapping.TorchKey(".".join(parts + [children[rest[0]], leaf_name(path)]), layout)
+  return mapping.TorchKey(".".join(parts + [children[rest[0]], mapping.leaf_name(path)]), layout)
 
 
 def _block_key(path: mapping.Path, prefix: str, rest: Sequence[str], expand: bool, se: bool) -> mapping.TorchKey:
@@ -154,7 +153,7 @@ class TorchvisionEfficientNet(_TorchvisionMobile):
       if children is None:
         if len(modules) != 1:
           raise _unknown(path)
-        return mapping.TorchKey(f"{prefix}.{leaf_name(path)}")
+        return mapping.TorchKey(f"{prefix}.{mapping.leaf_name(path)}")
       return _join(path, [prefix], modules[1:], children)
     block = _STAGE_BLOCK.match(modules[0]) if modules else None
     if not block or not 1 <= int(block[1]) <= len(efficientnet.STAGES):
@@ -176,7 +175,7 @@ class TorchvisionMobileNetV2(_TorchvisionMobile):
     if modules and modules[0] in ("stem", "head_conv"):
       return _join(path, ["features.0" if modules[0] == "stem" else head], modules[1:], _CNA)
     if modules == ["classifier"]:
-      return mapping.TorchKey(f"classifier.1.{leaf_name(path)}")
+      return mapping.TorchKey(f"classifier.1.{mapping.leaf_name(path)}")
     block = _STAGE_BLOCK.match(modules[0]) if modules else None
     stages = mobilenet.V2_STAGES
     if not block or not 1 <= int(block[1]) <= len(stages) or int(block[2]) >= stages[int(block[1]) - 1][2]:
@@ -214,7 +213,7 @@ class TorchvisionMobileNetV3(_TorchvisionMobile):
       return _join(path, [top[modules[0]]], modules[1:], _CNA)
     linear = {"classifier_hidden": "classifier.0", "classifier": "classifier.3"}
     if len(modules) == 1 and modules[0] in linear:
-      return mapping.TorchKey(f"{linear[modules[0]]}.{leaf_name(path)}")
+      return mapping.TorchKey(f"{linear[modules[0]]}.{mapping.leaf_name(path)}")
     block = _BLOCK.match(modules[0]) if modules else None
     if not block or int(block[1]) >= len(blocks):
       raise _unknown(path)

@@ -36,18 +36,6 @@ _MODULE_NAMES = {"stem_conv": "conv1", "stem_norm": "bn1", "head": "fc", "proj_c
                  "proj_norm": "downsample.1"}
 _BLOCK = re.compile(r"stage(\d+)_block(\d+)$")
 _BLOCK_CHILD = re.compile(r"(conv|norm)(\d)$")
-LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
-              ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
-
-
-def leaf_name(path: mapping.Path) -> str:
-  """The torch tensor name of a Conv/Dense/BatchNorm leaf: kernel and scale -> weight, mean -> running_mean..."""
-  try:
-    return LEAF_NAMES[path[0], path[-1]]
-  except KeyError:
-    raise ValueError(f"no torch name for the medjax variable {'/'.join(path)} (leaf {path[-1]!r})") from None
-
-
 class TorchvisionResNet(mapping.TorchMapping):
   """torchvision.models.resnet{18,34,50,101,152}; timm's ResNets use the same names."""
 
@@ -68,7 +56,7 @@ class TorchvisionResNet(mapping.TorchMapping):
         parts.append(("conv" if child[1] == "conv" else "bn") + child[2])
       else:
         raise ValueError(f"no torchvision name for the medjax variable {'/'.join(path)} (module {module!r})")
-    return mapping.TorchKey(".".join(parts + [leaf_name(path)]))
+    return mapping.TorchKey(".".join(parts + [mapping.leaf_name(path)]))
 
   def model_kwargs(self, state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     kwargs = dict(model_kwargs)
