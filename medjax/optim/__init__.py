@@ -35,11 +35,11 @@ does. Each distinct effective multiplier is one optax.multi_transform group with
 clipping stays global. The groups are a pure function of config + params tree, so a resumed run stays bit-exact.
 unfreeze = ((pattern, step), ...): a parameter matched by a pattern (the first match wins) trains from that
 optimizer step on (ULMFiT's gradual unfreezing, Howard & Ruder 2018); before it, its gradient is zeroed before
-clipping, as a frozen one's, and it gets no update. Its group's optimizer starts fresh at the step (Adam's
-moments and bias correction count from there) while the learning rate stays the run's lr(step). Parameters no
-pattern matches train from step 0; `freeze` / `train_only` still win (frozen for good). Batch-norm statistics
-are frozen by `config.freeze_batch_stats` (medjax.build), not here. The train step's logged `train/grad_norm` is the norm of the
-whole raw gradient, frozen parameters included (the step does not know the groups); clipping sees only the
+clipping, as a frozen one's, and it gets no update. Its group's optimizer starts fresh at the step (Adam's moments
+and bias correction count from there) while the learning rate stays the run's lr(step). Parameters no pattern
+matches train from step 0; `freeze` / `train_only` still win (frozen for good). Batch-norm statistics are frozen
+by `config.freeze_batch_stats` (medjax.build), not here. The train step's logged `train/grad_norm` is the norm of
+the whole raw gradient, frozen parameters included (the step does not know the groups); clipping sees only the
 trainable part.
 
 `grad_accum_steps` is not handled here: the train step accumulates gradients and calls `tx.update` once per
