@@ -14,7 +14,7 @@ example's gradient is its own).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +56,16 @@ def score_fn(model: Any, variables: Any, target: Target) -> Callable[[jax.Array]
     return scores(logits, target)
 
   return f
+
+
+def split_target(target: Target) -> Tuple[jax.Array, Optional[int]]:
+  """(array, class_index) for a jitted method: the array is traced, the class index (None for class targets)
+  static, because a RegionTarget holds an array and cannot itself be a static (hashed) argument."""
+  if isinstance(target, RegionTarget):
+    return jnp.asarray(target.mask, jnp.float32), int(target.class_index)
+  return jnp.asarray(target), None
+
+
+def join_target(array: jax.Array, class_index: Optional[int]) -> Target:
+  """The inverse of `split_target`."""
+  return array if class_index is None else RegionTarget(array, class_index)
