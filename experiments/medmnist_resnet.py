@@ -26,6 +26,9 @@ Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
             1-channel volumes. Relative paths are taken from the repository root.
   data_dir  folder of the official .npz files; default ../shared/data/medmnist; a relative path is taken
             from the repository root, so a run works from any directory
+  random_labels  false (default) | true: the training labels randomly permuted over the training images (seed
+            `seed`; val/test untouched): the data randomisation test of saliency maps (Adebayo et al. 2018),
+            README "Interpretability"
   quick     true: 4 steps, narrow one-block-per-stage model (with `init`: the pretrained one), for smoke tests
             (still reads data_dir)
 
@@ -133,7 +136,7 @@ def _check(arg):
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
                              recipe="official", epochs=0, tta=False, mixup=0.0, balance=0.0, init="",
-                             data_dir=DEFAULT_DATA_DIR, quick=False)
+                             random_labels=False, data_dir=DEFAULT_DATA_DIR, quick=False)
   if not arg.epochs:  # the recipe's own length
     arg.epochs = FINETUNE_EPOCHS if arg.recipe == "finetune" else EPOCHS
   dims, conv = _check(arg)
@@ -160,6 +163,8 @@ def get_config(arg=None):
   # Read by benchmarks/paper_table.py (with seed and data.*) to group runs.
   c.tags = dict(experiment="medmnist_resnet", subset=arg.subset, model=arg.model, conv=conv, size=arg.size,
                 recipe=arg.recipe, epochs=arg.epochs, steps_per_epoch=steps_per_epoch, quick=arg.quick)
+  if arg.random_labels:
+    c.tags.random_labels = True
   if arg.tta:
     c.tags.tta = True
     c.eval_flips = ((), (dims - 1,))  # mirrors the last spatial axis, as the improved recipe's flips do
@@ -168,6 +173,8 @@ def get_config(arg=None):
   c.data = dict(name="medmnist", subset=arg.subset, size=arg.size,
                 data_dir=os.path.normpath(os.path.join(REPO_ROOT, data_dir)),  # absolute stays absolute
                 channels=3 if dims == 2 else 1, verify_md5=True)
+  if arg.random_labels:
+    c.data.permute_train_labels = arg.seed
   c.input = dict(batch_size=batch, eval_batch_size=2 * batch)
 
   if arg.model == "vit_hybrid":

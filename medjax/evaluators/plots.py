@@ -19,7 +19,7 @@ _CLASS_COLORS = ["black", "tab:blue", "tab:red", "tab:green", "tab:orange", "tab
                  "tab:olive", "tab:pink", "tab:brown", "tab:gray"]
 
 
-def _save(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
   FigureCanvasAgg(fig).print_png(path)
@@ -50,7 +50,7 @@ def roc_pr(curves: Mapping, path: str) -> str:
   for ax in (roc_ax, pr_ax):
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize="small", loc="lower right" if ax is roc_ax else "lower left")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def confusion(matrix: Sequence[Sequence[float]], row_names: Sequence[str], col_names: Sequence[str], path: str,
@@ -68,7 +68,7 @@ def confusion(matrix: Sequence[Sequence[float]], row_names: Sequence[str], col_n
     ax.text(j, i, f"{value:g}", ha="center", va="center", fontsize="small",
             color="white" if value > threshold else "black")
   ax.set_title(title, fontsize="medium")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def calibration(curve: Mapping, path: str) -> str:
@@ -85,7 +85,7 @@ def calibration(curve: Mapping, path: str) -> str:
   ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
          title=f"Calibration (ECE {ece:.3f})" if ece is not None else "Calibration")
   ax.legend(fontsize="small", loc="upper left")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def case_boxplot(values: Mapping[str, Sequence], path: str, ylabel: str = "Dice") -> str:
@@ -100,7 +100,7 @@ def case_boxplot(values: Mapping[str, Sequence], path: str, ylabel: str = "Dice"
   for i, d in enumerate(data, start=1):
     ax.scatter(i + rng.uniform(-0.15, 0.15, len(d)), d, s=10, alpha=0.6)
   ax.set(ylabel=ylabel, title=f"Per-case {ylabel}")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def _middle_slice(image: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> Tuple[np.ndarray, ...]:
@@ -135,7 +135,7 @@ def overlays(rows: Sequence[Tuple[str, np.ndarray, np.ndarray, np.ndarray]], num
       ax.axis("off")
   if class_names:
     fig.suptitle("  ".join(f"{n}={c}" for n, c in zip(class_names[1:], _CLASS_COLORS[1:])), fontsize="small")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def scatter(pred: Sequence[float], target: Sequence[float], path: str) -> str:
@@ -147,4 +147,4 @@ def scatter(pred: Sequence[float], target: Sequence[float], path: str) -> str:
   low, high = float(np.nanmin([pred.min(), target.min()])), float(np.nanmax([pred.max(), target.max()]))
   ax.plot([low, high], [low, high], ls="--", c="gray", lw=0.8)
   ax.set(xlabel="target", ylabel="prediction", title="Prediction vs target")
-  return _save(fig, path)
+  return save_figure(fig, path)

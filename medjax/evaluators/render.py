@@ -82,6 +82,10 @@ def _intro(report: Mapping[str, Any]) -> List[str]:
     lines.append(f"- trained with: {code}; {versions}; {env.get('device_count')} x {env.get('device_kind')}")
   lines.append(f"- confidence intervals: percentile bootstrap over {boot['num_units']} {boot['unit']}s, "
                f"{boot['num_samples']} resamples, seed {boot['seed']}")
+  explained = report.get("explain")
+  if explained:
+    lines.append(f"- explanations: {explained['method']} ({explained['description']}) of "
+                 f"{len(explained['cases'])} cases, {explained['target']}; explain/explain.md")
   convention = report.get("empty_mask_convention")
   if convention:
     lines.append(f"- empty masks: {convention.get('description')}")

@@ -57,9 +57,22 @@ def _trace(model, variables, images):
 
 
 def _is_feature_map(shape: jax.ShapeDtypeStruct | None, images: jax.Array) -> bool:
-  """`(B, *spatial, C)` with the input's rank and more than one spatial position."""
-  return (shape is not None and len(shape.shape) == images.ndim and shape.shape[0] == images.shape[0]
-          and math.prod(shape.shape[1:-1]) > 1)
+  """`(B, *spatial, C)` with the input's rank and more than one spatial position, or a sequence model's per-frame
+  map `(B * T, *spatial, C)` of inputs `(B, T, *spatial, C)` (frames folded into the batch; `unfold_frames`)."""
+  if shape is None or math.prod(shape.shape[1:-1]) <= 1:
+    return False
+  same_rank = len(shape.shape) == images.ndim and shape.shape[0] == images.shape[0]
+  per_frame = (images.ndim >= 4 and len(shape.shape) == images.ndim - 1
+               and shape.shape[0] == images.shape[0] * images.shape[1])
+  return same_rank or per_frame
+
+
+def unfold_frames(array: jax.Array, images: jax.Array) -> jax.Array:
+  """A per-frame layer output `(B * T, *s, C)` of inputs `(B, T, *S, C)` as `(B, T, *s, C)` (frames become the first
+  spatial axis of the map); any other array is returned as it is."""
+  if array.ndim == images.ndim - 1 and array.shape[0] == images.shape[0] * images.shape[1] != images.shape[0]:
+    return array.reshape(images.shape[:2] + array.shape[1:])
+  return array
 
 
 def top_level_names(outputs: Dict[str, Any]) -> Sequence[str]:
@@ -68,18 +81,20 @@ def top_level_names(outputs: Dict[str, Any]) -> Sequence[str]:
 
 
 def default_layer(model: Any, variables: Any, images: jax.Array) -> str:
-  """The last top-level submodule whose output is a spatial feature map `(B, *spatial, C)` with more than one
-  spatial position (the last ResNet stage block, the last U-Net decoder stage, ...): the deepest layer that still
-  has a spatial layout, as Selvaraju et al. 2017 recommend for Grad-CAM. A segmentation head (output of the
-  logits' shape) is skipped: its "channels" are the classes, so its map would just be the target's logit."""
+  """The last submodule, at the shallowest nesting depth that has one, whose output is a spatial feature map
+  `(B, *spatial, C)` with more than one spatial position: the last ResNet stage block, the last U-Net decoder
+  stage, or inside an encoder that returns several outputs (CNN-GNN, CNN-LSTM per frame) its last stage. It is the
+  deepest layer that still has a spatial layout, as Selvaraju et al. 2017 recommend for Grad-CAM. A segmentation
+  head (output of the logits' shape) is skipped: its "channels" are the classes, so its map would just be the
+  target's logit."""
   outputs, logits_shape = _trace(model, variables, images)
-  names = [p for p in top_level_names(outputs)
-           if len(outputs[p]) == 1 and _is_feature_map(outputs[p][0], images)
+  found = [p for p in outputs if len(outputs[p]) == 1 and _is_feature_map(outputs[p][0], images)
            and tuple(outputs[p][0].shape) != tuple(logits_shape)]
-  if not names:
-    raise ValueError(f"{type(model).__name__} has no top-level submodule with a spatial feature map output for "
-                     f"input {images.shape}; pass layer= (top-level modules: {top_level_names(outputs)})")
-  return names[-1]
+  if not found:
+    raise ValueError(f"{type(model).__name__} has no submodule with a spatial feature map output for input "
+                     f"{images.shape}; pass layer= (top-level modules: {top_level_names(outputs)})")
+  depth = min(p.count("/") for p in found)
+  return [p for p in found if p.count("/") == depth][-1]
 
 
 def check_layer(model: Any, variables: Any, images: jax.Array, layer: str) -> jax.ShapeDtypeStruct:

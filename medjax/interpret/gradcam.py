@@ -72,8 +72,8 @@ def _cam(variables, images, target, *, model, layer, region_class, method, relu,
     layer = capture.default_layer(model, variables, images)
   target = targets_lib.join_target(target, region_class)
   cap = capture.capture(model, variables, images, target, layer)
-  acts = cap.activations.astype(jnp.float32)
-  grads = cap.gradients.astype(jnp.float32)
+  acts = capture.unfold_frames(cap.activations.astype(jnp.float32), images)
+  grads = capture.unfold_frames(cap.gradients.astype(jnp.float32), images)
   weight_fn = grad_cam_weights if method == "grad_cam" else grad_cam_plus_plus_weights
   cam = weighted_map(acts, weight_fn(acts, grads), relu)
   if upsample is not None:

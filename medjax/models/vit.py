@@ -89,7 +89,10 @@ class PatchEmbed(nn.Module):
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention with one fused QKV projection (channel layout `(3, heads, head_dim)`, as
-  torchvision's `in_proj` and MONAI's `qkv`): `(B, N, D) -> (B, N, D)`. Softmax runs in float32."""
+  torchvision's `in_proj` and MONAI's `qkv`): `(B, N, D) -> (B, N, D)`. Softmax runs in float32.
+
+  With "intermediates" mutable, the weights are sown as "attention_weights" `(B, heads, N, N)` float32 and
+  pass through `self.perturb` (Flax's "perturbations": their gradients), for medjax.interpret.rollout."""
   num_heads: int
   qkv_bias: bool = True
   attention_dropout: float = 0.0
@@ -104,11 +107,17 @@ class SelfAttention(nn.Module):
     dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
     qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, name="qkv", **dense)(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
-    if train and self.attention_dropout > 0:
-      # The fused kernel has no dropout on the attention weights: spell it out.
+    dropout = train and self.attention_dropout > 0
+    # The fused kernel neither drops out nor returns the weights: spell it out only when either is needed.
+    explicit = self.is_mutable_collection("intermediates")
+    if dropout or explicit:
       logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
       weights = jax.nn.softmax(logits * (d // self.num_heads) ** -0.5, axis=-1)
-      weights = nn.Dropout(self.attention_dropout, deterministic=False)(weights)
+      if explicit:
+        self.sow("intermediates", "attention_weights", weights)
+        weights = self.perturb("attention_weights", weights)
+      if dropout:
+        weights = nn.Dropout(self.attention_dropout, deterministic=False)(weights)
       y = jnp.einsum("bhqk,bkhc->bqhc", weights.astype(self.dtype), v)
     else:
       y = jax.nn.dot_product_attention(q, k, v)  # XLA's attention, float32 logits for bf16 inputs

@@ -17,6 +17,8 @@ folder (default WORKDIR/eval_<split>) receives:
   *.png         classification: roc_pr.png, confusion_matrix.png, calibration.png;
                 segmentation: dice_per_case.png and overlays.png (best and worst cases; 3D: one z slice);
                 regression: scatter.png
+  explain/      with --explain METHOD: attribution maps of --explain_cases cases (medjax.tools.explain), whose
+                overview figure the report shows
 
 Host batch keys other than the model inputs and "id" that hold one scalar per case (patient_id, sex, site)
 become metadata columns: "patient_id" makes the bootstrap resample patients, the others give subgroup
@@ -110,7 +112,8 @@ def _write_plots(report, evaluator, out, overlay_fn) -> List[str]:
 
 
 def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional[str] = None,
-        num_samples: int = 1000, seed: int = 0, surface_metrics: bool = True, html: bool = False) -> dict:
+        num_samples: int = 1000, seed: int = 0, surface_metrics: bool = True, html: bool = False,
+        explain: Optional[str] = None, explain_cases: int = 8) -> dict:
   """Evaluates `workdir`'s checkpoint `which` on `split`; writes the report files into `out`.
 
   Args:
@@ -122,6 +125,8 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
     seed: bootstrap seed.
     surface_metrics: for segmentation, also HD95 and ASSD (host side, slower on large volumes).
     html: also write report.html.
+    explain: an attribution method (`medjax.tools.explain`, e.g. "gradcam"): also explain `explain_cases` cases of the
+      split into `out/explain/`; the report links their overview figure and lists them under "explain".
   Returns: the report dict as written to report.json.
   Raises: cli.UsageError (a ValueError) naming the splits for an unknown `split`; what `checkpoint.load`
     raises for a missing workdir or checkpoint step; ConfigError for a config `build` refuses.
@@ -184,6 +189,12 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   overlay_fn = lambda: _segmentation_overlays(report, source, forward_examples, dataset.info.num_classes,
                                               dataset.info.class_names, out)
   report["plots"] = _write_plots(report, evaluator, out, overlay_fn)
+  if explain:
+    from medjax.tools import explain as explain_tool
+    explained = explain_tool.run(workdir, split=split, method=explain, num_cases=explain_cases, which=str(which),
+                                 out=os.path.join(out, "explain"), html=html)
+    report["explain"] = {key: explained[key] for key in ("method", "description", "options", "target", "cases")}
+    report["plots"].append(os.path.join("explain", "overview.png"))
   atomic.write_text_atomically(os.path.join(out, "report.json"), json.dumps(report, indent=1, allow_nan=False))
   atomic.write_text_atomically(os.path.join(out, "report.md"), render.markdown(report, report["plots"]))
   atomic.write_text_atomically(os.path.join(out, "cases.csv"), render.cases_csv(report))
@@ -205,13 +216,17 @@ _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for th
 _SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.", flag_values=_FLAGS)
 _SURFACE = flags.DEFINE_bool("surface_metrics", True, "Segmentation: also HD95 and ASSD.", flag_values=_FLAGS)
 _HTML = flags.DEFINE_bool("html", False, "Also write report.html.", flag_values=_FLAGS)
+_EXPLAIN = flags.DEFINE_string("explain", None, "Also explain cases with this attribution method (e.g. gradcam) into "
+                               "OUT/explain (medjax.tools.explain).", flag_values=_FLAGS)
+_EXPLAIN_CASES = flags.DEFINE_integer("explain_cases", 8, "Cases --explain shows.", lower_bound=1, flag_values=_FLAGS)
 
 
 def main(argv):
   del argv
   cli.check_workdir(_WORKDIR.value)
   report = run(_WORKDIR.value, split=_SPLIT.value, which=_CHECKPOINT.value, out=_OUT.value,
-               num_samples=_BOOTSTRAP.value, seed=_SEED.value, surface_metrics=_SURFACE.value, html=_HTML.value)
+               num_samples=_BOOTSTRAP.value, seed=_SEED.value, surface_metrics=_SURFACE.value, html=_HTML.value,
+               explain=_EXPLAIN.value, explain_cases=_EXPLAIN_CASES.value)
   out = _OUT.value or os.path.join(os.path.abspath(_WORKDIR.value), f"eval_{_SPLIT.value}")
   shown = {k: v for k, v in report["metrics"].items() if k != "num_cases"}
   for name, entry in shown.items():

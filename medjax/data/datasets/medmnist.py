@@ -304,8 +304,10 @@ def _check_file(arrays: NpzArrays, info: SubsetInfo, size: int) -> Dict[str, int
 class MedMNISTSource:
   """Random access to one split of a MedMNIST file (see the module doc for the example format)."""
 
-  def __init__(self, arrays: NpzArrays, split: str, info: SubsetInfo, channels: int, length: int):
+  def __init__(self, arrays: NpzArrays, split: str, info: SubsetInfo, channels: int, length: int,
+               label_order: Optional[np.ndarray] = None):
     self.arrays = arrays
+    self.label_order = label_order
     self.split = split
     self.split_code = SPLIT_CODES[split]
     self.info = info
@@ -328,6 +330,8 @@ class MedMNISTSource:
         raise ValueError(f"MedMNIST file {self.arrays.path}: {self.split}_labels[{i}] = {labels[i].tolist()} "
                          f"is outside [0, {limit}) for {self.info.name}.")
       labels = labels.astype(np.int32)
+      if self.label_order is not None:
+        labels = labels[self.label_order]
       labels.setflags(write=False)  # shared by every example; a caller must not edit it in place
       self._labels = labels
     return self._labels
@@ -374,7 +378,7 @@ def find_file(subset: str, size: int, data_dir: str) -> str:
 
 @DATASETS.register("medmnist")
 def medmnist(*, subset: str, data_dir: str, size: int = 28, channels: Optional[int] = None,
-             verify_md5: bool = True) -> Dataset:
+             verify_md5: bool = True, permute_train_labels: Optional[int] = None) -> Dataset:
   """A MedMNIST subset from its official `.npz` in `data_dir` (module doc), with train/val/test sources.
 
   Args:
@@ -384,6 +388,9 @@ def medmnist(*, subset: str, data_dir: str, size: int = 28, channels: Optional[i
     channels: None (as stored: 1 grayscale, 3 RGB) or 3 (grayscale repeated to RGB; RGB unchanged);
       1 is accepted for grayscale subsets only.
     verify_md5: check the file against the official MD5 when it is known (KNOWN_MD5); False skips it.
+    permute_train_labels: None, or a seed: the train split's labels are randomly permuted over its images
+      (class counts kept, the image-label link destroyed; val and test untouched), for the data
+      randomisation sanity check of saliency maps (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
 
   Raises FileNotFoundError (expected path and where to get it) for a missing file, ValueError for a bad
   argument, an MD5 mismatch or a file whose arrays do not have the official layout.
@@ -408,7 +415,15 @@ def medmnist(*, subset: str, data_dir: str, size: int = 28, channels: Optional[i
                              image_shape=(size,) * info.spatial_dims, num_channels=channels,
                              num_classes=len(info.class_names), class_names=info.class_names,
                              label_kind="class")
-  sources = {split: MedMNISTSource(arrays, split, info, channels, lengths[split]) for split in SPLITS}
+  if permute_train_labels is not None and (isinstance(permute_train_labels, bool)
+                                           or not isinstance(permute_train_labels, (int, np.integer))):
+    raise ValueError(f"dataset 'medmnist': permute_train_labels must be None or an integer seed, "
+                     f"got {permute_train_labels!r}.")
+  orders = dict.fromkeys(SPLITS)
+  if permute_train_labels is not None:
+    orders["train"] = np.random.default_rng(int(permute_train_labels)).permutation(lengths["train"])
+  sources = {split: MedMNISTSource(arrays, split, info, channels, lengths[split], orders[split])
+             for split in SPLITS}
   return Dataset(info=dataset_info, sources=sources)
 
 
