@@ -64,17 +64,21 @@ def parse_options(pairs: Sequence[str]) -> Dict[str, Any]:
 
 
 def choose_cases(source, num_cases: int, task: str) -> List[int]:
-  """Indices of the first `num_cases` examples, taken in turn from each reference class (classification), so a
-  rare class shows too; in split order otherwise."""
+  """Indices of `num_cases` examples taken in turn from each reference class in split order (classification: a
+  rare class shows too; the labels come from `source.labels()`, else from the first 32 x num_cases examples), or
+  the first ones in split order (segmentation)."""
   n = min(int(num_cases), len(source))
-  if task != "classification" or not hasattr(source, "labels"):
+  if task != "classification":
     return list(range(n))
-  labels = np.asarray(source.labels())
-  if labels.ndim != 1:
+  if hasattr(source, "labels"):
+    labels = np.asarray(source.labels())
+  else:
+    labels = np.asarray([np.asarray(source[i]["label"]) for i in range(min(len(source), 32 * n))])
+  if labels.ndim != 1:  # multi-label: no single class to take turns over
     return list(range(n))
   queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
   chosen = []
-  while len(chosen) < n:
+  while len(chosen) < n and any(queues):
     for queue in queues:
       if queue and len(chosen) < n:
         chosen.append(int(queue.pop(0)))

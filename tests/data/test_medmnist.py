@@ -199,3 +199,19 @@ def test_tfds_array_record_without_tensorflow(tmp_path):
         np.testing.assert_array_equal(got[key], want[key])
         assert got[key].dtype == want[key].dtype
   np.testing.assert_array_equal(direct.source("train")[0]["label"], fake["train_labels"][0])
+
+
+def test_permute_train_labels_permutes_the_train_split_only(tmp_path):
+  arrays = write_fake(tmp_path, "breastmnist", sizes=(40, 6, 6))
+  plain = mm.medmnist(subset="breastmnist", data_dir=str(tmp_path), verify_md5=False)
+  permuted = mm.medmnist(subset="breastmnist", data_dir=str(tmp_path), verify_md5=False, permute_train_labels=3)
+  train, shuffled = plain.sources["train"].labels(), permuted.sources["train"].labels()
+  assert np.array_equal(np.sort(train), np.sort(shuffled)) and not np.array_equal(train, shuffled)
+  order = np.random.default_rng(3).permutation(40)
+  assert np.array_equal(shuffled, arrays["train_labels"].reshape(-1)[order])
+  assert int(permuted.sources["train"][5]["label"]) == shuffled[5]
+  assert np.array_equal(permuted.sources["train"][5]["image"], plain.sources["train"][5]["image"])
+  for split in ("val", "test"):
+    assert np.array_equal(plain.sources[split].labels(), permuted.sources[split].labels())
+  with pytest.raises(ValueError, match="permute_train_labels must be None or an integer seed"):
+    mm.medmnist(subset="breastmnist", data_dir=str(tmp_path), verify_md5=False, permute_train_labels=True)

@@ -169,3 +169,9 @@ def test_train_main_on_fake_files(tmp_path, arg):
   assert results["status"] == "finished" and results["step"] == 4 and results["best"]["metric"] == "val/auc"
   assert 0.0 <= results["test"]["test/auc"] <= 1.0 and 0.0 <= results["test_best"]["test_best/auc"] <= 1.0
   assert results["test"]["test/num_cases"] == 8 and results["wall_s"] > 0
+
+
+def test_random_labels_permutes_the_training_labels_with_the_seed():
+  c = _load("recipe=improved,seed=2,random_labels=true")
+  assert c.data.permute_train_labels == 2 and c.tags.random_labels
+  assert "permute_train_labels" not in _load("recipe=improved").data
