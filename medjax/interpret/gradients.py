@@ -8,7 +8,7 @@ after the channel reduction each method documents, or `(B, *spatial, C)` with `p
 Gradients are those of the per-example score (a logit, not a probability), taken as the gradient of the batch sum
 of scores: examples do not interact in eval mode, so each example gets its own gradient. Many copies of the batch
 (noisy samples, points of the integration path) are stacked along the batch axis and differentiated in one pass,
-or in chunks under `jax.lax.scan` when a chunk size bounds memory.
+or in chunks under `loops.sweep` when a chunk size bounds memory.
 
 The heavy part of each method is one `jax.jit`-compiled function that takes the model as a static argument (Linen
 modules hash and compare by their fields) and the options that change shapes or Python control flow as static
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax.interpret import loops
 from medjax.interpret.targets import Target, join_target, scores, split_target
 
 IG_METHODS = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre")
@@ -52,7 +53,7 @@ def _score_sum_grad(model, variables, images, target_array, class_index):
 def _weighted_grad_sum(model, variables, images, target_array, class_index, make_points, xs, weights, chunk):
   """sum_s weights[s] * grad(points_s) `(B, *spatial, C)`, where `make_points(xs_chunk) -> (k, B, *spatial, C)` builds
   the copies of the batch for `k` entries of `xs` (leading axis S). The S copies go through the model `chunk` at a
-  time (in one batch of chunk * B images) under `lax.scan`; S is padded to a multiple of `chunk` with zero weights
+  time (in one batch of chunk * B images) under `loops.sweep`; S is padded to a multiple of `chunk` with zero weights
   (the padded entries repeat entry 0, so they are valid inputs whose gradients are discarded)."""
   num = weights.shape[0]
   chunk = num if chunk is None else max(1, min(int(chunk), num))
@@ -72,7 +73,7 @@ def _weighted_grad_sum(model, variables, images, target_array, class_index, make
     grads = grads.reshape(points.shape)
     return total + jnp.tensordot(w, grads, axes=1), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros(images.shape, jnp.float32), (xs, weights))
+  total, _ = loops.sweep(body, jnp.zeros(images.shape, jnp.float32), (xs, weights))
   return total
 
 
@@ -237,7 +238,7 @@ def integrated_gradients(model: Any, variables: Any, images: jax.Array, target: 
     unit at its kink (gradient 0 in JAX), which the trapezoid and left rules evaluate, costing them 1/(2(n-1)) resp.
     1/n of completeness. Where ReLUs switch along the path every rule converges slowly (a few per cent off at 64
     steps on a small CNN, under 1 % at 256): check the gap with `return_delta`.
-  batch_steps: path points per forward pass (one batch of batch_steps * B images) under `lax.scan`, to bound memory;
+  batch_steps: path points per forward pass (one batch of batch_steps * B images) under `loops.sweep`, to bound memory;
     None: all `steps` points in one batch (Captum's `internal_batch_size` counts images, not steps).
   Returns the attributions summed over channels `(B, *spatial)` (signed), or `(B, *spatial, C)` with
   `per_channel=True`; with `return_delta=True` also the completeness gap `(B,)` = sum of the attributions -

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.interpret.gradients import tile_target
+from medjax.interpret import loops
 from medjax.interpret.targets import Target, join_target, scores, split_target
 
 
@@ -75,7 +76,7 @@ def _occlusion(model, variables, images, baseline, target_array, starts, valid, 
     drop = (clean[None] - scores(logits, tiled).reshape(chunk, batch)) * valid_chunk[:, None]  # (chunk, B)
     return total + jnp.tensordot(drop, masks, axes=([0], [0])), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((batch,) + spatial, jnp.float32), (starts, valid))
+  total, _ = loops.sweep(body, jnp.zeros((batch,) + spatial, jnp.float32), (starts, valid))
   return total / counts[None]
 
 
@@ -91,7 +92,7 @@ def occlusion(model: Any, variables: Any, images: jax.Array, target: Target, *, 
   baseline: what the window is set to: a scalar (Captum's default 0) or an array broadcastable to `images` (e.g. the
     per-channel mean, or a blurred copy).
   batch_size: occluded images per forward pass (windows per pass = max(1, batch_size // B)); the windows are swept
-    under `lax.scan`, so memory is bounded by one pass.
+    under `loops.sweep`, so memory is bounded by one pass.
   """
   images = jnp.asarray(images)
   if images.ndim < 3:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.interpret import capture
+from medjax.interpret import capture, loops
 from medjax.interpret.targets import Target, join_target, scores, split_target
 
 SCORES = ("softmax", "sigmoid", "logit")
@@ -244,7 +244,7 @@ def _curves(model, variables, images, maps, baseline, target_array, counts, *, c
     logits, _ = model.apply(variables, x.reshape((chunk * batch,) + images.shape[1:]), train=False)
     return None, _target_scores(logits, tiled, class_index, score).reshape(chunk, batch)
 
-  _, out = jax.lax.scan(body, None, counts)
+  _, out = loops.sweep(body, None, counts)
   return out.reshape(-1, batch)
 
 
@@ -265,7 +265,7 @@ def deletion_insertion(model: Any, variables: Any, images: jax.Array, target: Ta
     broadcastable to `images`.
   score: the target's "softmax" probability (RISE's), "sigmoid" probability (multi-label, binary segmentation), or
     "logit".
-  batch_size: images per forward pass (steps per pass = max(1, batch_size // B)), swept under `lax.scan`.
+  batch_size: images per forward pass (steps per pass = max(1, batch_size // B)), swept under `loops.sweep`.
   """
   images = jnp.asarray(images, jnp.float32)
   maps = jnp.asarray(maps)

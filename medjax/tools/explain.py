@@ -16,7 +16,7 @@ window=7); `--layer` is short for `--option layer=...`. The batch is split over 
 The output folder (default WORKDIR/explain_<split>_<method>) receives:
   case_<id>.png     image | map | overlay (2D), or those three for the axial, coronal and sagittal slices through
                     the map's maximum (3D)
-  overview.png      every case in one figure on one colour scale
+  overview.png      the first 16 cases in one figure on one colour scale
   maps.npz          ids, targets and the float32 maps (B, *spatial)
   case_<id>_map.nii.gz, case_<id>_image.nii.gz   with --nifti (3D): the map and the model's input on the input's
                     voxel grid and spacing (axis-aligned RAS affine; the preprocessing's crop and resampling are not
@@ -47,6 +47,7 @@ from medjax.interpret import figures, methods
 from medjax.tools import cli
 
 TARGETS = ("predicted", "label")
+OVERVIEW_CASES = 16  # rows of overview.png (every case still gets its own figure)
 
 
 def parse_options(pairs: Sequence[str]) -> Dict[str, Any]:
@@ -172,7 +173,7 @@ def run(workdir: str, *, split: str = "val", method: str = "gradcam", num_cases:
         entry[f"nifti_{kind}"] = os.path.basename(path)
     cases.append(entry)
     overview.append((f"id {case_id}\n{described[i]}", images_host[i], maps[i]))
-  figures.overview_figure(overview, os.path.join(out, "overview.png"))
+  figures.overview_figure(overview[:OVERVIEW_CASES], os.path.join(out, "overview.png"))
   np.savez_compressed(os.path.join(out, "maps.npz"), ids=np.asarray([c["id"] for c in cases]),
                       classes=np.asarray(classes[:n]), maps=maps.astype(np.float32))
   result = {"workdir": workdir, "split": split, "method": name, "description": methods.METHODS[name].description,

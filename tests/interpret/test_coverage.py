@@ -64,7 +64,7 @@ def _model_and_input(name, dims, batch=2):
 
 def _options(name, shape):
   return {"integrated_gradients": dict(steps=2), "smoothgrad": dict(num_samples=2, rng=jax.random.key(0, impl="rbg")),
-          "occlusion": dict(window=max(1, shape[-2] // 2))}.get(name, {})
+          "occlusion": dict(window=tuple(max(1, n // 2) for n in shape[1:-1]))}.get(name, {})
 
 
 def test_every_classification_model_has_a_case():
