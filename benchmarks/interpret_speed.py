@@ -19,8 +19,8 @@ ended by `jax.block_until_ready` (medjax). maps/s = batch / median. Both framewo
 XLA's CPU backend its default thread pool, torch `--threads` intra-op threads (default `os.cpu_count()`).
 On a CPU shared with other jobs the numbers are noisy, and torch's intra-op threads may spin against the other
 jobs (`--threads 1` avoids that; tests/conftest.py's torch_one_thread). On XLA:CPU (2026-12-07, jax 0.10.2) a
-gradient pass inside `lax.scan` took ~2.8x as long as the same pass outside a loop, so medjax unrolls up to 8
-path chunks on CPU (medjax/interpret/loops.py).
+gradient pass inside `lax.scan` took ~2.8x as long as the same pass outside a loop, so several path chunks are slow
+there and one chunk (`--ig_batch_steps` = `--ig_steps`) is fast (medjax/interpret/loops.py).
 Without `--device_count_independent` the medjax batch is sharded over every local JAX device when it divides evenly
 (data parallel, e.g. several GPUs); with it, medjax runs on one device, as Captum does, so the numbers do not depend
 on how many devices the machine has.

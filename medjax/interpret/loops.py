@@ -1,12 +1,13 @@
 """The one loop of the batched methods (integrated gradients, SmoothGrad, occlusion, deletion/insertion): a sum
 over chunks of model calls.
 
-`sweep(body, init, xs)` is `lax.scan(body, init, xs)`, except that one chunk is a plain call and, on the CPU
-backend, up to `CPU_UNROLL_LIMIT` chunks are unrolled into straight-line code. Measured on the 2-core CPU
-(jax 0.10.2, ResNet-18 input gradients at 112^2, batch 8): one pass 0.16 s plain, 0.49 s as a one-step scan;
-four passes 1.65 s scanned, 0.58 s unrolled. XLA:CPU runs a convolution's backward pass inside a while loop about
-three times slower than outside one. Beyond the limit the scan stays, so the program (and its compile time) does
-not grow with the number of chunks; on accelerators the scan is kept, since it bounds memory and compile time.
+`sweep(body, init, xs)` is `lax.scan(body, init, xs)`, except that a single chunk is a plain call with no loop
+around it. The scan bounds memory to one chunk and compiles the model once; but XLA:CPU runs a convolution's
+backward pass inside a while loop about three times slower than outside one (jax 0.10.2, 2-core CPU, ResNet-18
+input gradients at 112^2, batch 8: 0.16 s plain, 0.49 s as a one-step scan; four passes 1.65 s scanned, 0.58 s
+unrolled), so on CPU one chunk (`batch_steps=None`, the default, where memory allows) is the fast choice. Unrolling
+the chunks was tried and dropped: a 3D ResNet-18 with 8 unrolled chunks did not finish compiling in 7 minutes
+(the scan: 17 s) and the 2D program held every chunk's activations at once (13 GB).
 """
 
 from __future__ import annotations
@@ -14,21 +15,12 @@ from __future__ import annotations
 from typing import Any, Callable, Tuple
 
 import jax
-import jax.numpy as jnp
-
-CPU_UNROLL_LIMIT = 8
 
 
 def sweep(body: Callable[[Any, Any], Any], init: Any, xs: Any) -> Tuple[Any, Any]:
   """`(final carry, stacked ys)` of `body(carry, x) -> (carry, y)` over the leading axis of `xs`, as `lax.scan`
   (module docstring); ys is None when `body` returns None for y."""
-  length = jax.tree.leaves(xs)[0].shape[0]
-  if length == 1 or (length <= CPU_UNROLL_LIMIT and jax.default_backend() == "cpu"):
-    carry, ys = init, []
-    for i in range(length):
-      carry, y = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
-      ys.append(y)
-    if all(y is None for y in ys):
-      return carry, None
-    return carry, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    carry, y = body(init, jax.tree.map(lambda a: a[0], xs))
+    return carry, None if y is None else jax.tree.map(lambda a: a[None], y)
   return jax.lax.scan(body, init, xs)
