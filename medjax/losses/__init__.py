@@ -12,6 +12,8 @@ the train step averages them. All arithmetic runs in float32 whatever the comput
               `medjax.data.preprocess.signed_distance_maps`)
   topology    "cldice", "dice_cldice"
   regression  "l1", "l2" (= "mse"), "huber"
+  contrastive `nt_xent(z1, z2)` (SimCLR), per example over the global batch; not a (logits, labels) loss, so not
+              in the registry (the self-supervised objectives of issue 21 will call it)
   objective   `make_objective` (deep supervision, multi-task sums), `validate_loss_config`,
               `deep_supervision_weights`
 
@@ -20,6 +22,7 @@ The config format and its reserved keys are described in `medjax.losses.objectiv
 
 from medjax.losses._base import BATCH_INPUTS, LOSSES
 from medjax.losses.boundary import boundary_loss, dice_boundary
+from medjax.losses.contrastive import nt_xent
 from medjax.losses.objective import (Objective, deep_supervision_weights, downsample_nearest, make_objective,
                                      nearest_indices, validate_loss_config)
 from medjax.losses.multilabel import sigmoid_dice, sigmoid_dice_bce, sigmoid_dice_focal
@@ -31,7 +34,7 @@ from medjax.losses.voxelwise import sigmoid_binary_cross_entropy, sigmoid_focal,
 __all__ = [
     "BATCH_INPUTS", "LOSSES", "Objective", "boundary_loss", "deep_supervision_weights", "dice_boundary",
     "dice_cldice", "dice_cross_entropy", "dice_focal", "downsample_nearest", "focal_tversky", "generalized_dice",
-    "huber_loss", "l1_loss", "l2_loss", "make_objective", "nearest_indices", "sigmoid_binary_cross_entropy",
+    "huber_loss", "l1_loss", "l2_loss", "make_objective", "nearest_indices", "nt_xent", "sigmoid_binary_cross_entropy",
     "sigmoid_dice", "sigmoid_dice_bce", "sigmoid_dice_focal", "sigmoid_focal", "soft_cldice", "soft_dice",
     "soft_dilate", "soft_erode", "soft_skeleton", "softmax_cross_entropy", "softmax_focal", "tversky",
     "validate_loss_config",
