@@ -34,26 +34,35 @@ def _apply(model: Any, variables: Any, images: jax.Array):
 
 
 def module_outputs(model: Any, variables: Any, images: jax.Array) -> Dict[str, Tuple[jax.ShapeDtypeStruct, ...]]:
-  """The output shapes of every submodule call, by "/"-joined path in call order, traced once (`jax.eval_shape`,
-  no FLOPs). A path maps to one entry per call; a non-array output is recorded as `None`. The model itself (path
-  "") is left out."""
-  return _trace(model, variables, images)[0]
+  """The output shapes of every submodule call, by "/"-joined path in call order (a module before its children),
+  traced once (`jax.eval_shape`, no FLOPs). A path maps to one entry per call; a non-array output is recorded as
+  `None`. The model itself (path "") is left out."""
+  return trace(model, variables, images)[0]
 
 
-def _trace(model, variables, images):
-  """(`module_outputs`, the shape of the model's logits)."""
+def trace(model: Any, variables: Any, images: jax.Array, mutable: Sequence[str] = ()):
+  """(`module_outputs`, the shape of the model's logits, the `mutable` collections as shapes) of one eval-mode
+  forward pass under `jax.eval_shape`; `mutable` names collections the model fills when asked (e.g.
+  "intermediates", where `vit.SelfAttention` sows its attention weights)."""
   calls: Dict[str, list] = {}
 
   def record(next_fun, args, kwargs, context):
+    if context.method_name != "__call__" or not context.module.path:
+      return next_fun(*args, **kwargs)
+    entries = calls.setdefault(_path(context.module), [])  # on entry: an ancestor precedes its submodules
     out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and context.module.path:
-      shape = jax.ShapeDtypeStruct(out.shape, out.dtype) if isinstance(out, jax.Array) else None
-      calls.setdefault(_path(context.module), []).append(shape)
+    entries.append(jax.ShapeDtypeStruct(out.shape, out.dtype) if isinstance(out, jax.Array) else None)
     return out
 
+  def run(v, x):
+    if not mutable:
+      return _apply(model, v, x)[0], {}
+    (logits, _), state = model.apply(v, x, train=False, mutable=list(mutable))
+    return logits, state
+
   with nn.intercept_methods(record):
-    logits, _ = jax.eval_shape(lambda v, x: _apply(model, v, x), variables, images)
-  return {k: tuple(v) for k, v in calls.items()}, logits.shape
+    logits, state = jax.eval_shape(run, variables, images)
+  return {k: tuple(v) for k, v in calls.items()}, logits.shape, state
 
 
 def _is_feature_map(shape: jax.ShapeDtypeStruct | None, images: jax.Array) -> bool:
@@ -87,7 +96,7 @@ def default_layer(model: Any, variables: Any, images: jax.Array) -> str:
   deepest layer that still has a spatial layout, as Selvaraju et al. 2017 recommend for Grad-CAM. A segmentation
   head (output of the logits' shape) is skipped: its "channels" are the classes, so its map would just be the
   target's logit."""
-  outputs, logits_shape = _trace(model, variables, images)
+  outputs, logits_shape, _ = trace(model, variables, images)
   found = [p for p in outputs if len(outputs[p]) == 1 and _is_feature_map(outputs[p][0], images)
            and tuple(outputs[p][0].shape) != tuple(logits_shape)]
   if not found:

@@ -37,10 +37,10 @@ import functools
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medjax.interpret import capture
 from medjax.interpret import targets as targets_lib
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -50,27 +50,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # the layer product is tiny; TF32 / bf16 p
 
 
 def _trace(model, variables, images):
-  """Shapes only (`jax.eval_shape`): ({module path: first output shape or None} in call order, the
-  "intermediates" and "perturbations" collections as shapes)."""
-  outputs: Dict[str, Any] = {}
-
-  def record(next_fun, args, kwargs, context):
-    if context.method_name != "__call__" or not context.module.path:
-      return next_fun(*args, **kwargs)
-    path = "/".join(context.module.path)
-    # Entered before its children: an ancestor precedes its submodules, as in the call order.
-    outputs.setdefault(path, None)
-    out = next_fun(*args, **kwargs)
-    if outputs[path] is None and isinstance(out, jax.Array):
-      outputs[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
-    return out
-
-  def apply(v, x):
-    _, state = model.apply(v, x, train=False, mutable=["intermediates", "perturbations"])
-    return state
-
-  with nn.intercept_methods(record):
-    state = jax.eval_shape(apply, variables, images)
+  """Shapes only: ({module path: its first array output's shape or None} in call order, the "intermediates" and
+  "perturbations" collections)."""
+  calls, _, state = capture.trace(model, variables, images, mutable=("intermediates", "perturbations"))
+  outputs = {path: next((shape for shape in shapes if shape is not None), None) for path, shapes in calls.items()}
   return outputs, state.get("intermediates", {}), state.get("perturbations", {})
 
 
