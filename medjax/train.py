@@ -194,7 +194,7 @@ def write_results(workdir: str, results: Mapping[str, Any]) -> str:
 
 
 # The metrics the one-line summary shows (metrics.jsonl and results.json keep them all).
-_HEADLINE = ("dice_mean", "dice_case_mean", "accuracy", "auc", "mae", "rmse", "pearson_r")
+_HEADLINE = ("dice_mean", "dice_case_mean", "accuracy", "auc", "mae", "rmse", "pearson_r", "pretext_loss")
 
 
 def _format(metrics: Mapping[str, float]) -> str:

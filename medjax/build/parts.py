@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from medjax import augment, evaluators, losses, models, optim, sharding, steps
+from medjax import augment, evaluators, losses, models, optim, pretext, sharding, steps
 from medjax.build.run_settings import DEFAULT_MESH, settings
 from medjax.config_lib import ConfigError, named
 from medjax.data import datasets
@@ -20,12 +20,16 @@ from medjax.train_state import TrainState
 
 def model(config: mlc.ConfigDict):
   """The config's model (`config.model_name`, keywords `config.model`) computing in `config.compute_dtype`;
-  parameters stay float32."""
+  parameters stay float32. With `config.pretext`, that model is the encoder inside the pretext task's model
+  (medjax.pretext.tasks)."""
   kwargs = dict(config.get("model") or {})
   if "dtype" in kwargs:
     raise ConfigError("Set the compute dtype with config.compute_dtype, not config.model.dtype.")
   kwargs["dtype"] = jnp.dtype(settings(config).compute_dtype)
-  return models.build_model(config.model_name, kwargs)
+  built = models.build_model(config.model_name, kwargs)
+  if config.get("pretext"):
+    return pretext.tasks.wrap(config.pretext, built)
+  return built
 
 
 def dataset(config: mlc.ConfigDict) -> datasets.Dataset:
@@ -43,7 +47,10 @@ def split_source(data: datasets.Dataset, split: str, where: str):
 
 
 def objective(config: mlc.ConfigDict) -> losses.Objective:
-  """`config.loss` (a name or a dict with terms, deep supervision, tasks) as one objective."""
+  """`config.loss` (a name or a dict with terms, deep supervision, tasks) as one objective; with
+  `config.pretext`, the pretext task's."""
+  if config.get("pretext"):
+    return pretext.tasks.objective(config.pretext)
   return losses.make_objective(*named(settings(config).loss, "loss"))
 
 
@@ -62,7 +69,10 @@ def augment_fn(config: mlc.ConfigDict) -> Optional[Callable]:
 
 def evaluator(config: mlc.ConfigDict, info: datasets.DatasetInfo, **overrides: Any):
   """`config.evaluator` (default: the evaluator of the dataset's task) for `info`; `overrides` set keywords
-  the evaluator accepts and leaves the others alone (e.g. the evaluate tool's `surface_metrics`)."""
+  the evaluator accepts and leaves the others alone (e.g. the evaluate tool's `surface_metrics`). A pretext run
+  is evaluated by its pretext loss (`pretext.tasks.PretextEvaluator`)."""
+  if config.get("pretext"):
+    return pretext.tasks.PretextEvaluator(objective(config))
   name, kwargs = named(config.get("evaluator", info.task), "evaluator")
   accepted = evaluators.EVALUATORS.accepted_kwargs(name) or ()
   kwargs.update({k: v for k, v in overrides.items() if k in accepted})

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from medjax import evaluators, losses, models, optim, sharding, transfer
+from medjax import evaluators, losses, models, optim, pretext, sharding, transfer
 from medjax.build.evaluation import inference_options
 from medjax.build.parts import augment_fn, model
 from medjax.build.run_settings import (BEST_MODES, COMPUTE_DTYPES, INIT_SOURCES, INIT_STEPS, PSEUDO_PREFIX,
@@ -29,6 +29,7 @@ _OPTIONAL_TYPES: Tuple[Tuple[str, Any], ...] = (
     ("best_metric", (str, type(None))), ("best_mode", str), ("test_split", (str, type(None))),
     ("eval_split", str), ("eval_flips", (tuple, list, type(None))), ("eval_with_ema", bool),
     ("validation", str), ("freeze_batch_stats", bool), ("init_from", (str, dict, mlc.ConfigDict, type(None))),
+    ("pretext", (str, dict, mlc.ConfigDict, type(None))),
 )
 _EARLY_STOPPING_KEYS = ("metric", "mode", "patience", "min_delta")
 
@@ -185,7 +186,14 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
   data_kwargs, _ = _as_config_error(lambda: datasets.split_fold_keys(data_name, data_kwargs))
   _resolve_with_kwargs(datasets.DATASETS, data_name, data_kwargs, "data.name", "data")
   _as_config_error(lambda: pipeline.input_options(config.input))
-  _as_config_error(lambda: losses.validate_loss_config(run.loss))
+  if config.get("pretext"):
+    pretext.tasks.validate(config.pretext)
+    for key in ("loss", "evaluator"):
+      if key in config:
+        raise ConfigError(f"config.{key} and config.pretext are exclusive: a pretext run trains and evaluates "
+                          f"with its task's loss (remove config.{key}).")
+  else:
+    _as_config_error(lambda: losses.validate_loss_config(run.loss))
   _as_config_error(lambda: optim.validate_optim_config(config))
   _resolve(sharding.SHARDING_PRESETS, run.sharding, "sharding")
   _as_config_error(lambda: sharding.check_mesh_spec(run.mesh))

@@ -12,8 +12,9 @@ the train step averages them. All arithmetic runs in float32 whatever the comput
               `medjax.data.preprocess.signed_distance_maps`)
   topology    "cldice", "dice_cldice"
   regression  "l1", "l2" (= "mse"), "huber"
-  contrastive `nt_xent(z1, z2)` (SimCLR), per example over the global batch; not a (logits, labels) loss, so not
-              in the registry (the self-supervised objectives of issue 21 will call it)
+  contrastive `nt_xent(z1, z2)` (SimCLR), `info_nce(q, k)` (MoCo v3), `byol_loss(p, t)`, per example over the
+              global batch; not (logits, labels) losses, so not in the registry (medjax.pretext calls them)
+  reconstruction  `masked_patch_loss` (MAE), `restoration_loss` (Models Genesis); not in the registry either
   objective   `make_objective` (deep supervision, multi-task sums), `validate_loss_config`,
               `deep_supervision_weights`
 
@@ -22,20 +23,21 @@ The config format and its reserved keys are described in `medjax.losses.objectiv
 
 from medjax.losses._base import BATCH_INPUTS, LOSSES
 from medjax.losses.boundary import boundary_loss, dice_boundary
-from medjax.losses.contrastive import nt_xent
+from medjax.losses.contrastive import byol_loss, info_nce, nt_xent
 from medjax.losses.objective import (Objective, deep_supervision_weights, downsample_nearest, make_objective,
                                      nearest_indices, validate_loss_config)
 from medjax.losses.multilabel import sigmoid_dice, sigmoid_dice_bce, sigmoid_dice_focal
 from medjax.losses.overlap import dice_cross_entropy, dice_focal, focal_tversky, generalized_dice, soft_dice, tversky
+from medjax.losses.reconstruction import masked_patch_loss, restoration_loss
 from medjax.losses.regression import huber_loss, l1_loss, l2_loss
 from medjax.losses.topology import dice_cldice, soft_cldice, soft_dilate, soft_erode, soft_skeleton
 from medjax.losses.voxelwise import sigmoid_binary_cross_entropy, sigmoid_focal, softmax_cross_entropy, softmax_focal
 
 __all__ = [
-    "BATCH_INPUTS", "LOSSES", "Objective", "boundary_loss", "deep_supervision_weights", "dice_boundary",
-    "dice_cldice", "dice_cross_entropy", "dice_focal", "downsample_nearest", "focal_tversky", "generalized_dice",
-    "huber_loss", "l1_loss", "l2_loss", "make_objective", "nearest_indices", "nt_xent", "sigmoid_binary_cross_entropy",
-    "sigmoid_dice", "sigmoid_dice_bce", "sigmoid_dice_focal", "sigmoid_focal", "soft_cldice", "soft_dice",
-    "soft_dilate", "soft_erode", "soft_skeleton", "softmax_cross_entropy", "softmax_focal", "tversky",
-    "validate_loss_config",
+    "BATCH_INPUTS", "LOSSES", "Objective", "boundary_loss", "byol_loss", "deep_supervision_weights",
+    "dice_boundary", "dice_cldice", "dice_cross_entropy", "dice_focal", "downsample_nearest", "focal_tversky",
+    "generalized_dice", "huber_loss", "info_nce", "l1_loss", "l2_loss", "make_objective", "masked_patch_loss",
+    "nearest_indices", "nt_xent", "restoration_loss", "sigmoid_binary_cross_entropy", "sigmoid_dice",
+    "sigmoid_dice_bce", "sigmoid_dice_focal", "sigmoid_focal", "soft_cldice", "soft_dice", "soft_dilate",
+    "soft_erode", "soft_skeleton", "softmax_cross_entropy", "softmax_focal", "tversky", "validate_loss_config",
 ]

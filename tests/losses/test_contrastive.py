@@ -1,4 +1,5 @@
-"""NT-Xent (medjax.losses.contrastive): a hand-computed value, invariances, and equality on 1 and 8 devices."""
+"""Contrastive losses (medjax.losses.contrastive): NT-Xent (a hand-computed value, invariances, 1 and 8 devices),
+InfoNCE and BYOL (hand values, no gradient into the targets)."""
 
 import math
 
@@ -9,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from medjax.losses.contrastive import nt_xent
+from medjax.losses.contrastive import byol_loss, info_nce, nt_xent
 
 
 def _by_hand(z1, z2, t):
@@ -60,10 +61,34 @@ def test_one_and_eight_devices_give_the_same_value():
 
 
 @pytest.mark.parametrize("z1,z2,t,message", [
-    (np.ones((4, 3)), np.ones((4, 2)), 0.1, "must both be \\(B, D\\)"),
+    (np.ones((4, 3)), np.ones((4, 2)), 0.1, "nt_xent: both inputs must be \\(B, D\\)"),
     (np.ones((1, 3)), np.ones((1, 3)), 0.1, "has no negatives"),
     (np.ones((4, 3)), np.ones((4, 3)), 0.0, "temperature must be > 0"),
 ])
 def test_bad_inputs(z1, z2, t, message):
   with pytest.raises(ValueError, match=message):
     nt_xent(jnp.asarray(z1), jnp.asarray(z2), temperature=t)
+
+
+def test_info_nce_equals_a_hand_computation_and_keys_get_no_gradient():
+  q = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]], np.float32)
+  k = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+  t = 0.2
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  kn = k / np.linalg.norm(k, axis=1, keepdims=True)
+  logits = qn @ kn.T / t
+  expected = [2 * t * (math.log(np.exp(logits[i]).sum()) - logits[i, i]) for i in range(3)]
+  value = info_nce(jnp.asarray(q), jnp.asarray(k), temperature=t)
+  np.testing.assert_allclose(np.asarray(value), expected, rtol=1e-5)
+  grad_k = jax.grad(lambda kk: jnp.sum(info_nce(jnp.asarray(q), kk, temperature=t)))(jnp.asarray(k))
+  np.testing.assert_array_equal(grad_k, np.zeros_like(k))
+
+
+def test_byol_loss_is_two_minus_twice_the_cosine():
+  p = jnp.array([[3.0, 4.0], [1.0, 0.0]])
+  t = jnp.array([[4.0, 3.0], [-2.0, 0.0]])
+  np.testing.assert_allclose(np.asarray(byol_loss(p, t)), [2 - 2 * 24 / 25, 4.0], rtol=1e-6)
+  grad_t = jax.grad(lambda tt: jnp.sum(byol_loss(p, tt)))(t)
+  np.testing.assert_array_equal(grad_t, np.zeros_like(t))
+  with pytest.raises(ValueError, match="byol_loss"):
+    byol_loss(p, t[:1])
