@@ -3,6 +3,9 @@
 Run:
   python -m medjax.main --config experiments/synthetic_unet.py --workdir runs/demo              # 3D demo
   python -m medjax.main --config experiments/synthetic_unet.py:dims=2 --workdir runs/demo2d
+  python -m medjax.main --config experiments/synthetic_unet.py:model=unetr,size=28 --workdir runs/unetr
+      # a small UNETR (4^3 patches) instead of the U-Net; num_train=N keeps N labelled training cases;
+      # test=true also scores the test phantoms (last step and best-validation checkpoint)
   python -m medjax.main --config experiments/synthetic_unet.py:quick=true --workdir /tmp/quick  # smoke test
   python -m medjax.main --config experiments/synthetic_unet.py:aug=true --workdir runs/demo_aug  # + on-device augmentation
   python -m medjax.tools.sweep --config experiments/synthetic_unet.py:dims=2 --workdir runs/sweep2d --parallel 2  # get_sweep
@@ -23,23 +26,31 @@ import ml_collections as mlc
 
 from medjax import config_lib
 
+MODELS = ("unet", "unetr")
+
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, dims=3, size=32, steps=400, aug=False, patch=0, device_crop=False, plan="",
-                             validation="whole_case", quick=False)
+  arg = config_lib.parse_arg(arg, dims=3, size=32, steps=400, model="unet", num_train=480, test=False, aug=False,
+                             patch=0, device_crop=False, plan="", validation="whole_case", quick=False)
+  if arg.model not in MODELS:
+    raise config_lib.ConfigError(f"experiments/synthetic_unet.py: model must be one of {MODELS}, got {arg.model!r}.")
   c = mlc.ConfigDict()
   c.seed = 0
   c.total_steps = arg.steps
   c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 100, 100
 
   c.data = dict(name="synthetic_phantoms", spatial_dims=arg.dims, image_size=arg.size, num_classes=3,
-                num_train=480, num_val=24, num_test=24,
+                num_train=arg.num_train, num_val=24, num_test=24,
                 dark_lesion_prob=0.0)  # bright lesions only: learnable within the CPU demo's few minutes
   c.input = dict(batch_size=2 if arg.dims == 3 else 16, eval_batch_size=8 if arg.dims == 3 else 24)
 
-  c.model_name = "unet"
-  c.model = dict(spatial_dims=arg.dims, num_classes=3, features=(8, 16, 32, 64), blocks_per_stage=1,
-                 norm="instance")
+  c.model_name = arg.model
+  if arg.model == "unet":
+    c.model = dict(spatial_dims=arg.dims, num_classes=3, features=(8, 16, 32, 64), blocks_per_stage=1,
+                   norm="instance")
+  else:  # a small UNETR: 4^d-voxel patches (2 decoder levels), 4 transformer blocks of width 96
+    c.model = dict(spatial_dims=arg.dims, num_classes=3, image_size=(arg.size,) * arg.dims, patch_size=4,
+                   feature_size=8, hidden_size=96, num_layers=4, num_heads=4, mlp_dim=192)
   c.compute_dtype = "float32"
   c.loss = dict(name="dice_xent", batch_dice=True)
 
@@ -65,6 +76,8 @@ def get_config(arg=None):
   c.sharding = "data_parallel"
   c.evaluator = dict(name="segmentation")
   c.best_metric, c.best_mode = "val/dice_mean", "max"
+  if arg.test:  # the 24 test phantoms, scored at the last step and at the best-validation checkpoint
+    c.test_split = "test"
   c.checkpoint = dict(max_to_keep=2, keep_best=1, async_save=True)
 
   if arg.quick:  # every experiment carries its own smoke test
@@ -73,7 +86,11 @@ def get_config(arg=None):
     c.data.image_size, c.data.num_train, c.data.num_val = 16, 8, 4
     c.input.batch_size, c.input.eval_batch_size = 2, 2
     # A plan fixes the number of levels (kernel_size / strides); keep them and only narrow the widths.
-    c.model.features = tuple(max(2, f // 8) for f in c.model.features) if arg.plan else (4, 8)
+    if arg.model == "unetr":
+      c.model.update(hidden_size=8, num_layers=2, num_heads=2, mlp_dim=16, feature_size=4,
+                     image_size=(c.input.patch_size[0] if arg.patch else 16,) * arg.dims)
+    else:
+      c.model.features = tuple(max(2, f // 8) for f in c.model.features) if arg.plan else (4, 8)
     if arg.patch:
       c.input.patch_size = (8,) * arg.dims
     c.schedule.warmup_steps = 1

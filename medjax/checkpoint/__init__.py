@@ -40,7 +40,7 @@ from medjax.checkpoint.integrity import (CheckpointError, CheckpointNotFoundErro
                                          DamagedCheckpointWarning, step_damage)
 from medjax.checkpoint.manager import BEST_MODES, Checkpointer
 from medjax.checkpoint.ranking import metric_value
-from medjax.checkpoint.runs import CHECKPOINT_DIR, Loaded, for_run, load
+from medjax.checkpoint.runs import CHECKPOINT_DIR, Loaded, for_run, load, model_weights
 
 __all__ = [
                                               "ARCHITECTURE_KEYS",
@@ -62,6 +62,7 @@ __all__ = [
                                               "load",
                                               "load_config",
                                               "metric_value",
+                                              "model_weights",
                                               "pretrained_variables",
                                               "read_config_history",
                                               "record_config",

@@ -13,8 +13,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import ml_collections as mlc
 
-from medjax import build, pretext, transfer
-from medjax.checkpoint.runs import load
+from medjax import build, transfer
+from medjax.checkpoint.runs import model_weights
 
 INIT_REPORT_FILE = "init_report.json"
 
@@ -34,7 +34,7 @@ def _source_model(options: build.InitFrom, config: mlc.ConfigDict) -> Tuple[str,
 def pretrained_variables(options: build.InitFrom, config: mlc.ConfigDict) -> Tuple[Dict[str, Any], str]:
   """The variables `options` points at, in medjax names (nested dicts of host arrays), and a description of
   where they came from ("workdir W step S (best by val/auc)", "file F (torchvision resnet18)"). A workdir of a
-  pretext run (`config.pretext`) gives its encoder's variables (`pretext.encoder_variables`).
+  pretext run (`config.pretext`) gives its encoder's variables (`runs.model_weights`).
 
   Raises CheckpointError (a workdir without an intact step), FileNotFoundError, transfer.WeightFileError, or
   transfer.WeightMismatchError (a PyTorch file that does not fit its model), each naming the path.
@@ -44,13 +44,8 @@ def pretrained_variables(options: build.InitFrom, config: mlc.ConfigDict) -> Tup
     raise FileNotFoundError(f"config.init_from.path: {options.path!r} does not exist (a workdir, or a weight file "
                             f"{', '.join(transfer.SUFFIXES)}).")
   if os.path.isdir(path):
-    loaded = load(path, options.step, use_ema=options.use_ema)
-    where = f"workdir {options.path} step {loaded.step} ({loaded.selected})"
-    if loaded.config.get("pretext"):  # a pretraining run: its encoder, without the pretext heads
-      task = pretext.tasks.parse(loaded.config.pretext)[0]
-      return (jax.device_get(pretext.encoder_variables(loaded.variables)),
-              f"{where}, the {loaded.config.model_name} encoder of its {task} pretraining")
-    return jax.device_get(loaded.variables), where
+    variables, where = model_weights(path, options.step, use_ema=options.use_ema)
+    return jax.device_get(variables), where
   state_dict = transfer.load_state_dict(path)
   source = options.source
   if source == "auto":

@@ -1,12 +1,12 @@
 """A run's checkpoints as a whole: `for_run(workdir)` opens them as the run's config asks, `load(workdir)` gives
-config + model + variables for inference."""
+config + model + variables for inference, `model_weights(workdir)` the weights another run or a file takes."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, NamedTuple, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
-from medjax import build
+from medjax import build, pretext
 from medjax.checkpoint.config_history import load_config
 from medjax.checkpoint.integrity import CheckpointError
 from medjax.checkpoint.manager import Checkpointer
@@ -80,3 +80,18 @@ def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
     params, model_state = part["ema_params"], part.get("ema_model_state") or model_state
   return Loaded(config=config, model=model, variables={"params": params, **dict(model_state or {})}, step=step,
                 selected=selected, metrics=metrics)
+
+
+def model_weights(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
+                  use_ema: Optional[bool] = None) -> Tuple[Dict[str, PyTree], str]:
+  """The variables of the model a run trained, as `load` reads them, and where they came from ("workdir W step
+  S (best by val/auc)"). For a self-supervised pretraining run (`config.pretext`) these are its encoder's
+  (`pretext.encoder_variables`: the `config.model_name` model without the pretext heads), which is what a
+  downstream run or a weight file takes."""
+  loaded = load(workdir, step, use_ema=use_ema)
+  where = f"workdir {os.fspath(workdir)} step {loaded.step} ({loaded.selected})"
+  if not loaded.config.get("pretext"):
+    return loaded.variables, where
+  task = pretext.tasks.parse(loaded.config.pretext)[0]
+  return (pretext.encoder_variables(loaded.variables),
+          f"{where}, the {loaded.config.model_name} encoder of its {task} pretraining")

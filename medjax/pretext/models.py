@@ -12,7 +12,8 @@ stream, which the train step derives as `fold_in(state.rng, step)`: they are a d
 validation pretext loss compares the same views at every evaluation.
 
 Contracts with the encoder (checked with a message naming the model when they fail):
-  contrastive, rotation: `aux["features"]`, pooled features `(B, F)` (every classification model);
+  contrastive, rotation: `aux["features"]`, pooled features `(B, F)` (every classification model), or an
+    `aux["bottleneck"]` map, averaged over space (U-Net, UNETR, Swin UNETR: their encoder alone is trained);
   restoration: `aux["features"]`, a dense map `(B, *spatial, F)` at the input's resolution (U-Net, UNETR, Swin
     UNETR, TransUNet);
   masked image modelling: a dense map as restoration, or, for a plain ViT, `aux["tokens"]` with one token per
@@ -54,11 +55,17 @@ def encoder_variables(variables: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _pooled_features(aux: Dict[str, Any], encoder: nn.Module) -> jax.Array:
+  """Pooled features `(B, F)`: a classifier's aux["features"], or a segmentation model's bottleneck map
+  averaged over space (the encoder part of a U-Net, UNETR or Swin UNETR)."""
   features = aux.get("features")
-  if features is None or features.ndim != 2:
-    raise ValueError(f"{type(encoder).__name__}: this pretext task needs pooled aux['features'] (B, F) from its "
-                     f"encoder (a classification model); got {None if features is None else features.shape}.")
-  return features
+  if features is not None and features.ndim == 2:
+    return features
+  bottleneck = aux.get("bottleneck")
+  if bottleneck is not None and bottleneck.ndim > 2:
+    return jnp.mean(bottleneck.astype(jnp.float32), axis=tuple(range(1, bottleneck.ndim - 1)))
+  raise ValueError(f"{type(encoder).__name__}: this pretext task needs pooled aux['features'] (B, F) or an "
+                   f"aux['bottleneck'] map from its encoder; got features "
+                   f"{None if features is None else features.shape}.")
 
 
 def _dense_features(aux: Dict[str, Any], encoder: nn.Module, spatial: Tuple[int, ...]) -> jax.Array:
@@ -154,7 +161,8 @@ class Contrastive(nn.Module):
       return out
 
     _, target_aux = run(self.encoder, "encoder", views)
-    return jax.lax.stop_gradient(run(projector, "projector", target_aux["features"])).astype(jnp.float32)
+    target_features = _pooled_features(target_aux, self.encoder)
+    return jax.lax.stop_gradient(run(projector, "projector", target_features)).astype(jnp.float32)
 
 
 class BYOL(Contrastive):

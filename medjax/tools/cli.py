@@ -48,6 +48,16 @@ class UsageError(ValueError):
   so that code calling a tool's library function and catching ValueError keeps working."""
 
 
+def refuse_pretext_run(config: Any, workdir: str, tool: str) -> None:
+  """UsageError for a tool that needs the run's predictions when `workdir` is a self-supervised pretraining
+  run: its model outputs embeddings, rotations or reconstructions, not predictions of the dataset's labels."""
+  if config.get("pretext"):
+    task = config.pretext if isinstance(config.pretext, str) else config.pretext.get("name")
+    raise UsageError(f"{workdir} is a self-supervised pretraining run (config.pretext: {task}); {tool} needs a "
+                     f"model that predicts the labels. Evaluate its encoder on a labelled task with "
+                     f"`python -m medjax.tools.probe --init {workdir} --config ... --workdir ...`.")
+
+
 def _raised_on_purpose_by_medjax(error: BaseException) -> bool:
   """Whether `error` was raised by a `raise` statement in a medjax module (not by a subscript, a call into
   NumPy or JAX, or a builtin in medjax code). The innermost frame of its traceback is where it was raised."""

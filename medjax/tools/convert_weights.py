@@ -9,10 +9,11 @@
 
 The medjax-named file (`params/stem_conv/kernel`, ...) is what `config.init_from.path` loads without torch
 (`source="auto"` recognises the names), so a machine that trains needs no torch. `--input` may also be a
-workdir (its best step, `--step` to choose). `--to torch` writes the `--source` layout (.pt/.pth need torch;
-.safetensors and .npz do not). A file that does not fit the model is one error listing every missing,
-unexpected and mis-shaped tensor; any user's mistake prints one line `medjax.tools.convert_weights: error: ...`
-and exits with status 2.
+workdir (its best step, `--step` to choose); a self-supervised pretraining run gives its encoder
+(`checkpoint.model_weights`), e.g. `--input runs/ssl/simclr_r18 --model resnet18 --to torch`. `--to torch`
+writes the `--source` layout (.pt/.pth need torch; .safetensors and .npz do not). A file that does not fit the
+model is one error listing every missing, unexpected and mis-shaped tensor; any user's mistake prints one line
+`medjax.tools.convert_weights: error: ...` and exits with status 2.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ _STEP = flags.DEFINE_string("step", "best", "A workdir's step: best, latest or a
 def _read_medjax(path: str, step: str):
   """Medjax variables from a workdir (its `step`) or a medjax-named file."""
   if os.path.isdir(path):
-    return checkpoint.load(path, int(step) if step.isdigit() else step).variables
+    return checkpoint.model_weights(path, int(step) if step.isdigit() else step)[0]
   state_dict = transfer.load_state_dict(path)
   if not all("/" in name for name in state_dict):
     raise cli.UsageError(f"{path}: holds PyTorch names, not medjax ones; convert it with --to medjax first")

@@ -134,7 +134,9 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
   workdir = os.path.abspath(workdir)
   out = os.path.abspath(out or os.path.join(workdir, f"eval_{split}"))
   # The split first, from the config alone: a mistyped --split fails before any weights are read.
-  dataset = build.dataset(checkpoint.load_config(workdir))
+  run_config = checkpoint.load_config(workdir)
+  cli.refuse_pretext_run(run_config, workdir, "evaluate")
+  dataset = build.dataset(run_config)
   source = cli.split_source(dataset, split, "--split")
   loaded = checkpoint.load(workdir, step=str(which))  # the run's model, compute dtype and EMA choice
   config, model, step = loaded.config, loaded.model, loaded.step

@@ -132,7 +132,9 @@ def run(workdir: str, *, split: str = "val", method: str = "gradcam", num_cases:
     raise cli.UsageError(f"--target {target!r}: choose 'predicted', 'label' or a class index.")
   workdir = os.path.abspath(workdir)
   out = os.path.abspath(out or os.path.join(workdir, f"explain_{split}_{name.replace('+', 'p')}"))
-  dataset = build.dataset(checkpoint.load_config(workdir))
+  run_config = checkpoint.load_config(workdir)
+  cli.refuse_pretext_run(run_config, workdir, "explain")
+  dataset = build.dataset(run_config)
   source = cli.split_source(dataset, split, "--split")
   info = dataset.info
   if info.task not in ("classification", "segmentation"):

@@ -142,6 +142,7 @@ def run_prediction(workdir: str, input_path: str, output_dir: str, *, roi=None, 
   shape for an input whose channels the network does not take."""
   from medjax import checkpoint, inference
   from medjax.inference import volume as inference_volume
+  cli.refuse_pretext_run(checkpoint.load_config(workdir), workdir, "predict")
   cases = inference_volume.image_inputs(input_path)
   names = {name: inference_volume.output_name(name, path, output_suffix) for name, path in cases.items()}
   loaded = checkpoint.load(workdir, step if step is not None else which, use_ema=use_ema)

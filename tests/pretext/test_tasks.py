@@ -7,6 +7,7 @@ import json
 import os
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from medjax import build, checkpoint, config_lib, models, pretext, steps, train
 from medjax.config_lib import ConfigError
 from medjax.pretext import masking, tasks
+from medjax.tools import cli
 from medjax.train_state import TrainState
 from tests.train_testing import run_straight_and_resumed
 
@@ -37,11 +39,21 @@ def _encoder(name, dims, **kwargs):
   return models.build_model(name, dict(base, spatial_dims=dims, **kwargs))
 
 
+class NoAux(nn.Module):
+  """An encoder that exposes nothing a pretext head could use."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    return nn.Dense(2)(x), {}
+
+
 CASES = [  # (task options, encoder name)
     (dict(name="simclr", projection_dim=8, hidden_dim=16), "resnet18"),
     (dict(name="byol", projection_dim=8, hidden_dim=16, predictor_dim=8), "resnet18"),
     (dict(name="moco", projection_dim=8, hidden_dim=16, predictor_dim=8), "resnet18"),
     (dict(name="rotation"), "resnet18"),
+    (dict(name="rotation"), "unetr"),
+    (dict(name="byol", projection_dim=8, hidden_dim=16), "unet"),
     (dict(name="genesis"), "unet"),
     (dict(name="mae", patch_size=4), "unet"),
     (dict(name="mae", patch_size=4), "vit_ti16"),
@@ -86,7 +98,7 @@ def _apply(model, variables, images, key, train=True):
   return outputs, aux
 
 
-@pytest.mark.parametrize("options,encoder", [CASES[0], CASES[3], CASES[4], CASES[5]],
+@pytest.mark.parametrize("options,encoder", [CASES[0], CASES[3], CASES[6], CASES[7]],
                          ids=["simclr", "rotation", "genesis", "mae"])
 def test_views_are_a_function_of_the_key(options, encoder):
   """The same key draws the same views (so the step's key fold_in(rng, step) makes them a function of seed and
@@ -230,11 +242,31 @@ def test_bad_pretext_configs_name_the_key(change, message):
 
 @pytest.mark.parametrize("options,encoder,message", [
     (dict(name="genesis"), "resnet18", "needs a dense aux\\['features'\\]"),
-    (dict(name="simclr"), "unet", "needs pooled aux\\['features'\\]"),
+    (dict(name="simclr"), "no_aux", "needs pooled aux\\['features'\\] \\(B, F\\) or an aux\\['bottleneck'\\]"),
     (dict(name="mae", patch_size=2), "vit_ti16", "Use the encoder's patch size"),
 ])
 def test_an_encoder_that_does_not_fit_the_task_is_named(options, encoder, message):
-  model = tasks.wrap(options, _encoder(encoder, 2))
+  model = tasks.wrap(options, NoAux() if encoder == "no_aux" else _encoder(encoder, 2))
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(lambda x: model.init({"params": KEY, "dropout": KEY}, x, train=False),
                    jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32))
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "explain", "predict"])
+def test_tools_that_need_predictions_refuse_a_pretraining_run(byol_runs, tool, tmp_path):
+  from medjax.tools import evaluate, explain, predict
+  call = {"evaluate": lambda: evaluate.run(byol_runs[0], split="val", out=str(tmp_path)),
+          "explain": lambda: explain.run(byol_runs[0], split="val", method="gradcam", num_cases=1, out=str(tmp_path)),
+          "predict": lambda: predict.run_prediction(byol_runs[0], str(tmp_path), str(tmp_path / "out"))}[tool]
+  with pytest.raises(cli.UsageError, match=f"self-supervised pretraining run \\(config.pretext: byol\\); {tool}"):
+    call()
+
+
+def test_convert_weights_exports_the_encoder_of_a_pretraining_run(byol_runs, tmp_path):
+  from medjax import transfer
+  from medjax.tools import convert_weights
+  out = str(tmp_path / "encoder.safetensors")
+  convert_weights.convert(byol_runs[0], out, "resnet18", {}, "torchvision", "medjax", step="latest")
+  names = set(transfer.load_state_dict(out))
+  assert "params/stem_conv/kernel" in names and "batch_stats/stem_norm/mean" in names
+  assert not any("projector" in n or "momentum" in n or n.startswith("params/encoder/") for n in names)
