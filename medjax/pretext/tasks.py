@@ -36,6 +36,7 @@ import optax
 
 from medjax import augment, losses
 from medjax.config_lib import ConfigError, suggest
+from medjax.losses.reconstruction import RESTORATION_KINDS
 from medjax.pretext import corruptions, models
 from medjax.typing import Array, Batch
 
@@ -171,8 +172,8 @@ def validate(options: Any) -> None:
   if task.transform == "views":
     _views(grouped["views"])
   loss = grouped["objective"].get("loss")
-  if loss is not None and loss not in ("mse", "l1"):
-    raise ConfigError(f"config.pretext.loss must be 'mse' or 'l1', got {loss!r}.")
+  if loss is not None and loss not in RESTORATION_KINDS:
+    raise ConfigError(f"config.pretext.loss must be one of {RESTORATION_KINDS}, got {loss!r}.")
 
 
 class PretextEvaluator:
