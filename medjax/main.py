@@ -119,12 +119,19 @@ def run(argv: Sequence[str], overrides: Sequence[str]) -> None:
   from medjax import build, train
   try:
     build.validate(config)
+    if config.get("federated"):
+      from medjax.federated import options as federated_options
+      federated_options.parse(config.federated, config)
   except (config_lib.ConfigError, KeyError, ValueError) as e:
     _fail(str(e.args[0]) if e.args else str(e))
   logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   from medjax import checkpoint
   try:
-    train.main(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    if config.get("federated"):  # rounds over sites: the one other loop (medjax.federated.simulation)
+      from medjax.federated import simulation
+      simulation.run(config, _WORKDIR.value)
+    else:
+      train.main(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (config_lib.ConfigError, checkpoint.CheckpointError) as e:  # a changed config, no intact checkpoint
     _fail(str(e.args[0]) if e.args else str(e))
 

@@ -124,3 +124,18 @@ class Registry:
 
   def __repr__(self) -> str:
     return f"Registry({self.kind!r}, {self.names()})"
+
+
+def merge_options(given: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> Dict[str, Any]:
+  """`given` merged over `defaults`, for an options dict of a config (`config.input`, `config.privacy`, ...).
+
+  Raises ValueError "<where>: unknown key 'x'. Did you mean 'y'? Known keys: ..." for a key `defaults` lacks.
+  """
+  options = dict(defaults)
+  for key, value in dict(given).items():
+    if key not in defaults:
+      close = difflib.get_close_matches(str(key), list(defaults), n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"{where}: unknown key {key!r}.{hint} Known keys: {', '.join(defaults)}.")
+    options[key] = value
+  return options

@@ -20,6 +20,8 @@ from medjax.typing import Array, Batch, PyTree
 ApplyFn = Callable[..., Any]
 StatsFn = Callable[[Array, Mapping[str, PyTree], Batch], Dict[str, Array]]
 AugmentFn = Callable[[Array, Batch], Batch]
+# gradient_fn(params, model_state, batch, rng, *, apply_fn, objective) -> (loss, grads, new model_state)
+GradientFn = Callable[..., Tuple[Array, PyTree, PyTree]]
 
 
 def _split_micro_batches(batch: Batch, accum_steps: int) -> Batch:
@@ -53,7 +55,8 @@ def _loss_and_grads(params: PyTree, model_state: PyTree, batch: Batch, rng: Arra
 
 def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective: Objective,
                tx: optax.GradientTransformation, accum_steps: int = 1, ema_decay: float = 0.0,
-               augment_fn: Optional[AugmentFn] = None) -> Tuple[TrainState, Dict[str, Array]]:
+               augment_fn: Optional[AugmentFn] = None,
+               gradient_fn: Optional[GradientFn] = None) -> Tuple[TrainState, Dict[str, Array]]:
   """One optimizer update.
 
   Args:
@@ -68,6 +71,8 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
       carries none); the decay used at update t (0-based) is min(ema_decay, (1 + t) / (10 + t)).
     augment_fn: `augment_fn(rng, batch) -> batch`, random augmentation applied on device inside this
       compiled step (before micro-batching), with a key derived from the step so resume stays exact.
+    gradient_fn: replaces the mean-loss gradient of each (micro-)batch, e.g. DP-SGD's clipped and noised
+      gradient (`medjax.privacy.clipping.gradient_fn`); same signature as `_loss_and_grads`.
   Returns:
     (new_state, metrics) with scalar metrics "loss", "grad_norm" and "finite" (1.0 when the loss and the
     gradients are finite). A non-finite step leaves params, optimizer state and EMA unchanged (only the
@@ -78,15 +83,16 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn, objective:
     rng, augment_rng = jax.random.split(rng)
     batch = augment_fn(augment_rng, batch)
   bound = dict(apply_fn=apply_fn, objective=objective)
+  gradients = gradient_fn or _loss_and_grads
   if accum_steps == 1:
-    loss, grads, model_state = _loss_and_grads(state.params, state.model_state, batch, rng, **bound)
+    loss, grads, model_state = gradients(state.params, state.model_state, batch, rng, **bound)
   else:
     micro_batches = _split_micro_batches(batch, accum_steps)
 
     def accumulate(carry, inputs):
       grad_sum, loss_sum, model_state = carry
       index, micro = inputs
-      loss, grads, model_state = _loss_and_grads(state.params, model_state, micro,
+      loss, grads, model_state = gradients(state.params, model_state, micro,
                                                  jax.random.fold_in(rng, index), **bound)
       return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, model_state), None
 

@@ -259,7 +259,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   # Patches cut from whole cases when config.input.patch_size is set (see pipeline.prepare_source).
   prepare = functools.partial(pipeline.prepare_source, input_config=config.input, seed=config.seed,
                               num_classes=dataset.info.num_classes)
-  train_source = prepare(build.split_source(dataset, "train", "the training split"), for_training=True)
+  train_source = prepare(build.split_source(dataset, run.train_split, "config.train_split"), for_training=True)
   val_source = build.split_source(dataset, run.eval_split, "config.eval_split")
   test_source = build.split_source(dataset, run.test_split, "config.test_split") if run.test_split else None
   for split, source in ((run.eval_split, val_source), (run.test_split, test_source)):
@@ -283,6 +283,12 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   state_sharding = sharding.state_shardings(abstract_state, mesh, run.sharding)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, state_sharding)
+  dp = build.differential_privacy(config, model, objective, abstract_state, train_source, mesh)
+  if dp is not None:
+    logging.info("DP-SGD: %s per-example norms, noise multiplier %.4f, C = %g, q = %.5f, delta = %.3g, padded "
+                 "batch %d; epsilon after %d steps: %.3f (%s).", dp.norms, dp.plan.noise_multiplier,
+                 dp.plan.clip_norm, dp.plan.sample_rate, dp.plan.delta, dp.plan.physical_batch_size, total_steps,
+                 dp.plan.epsilon(total_steps), dp.plan.accountant)
   ckpt = checkpoint.for_run(workdir, config)
   start_step, state = restore_latest(ckpt, target, config_change)
   pretrained = None
@@ -307,7 +313,8 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   # ---- 4. compiled steps
   train_step = build.jit_train_step(model, objective, tx, mesh, state_sharding, accum_steps=run.grad_accum_steps,
                                     ema_decay=run.ema_decay, augment_fn=build.augment_fn(config),
-                                    freeze_batch_stats=run.freeze_batch_stats)
+                                    freeze_batch_stats=run.freeze_batch_stats,
+                                    gradient_fn=dp and dp.gradient_fn)
   eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=build.eval_apply_fn(model, config),
                                         stats_fn=evaluator.stats_fn))
   cases = build.case_evaluation(model, config, evaluator.stats_fn, mesh) if whole_cases else None
@@ -334,9 +341,9 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   writer = MetricWriter(workdir, enabled=is_main)
   progress = Progress(total_steps, start_step, enabled=is_main)
   train_batches = pipeline.train_stream(train_source, config.input, seed=config.seed, start_step=start_step,
-                                       mesh=mesh)
+                                       mesh=mesh, poisson=dp and dp.plan.poisson())
   log_every, eval_every, ckpt_every = run.log_every_steps, run.eval_every_steps, run.checkpoint_every_steps
-  pending, last_eval, test, test_best, best = [], {}, {}, {}, None
+  pending, last_eval, test, test_best, best, extra_tests = [], {}, {}, {}, None, {}
   # A run that had already stopped early stays stopped when started again.
   stopped = _STATUS_CODES[_from_main_process(int(early is not None and early.should_stop))]
   last_step = start_step
@@ -366,6 +373,8 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
                    "train/grad_norm": float(np.mean([m["grad_norm"] for m in host])),
                    "train/lr": float(schedule_fn(step - 1)),
                    "train/steps_per_s": rate, "train/examples_per_s": rate * batch_size}
+        if dp is not None:  # epsilon spent so far, and the epoch it is reported at (N / B steps each)
+          scalars.update({"privacy/epsilon": dp.plan.epsilon(step), "privacy/epoch": step / dp.plan.steps_per_epoch})
         writer.write(step, scalars)
         progress.log(step, scalars)
         pending, interval_start, interval_first_step = [], now, step
@@ -390,6 +399,11 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
     if test_source is not None:
       test, test_best = _test_evaluations(state, test_source, run_evaluation, ckpt, target, best)
       writer.write(last_step, {**test, **test_best})
+    for split in run.extra_test_splits:  # e.g. each site's test split, or a held-out site's
+      source = build.split_source(dataset, split, "config.extra_test_splits")
+      extra_tests.update(run_evaluation(state, source if whole_cases else prepare(source), split))
+    if extra_tests:
+      writer.write(last_step, extra_tests)
   finally:
     ckpt.wait()
     ckpt.close()
@@ -399,14 +413,17 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   # ---- 6. results
   status = stopped if stopped and last_step < total_steps else FINISHED
   results = {"status": status, "step": last_step, "best": best, "final": last_eval, "test": test,
-             "test_best": test_best, "wall_s": wall_before + time.perf_counter() - started,
+             "test_best": test_best, "extra_tests": extra_tests,
+             "wall_s": wall_before + time.perf_counter() - started,
              "resumed_from_step": start_step}
+  if dp is not None:
+    results["privacy"] = dict(dp.plan.summary(last_step), per_example_norms_method=dp.norms)
   path = write_results(workdir, results)
   if is_main:
     print(_summary_line(status, last_step, total_steps, last_eval, best, test, test_best, early,
                         f"Checkpoints: {ckpt.directory}; metrics: {writer.path}; "
                         f"results: {os.path.abspath(path)}."), flush=True)
-  return {"step": last_step, **last_eval, **test, **test_best}
+  return {"step": last_step, **last_eval, **test, **test_best, **extra_tests}
 
 
 def _best_checkpoint(ckpt: checkpoint.Checkpointer, best_metric: Optional[str]) -> Optional[dict]:

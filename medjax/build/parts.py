@@ -11,17 +11,41 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from medjax import augment, evaluators, losses, models, optim, pretext, sharding, steps
+from medjax import augment, evaluators, losses, models, optim, pretext, privacy, sharding, steps
 from medjax.build.run_settings import DEFAULT_MESH, settings
 from medjax.config_lib import ConfigError, named
 from medjax.data import datasets
+from medjax.losses import domain as domain_losses
+from medjax.models import domain_adversarial
 from medjax.train_state import TrainState
+
+# config.domain_adversarial keys: the wrapper's (medjax.models.domain_adversarial) and the loss's.
+DOMAIN_ADVERSARIAL_KEYS = ("num_domains", "weight", "domain_key", "hidden_features", "schedule", "coefficient",
+                           "dropout_rate")
+
+
+def domain_adversarial_options(config: mlc.ConfigDict) -> dict:
+  """`config.domain_adversarial` checked: known keys, num_domains given (DANN, Ganin et al. 2016)."""
+  options = dict(config.domain_adversarial)
+  unknown = sorted(set(options) - set(DOMAIN_ADVERSARIAL_KEYS))
+  if unknown:
+    raise ConfigError(f"config.domain_adversarial: unknown key(s) {unknown}; known keys: "
+                      f"{', '.join(DOMAIN_ADVERSARIAL_KEYS)}.")
+  if int(options.get("num_domains", 0)) < 2:
+    raise ConfigError("config.domain_adversarial.num_domains must be given and >= 2 (the sites or scanners).")
+  if options.get("schedule", "ganin") not in domain_adversarial.SCHEDULES:
+    raise ConfigError(f"config.domain_adversarial.schedule must be one of {domain_adversarial.SCHEDULES}.")
+  for key in ("pretext", "federated"):
+    if config.get(key):
+      raise ConfigError(f"config.domain_adversarial cannot be combined with config.{key}.")
+  return options
 
 
 def model(config: mlc.ConfigDict):
   """The config's model (`config.model_name`, keywords `config.model`) computing in `config.compute_dtype`;
   parameters stay float32. With `config.pretext`, that model is the encoder inside the pretext task's model
-  (medjax.pretext.tasks)."""
+  (medjax.pretext.tasks); with `config.domain_adversarial`, the task model inside DANN's wrapper (a domain
+  classifier behind gradient reversal, medjax.models.domain_adversarial)."""
   kwargs = dict(config.get("model") or {})
   if "dtype" in kwargs:
     raise ConfigError("Set the compute dtype with config.compute_dtype, not config.model.dtype.")
@@ -29,6 +53,12 @@ def model(config: mlc.ConfigDict):
   built = models.build_model(config.model_name, kwargs)
   if config.get("pretext"):
     return pretext.tasks.wrap(config.pretext, built)
+  if config.get("domain_adversarial"):
+    options = domain_adversarial_options(config)
+    wrapper_keys = ("hidden_features", "schedule", "coefficient", "dropout_rate")
+    return domain_adversarial.DomainAdversarial(model=built, num_domains=int(options["num_domains"]),
+                                                total_steps=int(config.total_steps),
+                                                **{k: options[k] for k in wrapper_keys if k in options})
   return built
 
 
@@ -51,7 +81,13 @@ def objective(config: mlc.ConfigDict) -> losses.Objective:
   `config.pretext`, the pretext task's."""
   if config.get("pretext"):
     return pretext.tasks.objective(config.pretext)
-  return losses.make_objective(*named(settings(config).loss, "loss"))
+  task = losses.make_objective(*named(settings(config).loss, "loss"))
+  if config.get("domain_adversarial"):
+    options = domain_adversarial_options(config)
+    return domain_losses.domain_adversarial_objective(
+        task, weight=float(options.get("weight", 1.0)), domain_key=options.get("domain_key", "site"),
+        num_domains=int(options["num_domains"]))
+  return task
 
 
 def optimizer(config: mlc.ConfigDict):
@@ -130,18 +166,42 @@ def train_apply_fn(model: Any, *, freeze_batch_stats: bool = False) -> Callable[
   return apply
 
 
+def differential_privacy(config: mlc.ConfigDict, model: Any, objective: Any, abstract_state: Any, train_source: Any,
+                         mesh: Any) -> Optional[privacy.DpSetup]:
+  """DP-SGD's parts for `config.privacy` (None without it): the resolved `PrivacyPlan` (sigma computed for a
+  target epsilon, Poisson batch padding) and the step's gradient function. Refuses a BatchNorm model."""
+  if not config.get("privacy"):
+    return None
+  options = privacy.options.parse(config.privacy)
+  privacy.options.check_model(abstract_state.model_state, config.model_name)
+  plan = privacy.options.plan(options, num_examples=len(train_source), batch_size=settings(config).batch_size,
+                              total_steps=int(config.total_steps),
+                              batch_multiple=sharding.data_axis_size(mesh) * jax.process_count())
+  example = train_source[0]
+  batch = {k: jnp.zeros((2,) + np.shape(v), np.asarray(v).dtype) for k, v in example.items()
+           if k in ("image", "label", "mask")}
+  method = privacy.clipping.norm_method(plan.per_example_norms, train_apply_fn(model), objective,
+                                        abstract_state.params, abstract_state.model_state, batch,
+                                        jax.random.PRNGKey(0))
+  fn = privacy.clipping.gradient_fn(clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
+                                    expected_batch_size=plan.expected_batch_size, method=method,
+                                    microbatch_size=plan.microbatch_size)
+  return privacy.DpSetup(plan=plan, gradient_fn=fn, norms=method)
+
+
 def jit_train_step(model: Any, objective: Any, tx: Any, mesh: Any, state_sharding: Any, *,
                    accum_steps: int = 1, ema_decay: float = 0.0, augment_fn: Optional[Callable] = None,
-                   freeze_batch_stats: bool = False):
+                   freeze_batch_stats: bool = False, gradient_fn: Optional[Callable] = None):
   """`steps.train_step` bound to its hyperparameters and jitted over `mesh`, the state donated.
-  `freeze_batch_stats`: see `train_apply_fn`.
+  `freeze_batch_stats`: see `train_apply_fn`; `gradient_fn`: see `steps.train_step` (DP-SGD's).
 
   Batches come in split over the data axis; metrics come out replicated.
   """
   return jax.jit(
       functools.partial(steps.train_step, apply_fn=train_apply_fn(model, freeze_batch_stats=freeze_batch_stats),
                         objective=objective, tx=tx,
-                        accum_steps=accum_steps, ema_decay=ema_decay, augment_fn=augment_fn),
+                        accum_steps=accum_steps, ema_decay=ema_decay, augment_fn=augment_fn,
+                        gradient_fn=gradient_fn),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))

@@ -102,8 +102,10 @@ class Settings:
   sharding: str = "data_parallel"
   compute_dtype: str = "float32"
   loss: Any = "xent"
+  train_split: str = "train"
   eval_split: str = "val"
   test_split: Optional[str] = None
+  extra_test_splits: Tuple[str, ...] = ()
   ema_decay: float = 0.0
   eval_with_ema: bool = True
   grad_accum_steps: int = 1
@@ -135,6 +137,8 @@ def settings(config: mlc.ConfigDict) -> Settings:
                       "async_save.")
   if "mesh" in given:
     given["mesh"] = tuple(tuple(entry) for entry in given["mesh"])
+  if "extra_test_splits" in given:
+    given["extra_test_splits"] = tuple(given["extra_test_splits"])
   if "eval_flips" in given:
     given["eval_flips"] = tuple(tuple(axes) for axes in given["eval_flips"])
   # A saved config may lack config.input (a model saved for prediction only); validate() requires it.

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from medjax import evaluators, losses, models, optim, pretext, sharding, transfer
+from medjax import evaluators, losses, models, optim, pretext, privacy, sharding, transfer
 from medjax.build.evaluation import inference_options
-from medjax.build.parts import augment_fn, model
+from medjax.build.parts import augment_fn, domain_adversarial_options, model
 from medjax.build.run_settings import (BEST_MODES, COMPUTE_DTYPES, INIT_SOURCES, INIT_STEPS, PSEUDO_PREFIX,
                                        VALIDATION_MODES, Settings, init_from, settings)
 from medjax.config_lib import ConfigError, named, suggest
@@ -27,9 +27,11 @@ _OPTIONAL_TYPES: Tuple[Tuple[str, Any], ...] = (
     ("checkpoint_every_steps", (int, type(None))), ("grad_accum_steps", int), ("ema_decay", float),
     ("grad_clip_norm", (float, type(None))), ("compute_dtype", str), ("sharding", str),
     ("best_metric", (str, type(None))), ("best_mode", str), ("test_split", (str, type(None))),
+    ("train_split", str), ("extra_test_splits", (tuple, list)),
     ("eval_split", str), ("eval_flips", (tuple, list, type(None))), ("eval_with_ema", bool),
     ("validation", str), ("freeze_batch_stats", bool), ("init_from", (str, dict, mlc.ConfigDict, type(None))),
-    ("pretext", (str, dict, mlc.ConfigDict, type(None))),
+    ("pretext", (str, dict, mlc.ConfigDict, type(None))), ("privacy", (dict, mlc.ConfigDict, type(None))),
+    ("federated", (dict, mlc.ConfigDict, type(None))), ("domain_adversarial", (dict, mlc.ConfigDict, type(None))),
 )
 _EARLY_STOPPING_KEYS = ("metric", "mode", "patience", "min_delta")
 
@@ -195,6 +197,14 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
   else:
     _as_config_error(lambda: losses.validate_loss_config(run.loss))
   _as_config_error(lambda: optim.validate_optim_config(config))
+  if config.get("domain_adversarial"):
+    domain_adversarial_options(config)
+  if config.get("privacy"):
+    _as_config_error(lambda: privacy.options.parse(config.privacy))
+    _as_config_error(lambda: privacy.options.check_config(config, run.grad_accum_steps))
+    norm = (config.get("model") or {}).get("norm", getattr(models.MODELS.get(config.model_name), "norm", None))
+    if norm == "batch":
+      _as_config_error(lambda: privacy.options.check_model({"batch_stats": {}}, config.model_name))
   _resolve(sharding.SHARDING_PRESETS, run.sharding, "sharding")
   _as_config_error(lambda: sharding.check_mesh_spec(run.mesh))
   if "evaluator" in config:

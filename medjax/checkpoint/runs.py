@@ -7,6 +7,7 @@ import os
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from medjax import build, pretext
+from medjax.models import domain_adversarial
 from medjax.checkpoint.config_history import load_config
 from medjax.checkpoint.integrity import CheckpointError
 from medjax.checkpoint.manager import Checkpointer
@@ -90,6 +91,9 @@ def model_weights(workdir: str | os.PathLike, step: Union[int, str, None] = None
   downstream run or a weight file takes."""
   loaded = load(workdir, step, use_ema=use_ema)
   where = f"workdir {os.fspath(workdir)} step {loaded.step} ({loaded.selected})"
+  if loaded.config.get("domain_adversarial"):  # the task model without DANN's domain classifier and counter
+    return (domain_adversarial.task_model_variables(loaded.variables),
+            f"{where}, the {loaded.config.model_name} inside its domain-adversarial training")
   if not loaded.config.get("pretext"):
     return loaded.variables, where
   task = pretext.tasks.parse(loaded.config.pretext)[0]

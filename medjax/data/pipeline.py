@@ -11,19 +11,21 @@ put on the devices while the current step runs.
 from __future__ import annotations
 
 import collections
-import difflib
 import concurrent.futures
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
 from medjax import sharding
 from medjax.data import preprocess, sampling
+from medjax.registry import merge_options
 from medjax.typing import HostBatch
 
 # Keys that travel to the devices; everything else (ids, metadata) stays on the host.
 DEVICE_KEYS = ("image", "label", "mask", "weight", "spacing_mm", "distance_map", "class_label",
+               "example_valid",  # DP-SGD's Poisson batches: 0 marks padding (medjax.privacy.clipping)
+               "site",  # the site / scanner of an example (the "sites" dataset), a domain label for DANN
                # a whole case's sliding-window plan (`inference.cases.place_case`)
                "window_origins", "window_valid", "window_steps")
 
@@ -57,9 +59,11 @@ class TrainBatches:
     process_index, process_count: this process's place (defaults from jax).
     num_threads: host threads loading examples ahead of the step.
     prefetch: host batches prepared ahead.
-    sampler: "shuffle" (every example once per epoch) or "balanced" (class-balanced draws with replacement,
-      classification only; see `sampling`).
+    sampler: "shuffle" (every example once per epoch), "balanced" (class-balanced draws with replacement,
+      classification only; see `sampling`) or "poisson" (DP-SGD: each example with probability
+      `poisson_rate`, padded to `global_batch_size` slots, "example_valid" marking the sampled ones).
     balance_power: exponent of the inverse class frequency for "balanced" (1 = equal class shares).
+    poisson_rate: the sample rate of "poisson".
 
   A source with a `sample(index, rng)` method (e.g. `sampling.PatchSampler`) is asked for a random draw of
   each example, with a generator seeded by (seed, stream position), instead of `source[index]`.
@@ -67,7 +71,7 @@ class TrainBatches:
 
   def __init__(self, source, *, global_batch_size: int, seed: int, process_index: Optional[int] = None,
                process_count: Optional[int] = None, num_threads: int = 2, prefetch: int = 2,
-               sampler: str = "shuffle", balance_power: float = 1.0):
+               sampler: str = "shuffle", balance_power: float = 1.0, poisson_rate: Optional[float] = None):
     self.source = source
     self.num_examples = len(source)
     if self.num_examples == 0:
@@ -75,6 +79,9 @@ class TrainBatches:
     if sampler not in sampling.SAMPLERS:
       raise ValueError(f"TrainBatches: sampler must be one of {sampling.SAMPLERS}, got {sampler!r}.")
     self.sampler = sampler
+    if (sampler == "poisson") != (poisson_rate is not None):
+      raise ValueError("TrainBatches: sampler='poisson' needs poisson_rate (and only it takes one).")
+    self.poisson_rate = poisson_rate
     self._probabilities = (sampling.balanced_probabilities(sampling.class_counts_of(source), balance_power)
                            if sampler == "balanced" else None)
     self.global_batch_size = global_batch_size
@@ -89,6 +96,8 @@ class TrainBatches:
 
   def global_indices(self, step: int) -> np.ndarray:
     """Indices into the source of the global batch at `step`, shape (global_batch_size,)."""
+    if self.poisson_rate is not None:
+      return self.poisson(step)[0]
     positions = step * self.global_batch_size + np.arange(self.global_batch_size)
     epochs, offsets = np.divmod(positions, self.num_examples)
     result = np.empty_like(positions)
@@ -96,6 +105,10 @@ class TrainBatches:
       chosen = epochs == epoch
       result[chosen] = self.epoch_order(int(epoch))[offsets[chosen]]
     return result
+
+  def poisson(self, step: int):
+    """`sampling.poisson_batch` of `step`: (indices, valid, number drawn) of the global batch."""
+    return sampling.poisson_batch(self.seed, step, self.num_examples, self.poisson_rate, self.global_batch_size)
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """The examples of `epoch` in order, (num_examples,)."""
@@ -116,8 +129,12 @@ class TrainBatches:
     return self.source[index]
 
   def host_batch(self, step: int) -> Dict[str, np.ndarray]:
-    """This process's slice of the batch at `step`."""
-    return collate([self.example(i, p) for i, p in self.local_draws(step)])
+    """This process's slice of the batch at `step` (with "example_valid" (B,) under Poisson sampling)."""
+    batch = collate([self.example(i, p) for i, p in self.local_draws(step)])
+    if self.poisson_rate is not None:
+      mine = _process_slice(self.global_batch_size, self.process_index, self.process_count)
+      batch["example_valid"] = self.poisson(step)[1][mine]
+    return batch
 
   def grain_iterate(self, start_step: int, num_workers: int) -> Iterator[Dict[str, np.ndarray]]:
     """As `iterate`, with the host batches built by `num_workers` Grain worker processes.
@@ -312,15 +329,12 @@ INPUT_OPTIONS = dict(
 
 def input_options(input_config: Mapping[str, Any]) -> Dict[str, Any]:
   """`config.input` merged over `INPUT_OPTIONS`; an unknown key raises ValueError with a did-you-mean."""
-  options = dict(INPUT_OPTIONS)
-  for key, value in dict(input_config).items():
-    if key not in INPUT_OPTIONS:
-      close = difflib.get_close_matches(key, INPUT_OPTIONS, n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"config.input: unknown key {key!r}.{hint} Known keys: {', '.join(INPUT_OPTIONS)}.")
-    options[key] = value
+  options = merge_options(input_config, INPUT_OPTIONS, "config.input")
   if options["loader"] not in ("threads", "grain"):
     raise ValueError(f"config.input.loader must be 'threads' or 'grain', got {options['loader']!r}.")
+  if options["sampler"] == "poisson":
+    raise ValueError("config.input.sampler='poisson' is set by DP training itself: set config.privacy (Poisson "
+                     "sampling is its default, config.privacy.sampling) and keep input.sampler 'shuffle'.")
   if options["sampler"] not in sampling.SAMPLERS:
     raise ValueError(f"config.input.sampler must be one of {sampling.SAMPLERS}, got {options['sampler']!r}.")
   if options["device_crop"] and options["patch_size"] is None:
@@ -371,15 +385,21 @@ def prepare_source(source, input_config: Mapping[str, Any], *, seed: int, num_cl
 
 
 def train_stream(source, input_config: Mapping[str, Any], *, seed: int, start_step: int,
-                 mesh) -> Iterator[Dict[str, jax.Array]]:
+                 mesh, poisson: Optional[Tuple[float, int]] = None) -> Iterator[Dict[str, jax.Array]]:
   """Global device batches for steps start_step, start_step + 1, ... as config.input describes them.
 
-  `source` is the training split (already wrapped by `patch_source` when patches are used).
+  `source` is the training split (already wrapped by `patch_source` when patches are used). `poisson`:
+  (sample rate, padded batch size) for DP-SGD's Poisson sampling (`medjax.privacy.options`), which then
+  replaces config.input's sampler and batch size.
   """
   options = input_options(input_config)
-  batches = TrainBatches(source, global_batch_size=int(options["batch_size"]), seed=seed,
-                         num_threads=max(1, int(options["num_workers"])), sampler=options["sampler"],
-                         balance_power=float(options["balance_power"]))
+  batch_size, sampler, rate = int(options["batch_size"]), options["sampler"], None
+  if poisson is not None:
+    rate, batch_size = float(poisson[0]), int(poisson[1])
+    sampler = "poisson"
+  batches = TrainBatches(source, global_batch_size=batch_size, seed=seed,
+                         num_threads=max(1, int(options["num_workers"])), sampler=sampler,
+                         balance_power=float(options["balance_power"]), poisson_rate=rate)
   if options["device_crop"]:
     max_gib = options["device_cache_max_gib"]
     return DeviceCrops(batches, mesh, max_bytes=None if max_gib is None else float(max_gib) * 2**30

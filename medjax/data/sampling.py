@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-SAMPLERS = ("shuffle", "balanced")
+SAMPLERS = ("shuffle", "balanced", "poisson")
 _PATCH_STREAM = 0x9A7C4  # keeps patch draws independent of the shuffle stream with the same seed
 
 
@@ -57,6 +57,31 @@ def balanced_epoch(seed: int, epoch: int, probabilities: np.ndarray) -> np.ndarr
   """The N indices drawn with replacement for `epoch`, seeded by (seed, epoch)."""
   rng = np.random.default_rng([seed, epoch, 0xBA1A])
   return rng.choice(len(probabilities), size=len(probabilities), replace=True, p=probabilities)
+
+
+def poisson_batch(seed: int, step: int, num_examples: int, rate: float, size: int):
+  """The Poisson-sampled batch of `step`: every example independently with probability `rate`, as DP-SGD's
+  accounting assumes, padded (or, rarely, truncated) to `size` slots.
+
+  The sample is drawn as k ~ Binomial(N, rate) followed by k distinct indices uniformly at random, which is
+  the same distribution (jax-privacy's CyclicPoissonSampling draws it the same way); seeded by (seed, step) so
+  a resumed run draws the same batches.
+
+  Returns:
+    (indices (size,) int64, valid (size,) float32 with 1 for sampled slots and 0 for padding, k the number of
+    examples Poisson sampling drew, which exceeds `size` only when the batch was truncated).
+  """
+  rng = np.random.default_rng([seed, step, 0x9015])
+  drawn = int(rng.binomial(num_examples, rate))
+  kept = min(drawn, size)
+  chosen = rng.choice(num_examples, size=kept, replace=False, shuffle=True) if kept else np.zeros(0, np.int64)
+  indices = np.zeros(size, np.int64)
+  indices[:kept] = chosen
+  if kept and kept < size:
+    indices[kept:] = chosen[0]  # padding repeats a sampled example; its weight is 0
+  valid = np.zeros(size, np.float32)
+  valid[:kept] = 1.0
+  return indices, valid, drawn
 
 
 def position_rng(seed: int, position: int) -> np.random.Generator:

@@ -19,3 +19,18 @@ def build_model(name: str, kwargs: Mapping[str, Any] | None = None) -> Any:
       names the model, the offending key and the model's fields.
   """
   return MODELS.build(name, kwargs, where="config.model")
+
+
+def submodule_variables(variables: Mapping[str, Any], submodule: str, *, skip: str, what: str) -> dict:
+  """The variables of a wrapper's submodule `submodule` in its own names (`{"params": ..., "batch_stats": ...}`),
+  leaving out the wrapper's collection `skip` and everything outside the submodule. Used to get the task model out
+  of the pretext and domain-adversarial wrappers. Raises ValueError naming `what` when there is no
+  params/`submodule` subtree."""
+  out = {}
+  for collection, tree in variables.items():
+    if collection != skip and isinstance(tree, Mapping) and submodule in tree:
+      out[collection] = tree[submodule]
+  if "params" not in out:
+    raise ValueError(f"these variables hold no {what}: no params/{submodule} subtree (top-level params: "
+                     f"{sorted(variables.get('params', {}))}).")
+  return out

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medjax.models.base import submodule_variables
 from medjax.pretext import corruptions, masking
 
 ENCODER = "encoder"
@@ -44,14 +45,7 @@ def view_key(module: nn.Module, train: bool) -> jax.Array:
 
 def encoder_variables(variables: Dict[str, Any]) -> Dict[str, Any]:
   """The encoder's own variables `{"params": ..., "batch_stats": ...}` out of a pretext model's variables."""
-  out = {}
-  for collection, tree in variables.items():
-    if collection != MOMENTUM and isinstance(tree, dict) and ENCODER in tree:
-      out[collection] = tree[ENCODER]
-  if "params" not in out:
-    raise ValueError(f"these variables hold no pretext encoder: no params/{ENCODER} subtree (top-level params: "
-                     f"{sorted(variables.get('params', {}))}).")
-  return out
+  return submodule_variables(variables, ENCODER, skip=MOMENTUM, what="pretext encoder")
 
 
 def _pooled_features(aux: Dict[str, Any], encoder: nn.Module) -> jax.Array:
