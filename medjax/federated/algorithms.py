@@ -115,13 +115,69 @@ class ClientResult(NamedTuple):
   loss: Array            # mean training loss over the local steps (scalar)
 
 
+def _local_tx(global_params: PyTree, control: Optional[PyTree], client_control: Optional[PyTree],
+              tx: optax.GradientTransformation, algorithm: str, proximal_mu: float) -> optax.GradientTransformation:
+  """The client's optimizer: the algorithm's gradient terms, then `tx`."""
+  correction = None
+  if algorithm == "scaffold":
+    correction = jax.tree.map(jnp.subtract, control, client_control)
+  anchor = global_params if algorithm == "fedprox" else None
+  return optax.chain(client_terms(anchor, proximal_mu, correction), tx)
+
+
+def client_start(variables: PyTree, control: Optional[PyTree], client_control: Optional[PyTree], rng: Array, *,
+                 tx: optax.GradientTransformation, algorithm: str, proximal_mu: float = 0.0):
+  """(the client's TrainState at the global `variables` with a fresh optimizer state, its batch key)."""
+  variables = dict(variables)
+  local_tx = _local_tx(variables["params"], control, client_control, tx, algorithm, proximal_mu)
+  batch_rng, state_rng = jax.random.split(rng)
+  return TrainState.create(variables=variables, tx=local_tx, rng=state_rng, use_ema=False), batch_rng
+
+
+def client_step(state: TrainState, global_params: PyTree, control: Optional[PyTree], client_control: Optional[PyTree],
+                images: Array, labels: Array, count: Array, num_steps: Array, batch_rng: Array, k: Array, *,
+                apply_fn: Callable, objective: Callable, tx: optax.GradientTransformation, algorithm: str,
+                batch_size: int, proximal_mu: float = 0.0, augment_fn: Optional[Callable] = None,
+                batch_constraint: Optional[Callable] = None) -> Tuple[TrainState, Array]:
+  """Local step k (0-based) of a client: one `steps.train_step` on a batch drawn from its examples; a step
+  k >= num_steps leaves the state as it is (clients with fewer local steps idle). Returns (state, loss or 0)."""
+  local_tx = _local_tx(global_params, control, client_control, tx, algorithm, proximal_mu)
+  index = sample_indices(jax.random.fold_in(batch_rng, k), count, batch_size, images.shape[0])
+  batch = {"image": images[index], "label": labels[index]}
+  if batch_constraint is not None:
+    batch = batch_constraint(batch)
+  new_state, metrics = steps.train_step(state, batch, apply_fn=apply_fn, objective=objective, tx=local_tx,
+                                        augment_fn=augment_fn)
+  active = k < num_steps
+  state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
+  return state, jnp.where(active, metrics["loss"], 0.0)
+
+
+def client_finish(state: TrainState, global_params: PyTree, control: Optional[PyTree], num_steps: Array,
+                  loss_sum: Array, *, algorithm: str, client_lr: float = 1.0,
+                  clip_norm: Optional[float] = None) -> ClientResult:
+  """The client's result after its local steps: the update (clipped under client-level DP), SCAFFOLD's
+  control update, the mean loss."""
+  steps_taken = jnp.maximum(num_steps, 1).astype(jnp.float32)
+  delta = jax.tree.map(jnp.subtract, state.params, global_params)
+  control_delta = None
+  if algorithm == "scaffold":
+    # Option II of the paper: c_k+ = c_k - c + (x - y_k) / (K eta_l); Delta c_k = c_k+ - c_k.
+    control_delta = jax.tree.map(lambda c, d: -c - d / (steps_taken * client_lr), control, delta)
+  if clip_norm is not None:
+    delta, _ = clip_update(delta, clip_norm)
+  return ClientResult(delta=delta, model_state=state.model_state, control_delta=control_delta,
+                      loss=loss_sum / steps_taken)
+
+
 def client_update(variables: PyTree, control: Optional[PyTree], client_control: Optional[PyTree], images: Array,
                   labels: Array, count: Array, num_steps: Array, rng: Array, *, apply_fn: Callable,
                   objective: Callable, tx: optax.GradientTransformation, algorithm: str, max_steps: int,
                   batch_size: int, proximal_mu: float = 0.0, client_lr: float = 1.0,
                   augment_fn: Optional[Callable] = None, clip_norm: Optional[float] = None,
                   batch_constraint: Optional[Callable] = None) -> ClientResult:
-  """One client's local training from the global `variables`.
+  """One client's local training from the global `variables`, in one traced function (`client_start`, a
+  `lax.scan` of `client_step`, `client_finish`), so that it can be `vmap`ped over clients.
 
   Args:
     variables: the global model's {"params": ..., **model_state}.
@@ -140,38 +196,18 @@ def client_update(variables: PyTree, control: Optional[PyTree], client_control: 
   Returns:
     ClientResult.
   """
-  variables = dict(variables)
-  global_params = variables["params"]
-  correction = None
-  if algorithm == "scaffold":
-    correction = jax.tree.map(jnp.subtract, control, client_control)
-  local_tx = optax.chain(client_terms(global_params if algorithm == "fedprox" else None, proximal_mu, correction),
-                         tx)
-  batch_rng, state_rng = jax.random.split(rng)
-  state = TrainState.create(variables=variables, tx=local_tx, rng=state_rng, use_ema=False)
+  global_params = dict(variables)["params"]
+  state, batch_rng = client_start(variables, control, client_control, rng, tx=tx, algorithm=algorithm,
+                                  proximal_mu=proximal_mu)
 
-  def local_step(state, k):
-    index = sample_indices(jax.random.fold_in(batch_rng, k), count, batch_size, images.shape[0])
-    batch = {"image": images[index], "label": labels[index]}
-    if batch_constraint is not None:
-      batch = batch_constraint(batch)
-    new_state, metrics = steps.train_step(state, batch, apply_fn=apply_fn, objective=objective, tx=local_tx,
-                                          augment_fn=augment_fn)
-    active = k < num_steps
-    state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
-    return state, jnp.where(active, metrics["loss"], 0.0)
+  def body(state, k):
+    return client_step(state, global_params, control, client_control, images, labels, count, num_steps, batch_rng,
+                       k, apply_fn=apply_fn, objective=objective, tx=tx, algorithm=algorithm, batch_size=batch_size,
+                       proximal_mu=proximal_mu, augment_fn=augment_fn, batch_constraint=batch_constraint)
 
-  state, losses = jax.lax.scan(local_step, state, jnp.arange(max_steps))
-  steps_taken = jnp.maximum(num_steps, 1).astype(jnp.float32)
-  delta = jax.tree.map(jnp.subtract, state.params, global_params)
-  control_delta = None
-  if algorithm == "scaffold":
-    # Option II of the paper: c_k+ = c_k - c + (x - y_k) / (K eta_l); Delta c_k = c_k+ - c_k.
-    control_delta = jax.tree.map(lambda c, d: -c - d / (steps_taken * client_lr), control, delta)
-  if clip_norm is not None:
-    delta, _ = clip_update(delta, clip_norm)
-  return ClientResult(delta=delta, model_state=state.model_state, control_delta=control_delta,
-                      loss=jnp.sum(losses) / steps_taken)
+  state, losses = jax.lax.scan(body, state, jnp.arange(max_steps))
+  return client_finish(state, global_params, control, num_steps, jnp.sum(losses), algorithm=algorithm,
+                       client_lr=client_lr, clip_norm=clip_norm)
 
 
 class ServerInputs(NamedTuple):

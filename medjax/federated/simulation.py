@@ -99,6 +99,31 @@ def site_spread(per_site: Mapping[int, Mapping[str, float]]) -> Dict[str, float]
   return out
 
 
+def sequential_client(*, apply_fn, objective, tx, algorithm: str, batch_size: int, proximal_mu: float,
+                      client_lr: float, augment_fn=None, clip_norm=None, batch_constraint=None):
+  """`client(variables, control, client_control, images, labels, count, num_steps, rng) -> ClientResult`, the
+  same local training as `algorithms.client_update` run as a Python loop of one compiled local step (XLA:CPU runs
+  a gradient pass inside `lax.scan` ~3x slower than outside a loop: benchmarks.md, Interpretability)."""
+  start = jax.jit(functools.partial(algorithms.client_start, tx=tx, algorithm=algorithm, proximal_mu=proximal_mu))
+  step = jax.jit(functools.partial(algorithms.client_step, apply_fn=apply_fn, objective=objective, tx=tx,
+                                   algorithm=algorithm, batch_size=batch_size, proximal_mu=proximal_mu,
+                                   augment_fn=augment_fn, batch_constraint=batch_constraint))
+  finish = jax.jit(functools.partial(algorithms.client_finish, algorithm=algorithm, client_lr=client_lr,
+                                     clip_norm=clip_norm))
+
+  def client(variables, control, client_control, images, labels, count, num_steps, rng):
+    global_params = variables["params"]
+    state, batch_rng = start(variables, control, client_control, rng)
+    loss_sum = jnp.zeros((), jnp.float32)
+    for k in range(int(num_steps)):
+      state, loss = step(state, global_params, control, client_control, images, labels, count, num_steps, batch_rng,
+                         jnp.int32(k))
+      loss_sum = loss_sum + loss
+    return finish(state, global_params, control, num_steps, loss_sum)
+
+  return client
+
+
 def _client_dp(options, num_sites: int, per_round: int, rounds: int) -> Optional[Dict[str, Any]]:
   dp = options["client_dp"]
   if not dp:
@@ -178,16 +203,15 @@ def run(config: mlc.ConfigDict, workdir: str) -> Dict[str, Any]:
     checkpoint.record_config(workdir, config, step=start_round)
     provenance.write(workdir)
 
-  client_fn = functools.partial(
-      algorithms.client_update, apply_fn=model.apply, objective=objective, tx=client_tx, algorithm=algorithm,
-      max_steps=max_steps, batch_size=batch_size, proximal_mu=float(options["proximal_mu"]),
-      client_lr=float(config.lr), augment_fn=build.augment_fn(config),
-      clip_norm=client_dp["clip_norm"] if client_dp else None)
+  local = dict(apply_fn=model.apply, objective=objective, tx=client_tx, algorithm=algorithm, batch_size=batch_size,
+               proximal_mu=float(options["proximal_mu"]), client_lr=float(config.lr),
+               augment_fn=build.augment_fn(config), clip_norm=client_dp["clip_norm"] if client_dp else None)
   if options["simulation"] == "vmap":
+    client_fn = functools.partial(algorithms.client_update, max_steps=max_steps, **local)
     clients = jax.jit(jax.vmap(client_fn, in_axes=(None, None, 0, 0, 0, 0, 0, 0)))
   else:
     constrain = lambda b: jax.lax.with_sharding_constraint(b, sharding.batch_sharding(mesh))
-    one_client = jax.jit(functools.partial(client_fn, batch_constraint=constrain))
+    one_client = sequential_client(batch_constraint=constrain, **local)
 
     def clients(variables, control, client_controls, *per_client):
       results = [one_client(variables, control, None if client_controls is None else

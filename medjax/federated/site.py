@@ -98,12 +98,12 @@ def site_callables(config, site_index: int) -> Tuple[Callable, Callable, Callabl
   parts = _Parts(config, images[0, 0])
   settings = build.settings(config)
   num_steps = int(simulation.local_steps(parts.options, counts, settings.batch_size)[0])
-  client = jax.jit(lambda variables, control, client_control, rng: algorithms.client_update(
-      variables, control, client_control, jnp.asarray(images[0]), jnp.asarray(labels[0]), jnp.int32(counts[0]),
-      jnp.int32(num_steps), rng, apply_fn=parts.model.apply, objective=parts.objective, tx=parts.client_tx,
-      algorithm=parts.algorithm, max_steps=num_steps, batch_size=settings.batch_size,
-      proximal_mu=float(parts.options["proximal_mu"]), client_lr=float(config.lr),
-      augment_fn=build.augment_fn(config), clip_norm=parts.clip_norm))
+  local = simulation.sequential_client(
+      apply_fn=parts.model.apply, objective=parts.objective, tx=parts.client_tx, algorithm=parts.algorithm,
+      batch_size=settings.batch_size, proximal_mu=float(parts.options["proximal_mu"]), client_lr=float(config.lr),
+      augment_fn=build.augment_fn(config), clip_norm=parts.clip_norm)
+  site_data = (jnp.asarray(images[0]), jnp.asarray(labels[0]), jnp.int32(counts[0]), jnp.int32(num_steps))
+  client = lambda variables, control, client_control, rng: local(variables, control, client_control, *site_data, rng)
   own = {"control": None if parts.algorithm != "scaffold" else
          jax.tree.map(jnp.zeros_like, parts.initial.params)}
   evaluator = build.evaluator(config, dataset.info)

@@ -32,7 +32,7 @@ def _params(workdir):
 
 @pytest.mark.slow
 def test_killed_simulation_resumes_bit_for_bit_and_loads_as_a_run(tmp_path, monkeypatch):
-  config = _config(algorithm="scaffold", clients_per_round=3)
+  config = _config(algorithm="scaffold", clients_per_round=3, simulation="vmap")
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   simulation.run(config, straight)
   original = preempt_after_save(monkeypatch, at_step=2)
@@ -56,8 +56,8 @@ def test_killed_simulation_resumes_bit_for_bit_and_loads_as_a_run(tmp_path, monk
 def test_sequential_clients_and_secure_aggregation_agree_with_vmap(tmp_path):
   # One round of one local step: float32 rounding differences between the vmapped and the one-client programs
   # (~1e-7) grow with training (2e-5 after two steps of this tiny GroupNorm net).
-  runs = {"vmap": {}, "seq": dict(simulation="sequential"),
-          "secure": dict(secure_aggregation=dict(threshold=3, dropout_rate=0.0))}
+  runs = {"vmap": dict(simulation="vmap"), "seq": dict(simulation="sequential"),
+          "secure": dict(simulation="vmap", secure_aggregation=dict(threshold=3, dropout_rate=0.0))}
   for name, extra in runs.items():
     config = _config(algorithm="fedprox", local_steps=1, **extra)
     config.total_steps, config.eval_every_steps = 1, 1
