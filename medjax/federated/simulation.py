@@ -87,15 +87,20 @@ def local_steps(options: Mapping[str, Any], counts: np.ndarray, batch_size: int)
 
 
 def site_spread(per_site: Mapping[int, Mapping[str, float]]) -> Dict[str, float]:
-  """Mean, standard deviation (ddof 0), min and max across sites of every metric all sites report."""
+  """Mean, standard deviation (ddof 0), min and max across sites of every metric all sites report, over the
+  sites where it is defined (a site whose split holds one class has no AUC), with their count "<name>_sites"."""
   if not per_site:
     return {}
   names = set.intersection(*(set(m) for m in per_site.values()))
   out = {}
   for name in sorted(names):
     values = np.asarray([float(m[name]) for m in per_site.values()])
+    values = values[np.isfinite(values)]
+    if not len(values):
+      continue
     out.update({f"{name}_mean": float(values.mean()), f"{name}_std": float(values.std()),
-                f"{name}_min": float(values.min()), f"{name}_max": float(values.max())})
+                f"{name}_min": float(values.min()), f"{name}_max": float(values.max()),
+                f"{name}_sites": float(len(values))})
   return out
 
 
