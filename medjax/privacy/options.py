@@ -42,6 +42,10 @@ def parse(privacy: Mapping[str, Any]) -> Dict[str, Any]:
     raise ValueError("config.privacy: give exactly one of noise_multiplier (sigma) and target_epsilon.")
   if not float(options["clip_norm"]) > 0:
     raise ValueError(f"config.privacy.clip_norm must be > 0 (inf: no clipping), got {options['clip_norm']}.")
+  if math.isinf(float(options["clip_norm"])) and (options["target_epsilon"] is not None
+                                                  or float(options["noise_multiplier"] or 0) > 0):
+    raise ValueError("config.privacy.clip_norm is inf: without clipping the noise would be infinite and nothing is "
+                     "private; give a finite clip_norm (inf with noise_multiplier=0 only checks the plain step).")
   if options["noise_multiplier"] is not None and float(options["noise_multiplier"]) < 0:
     raise ValueError(f"config.privacy.noise_multiplier must be >= 0, got {options['noise_multiplier']}.")
   if options["target_epsilon"] is not None and not float(options["target_epsilon"]) > 0:

@@ -68,6 +68,9 @@ def test_batchnorm_and_unreachable_targets_are_refused_naming_the_key(tmp_path):
   config = _config(clip=1.0)
   with pytest.raises(config_lib.ConfigError, match="unknown key 'clip'. Did you mean 'clip_norm'"):
     build.validate(config)
+  config = _config(clip_norm=float("inf"))
+  with pytest.raises(config_lib.ConfigError, match="clip_norm is inf"):
+    build.validate(config)
   config = _config()
   config.grad_accum_steps = 2
   with pytest.raises(config_lib.ConfigError, match="grad_accum_steps"):
