@@ -7,10 +7,13 @@ Arguments (`--config experiments/medmnist_dp.py:k=v,...`):
             multiplier is computed by dp-accounting's RDP accountant; medjax.privacy)
   clip      1.0: the per-example L2 clipping norm C
   epochs    30 (breastmnist) / 10 (pneumoniamnist) by default; batch  128 (the expected Poisson batch)
+  width     32: the ResNet-18's first-stage channels (64 is torchvision's; 32 keeps 3 seeds x 3 settings x 2
+            datasets within CPU hours, as in experiments/medmnist_federated.py; benchmarks/dp_speed.py uses 64)
   lr        1e-3 (Adam); seed  0; data_dir  ../shared/data/medmnist
   quick     true: synthetic lesions (no data needed), 4 steps
 
-DP runs sample Poisson batches (each image with probability 128 / N per step), clip every example's gradient
+DP runs sample Poisson batches (each image with probability 128 / N per step, padded to a bucket of ~1 sd; the
+step compiles once per bucket), clip every example's gradient
 to C, add Gaussian noise N(0, sigma^2 C^2) to the sum and divide by the expected batch; epsilon is logged as
 `privacy/epsilon` and written to results.json ("privacy"). Images are single-channel 28 px, no augmentation.
 
@@ -33,8 +36,8 @@ SUBSETS = {"breastmnist": (546, 30), "pneumoniamnist": (4708, 10)}  # official t
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, subset="breastmnist", eps=8.0, clip=1.0, epochs=0, batch=128, lr=1e-3, seed=0,
-                             data_dir=os.path.join("..", "shared", "data", "medmnist"), quick=False)
+  arg = config_lib.parse_arg(arg, subset="breastmnist", eps=8.0, clip=1.0, epochs=0, batch=128, width=32, lr=1e-3,
+                             seed=0, data_dir=os.path.join("..", "shared", "data", "medmnist"), quick=False)
   if arg.subset not in SUBSETS:
     raise config_lib.ConfigError(f"experiments/medmnist_dp.py: subset must be one of {', '.join(SUBSETS)}, got "
                                  f"{arg.subset!r}.")
@@ -54,7 +57,7 @@ def get_config(arg=None):
                 data_dir=os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(arg.data_dir))))
   c.input = dict(batch_size=arg.batch, eval_batch_size=256)
   c.model_name = "resnet18"
-  c.model = dict(num_classes=2, small_input=True, norm="group")
+  c.model = dict(num_classes=2, small_input=True, norm="group", width=arg.width)
   c.compute_dtype = "float32"
   c.loss = "xent"
   c.optim = dict(name="adam")

@@ -285,10 +285,11 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
                         abstract_state, state_sharding)
   dp = build.differential_privacy(config, model, objective, abstract_state, train_source, mesh)
   if dp is not None:
-    logging.info("DP-SGD: %s per-example norms, noise multiplier %.4f, C = %g, q = %.5f, delta = %.3g, padded "
-                 "batch %d; epsilon after %d steps: %.3f (%s).", dp.norms, dp.plan.noise_multiplier,
-                 dp.plan.clip_norm, dp.plan.sample_rate, dp.plan.delta, dp.plan.physical_batch_size, total_steps,
-                 dp.plan.epsilon(total_steps), dp.plan.accountant)
+    logging.info("DP-SGD: %s per-example norms, noise multiplier %.4f, C = %g, q = %.5f, delta = %.3g, batches "
+                 "padded in buckets of %d up to %d (%.1f slots a step on average); epsilon after %d steps: %.3f "
+                 "(%s).", dp.norms, dp.plan.noise_multiplier, dp.plan.clip_norm, dp.plan.sample_rate,
+                 dp.plan.delta, dp.plan.batch_bucket, dp.plan.physical_batch_size, dp.plan.expected_slots(),
+                 total_steps, dp.plan.epsilon(total_steps), dp.plan.accountant)
   ckpt = checkpoint.for_run(workdir, config)
   start_step, state = restore_latest(ckpt, target, config_change)
   pretrained = None
@@ -348,17 +349,24 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   stopped = _STATUS_CODES[_from_main_process(int(early is not None and early.should_stop))]
   last_step = start_step
   interval_start, interval_first_step = time.perf_counter(), start_step
-  compiled = None
+  # One executable per batch shape: a single one, except under DP-SGD's bucketed Poisson batches.
+  executables: Dict[Any, Any] = {}
   try:
     for step in range(start_step + 1, total_steps + 1):
       if stopped:
         break
       batch = next(train_batches)
+      shapes = tuple((key, value.shape) for key, value in sorted(batch.items()))
+      compiled = executables.get(shapes)
       if compiled is None:
         t0 = time.perf_counter()
-        compiled = train_step.lower(state, batch).compile()
-        writer.write(step, {"compile_s": time.perf_counter() - t0})
-        interval_start = time.perf_counter()
+        compiled = executables[shapes] = train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        writer.write(step, {"compile_s": compile_s})
+        if len(executables) == 1:  # steps per second count from the first executable on
+          interval_start = time.perf_counter()
+        else:  # a later bucket's compile is not step time
+          interval_start += compile_s
       state, step_metrics = compiled(state, batch)
       last_step = step
       pending.append((step, step_metrics))

@@ -179,7 +179,8 @@ def differential_privacy(config: mlc.ConfigDict, model: Any, objective: Any, abs
                               batch_multiple=sharding.data_axis_size(mesh) * jax.process_count())
   example = train_source[0]
   # Every numeric key of an example, so that objectives reading more than image and label trace too.
-  batch = {k: jnp.zeros((2,) + np.shape(v), np.asarray(v).dtype) for k, v in example.items()
+  batch = {k: jnp.zeros((2,) + np.shape(v), jax.dtypes.canonicalize_dtype(np.asarray(v).dtype))
+           for k, v in example.items()
            if np.asarray(v).dtype.kind in "biuf"}
   method = privacy.clipping.norm_method(plan.per_example_norms, train_apply_fn(model), objective,
                                         abstract_state.params, abstract_state.model_state, batch,

@@ -61,9 +61,12 @@ class TrainBatches:
     prefetch: host batches prepared ahead.
     sampler: "shuffle" (every example once per epoch), "balanced" (class-balanced draws with replacement,
       classification only; see `sampling`) or "poisson" (DP-SGD: each example with probability
-      `poisson_rate`, padded to `global_batch_size` slots, "example_valid" marking the sampled ones).
+      `poisson_rate`, padded to a multiple of `poisson_bucket` slots up to `global_batch_size`, so batch
+      shapes vary by step; "example_valid" marks the sampled ones).
     balance_power: exponent of the inverse class frequency for "balanced" (1 = equal class shares).
     poisson_rate: the sample rate of "poisson".
+    poisson_bucket: "poisson" pads each batch to a multiple of this (a multiple of the process count and
+      the data-parallel width); 0: every batch has `global_batch_size` slots.
 
   A source with a `sample(index, rng)` method (e.g. `sampling.PatchSampler`) is asked for a random draw of
   each example, with a generator seeded by (seed, stream position), instead of `source[index]`.
@@ -71,7 +74,8 @@ class TrainBatches:
 
   def __init__(self, source, *, global_batch_size: int, seed: int, process_index: Optional[int] = None,
                process_count: Optional[int] = None, num_threads: int = 2, prefetch: int = 2,
-               sampler: str = "shuffle", balance_power: float = 1.0, poisson_rate: Optional[float] = None):
+               sampler: str = "shuffle", balance_power: float = 1.0, poisson_rate: Optional[float] = None,
+               poisson_bucket: int = 0):
     self.source = source
     self.num_examples = len(source)
     if self.num_examples == 0:
@@ -82,20 +86,22 @@ class TrainBatches:
     if (sampler == "poisson") != (poisson_rate is not None):
       raise ValueError("TrainBatches: sampler='poisson' needs poisson_rate (and only it takes one).")
     self.poisson_rate = poisson_rate
+    self.poisson_bucket = int(poisson_bucket)
     self._probabilities = (sampling.balanced_probabilities(sampling.class_counts_of(source), balance_power)
                            if sampler == "balanced" else None)
     self.global_batch_size = global_batch_size
     self.seed = seed
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % self.process_count:
-      raise ValueError(f"Global batch size {global_batch_size} is not divisible by the "
-                       f"{self.process_count} processes.")
+    for what, size in (("Global batch size", global_batch_size), ("Poisson batch bucket", self.poisson_bucket)):
+      if size % self.process_count:
+        raise ValueError(f"{what} {size} is not divisible by the {self.process_count} processes.")
     self.num_threads = num_threads
     self.prefetch = prefetch
 
   def global_indices(self, step: int) -> np.ndarray:
-    """Indices into the source of the global batch at `step`, shape (global_batch_size,)."""
+    """Indices into the source of the global batch at `step`, shape (global_batch_size,) (under "poisson", the
+    step's padded size)."""
     if self.poisson_rate is not None:
       return self.poisson(step)[0]
     positions = step * self.global_batch_size + np.arange(self.global_batch_size)
@@ -108,7 +114,8 @@ class TrainBatches:
 
   def poisson(self, step: int):
     """`sampling.poisson_batch` of `step`: (indices, valid, number drawn) of the global batch."""
-    return sampling.poisson_batch(self.seed, step, self.num_examples, self.poisson_rate, self.global_batch_size)
+    return sampling.poisson_batch(self.seed, step, self.num_examples, self.poisson_rate, self.global_batch_size,
+                                  self.poisson_bucket)
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """The examples of `epoch` in order, (num_examples,)."""
@@ -118,9 +125,10 @@ class TrainBatches:
 
   def local_draws(self, step: int):
     """(source index, stream position) of each example of this process's slice of the batch at `step`."""
-    mine = _process_slice(self.global_batch_size, self.process_index, self.process_count)
-    positions = step * self.global_batch_size + np.arange(self.global_batch_size)
-    return list(zip(self.global_indices(step)[mine].tolist(), positions[mine].tolist()))
+    indices = self.global_indices(step)
+    mine = _process_slice(len(indices), self.process_index, self.process_count)
+    positions = step * self.global_batch_size + np.arange(len(indices))
+    return list(zip(indices[mine].tolist(), positions[mine].tolist()))
 
   def example(self, index: int, position: int):
     """Example `index` as drawn at stream `position` (a random patch for sources that sample)."""
@@ -132,8 +140,8 @@ class TrainBatches:
     """This process's slice of the batch at `step` (with "example_valid" (B,) under Poisson sampling)."""
     batch = collate([self.example(i, p) for i, p in self.local_draws(step)])
     if self.poisson_rate is not None:
-      mine = _process_slice(self.global_batch_size, self.process_index, self.process_count)
-      batch["example_valid"] = self.poisson(step)[1][mine]
+      valid = self.poisson(step)[1]
+      batch["example_valid"] = valid[_process_slice(len(valid), self.process_index, self.process_count)]
     return batch
 
   def grain_iterate(self, start_step: int, num_workers: int) -> Iterator[Dict[str, np.ndarray]]:
@@ -389,17 +397,18 @@ def train_stream(source, input_config: Mapping[str, Any], *, seed: int, start_st
   """Global device batches for steps start_step, start_step + 1, ... as config.input describes them.
 
   `source` is the training split (already wrapped by `patch_source` when patches are used). `poisson`:
-  (sample rate, padded batch size) for DP-SGD's Poisson sampling (`medjax.privacy.options`), which then
-  replaces config.input's sampler and batch size.
+  (sample rate, largest padded batch, bucket) for DP-SGD's Poisson sampling (`medjax.privacy.options`), which
+  then replaces config.input's sampler and batch size.
   """
   options = input_options(input_config)
-  batch_size, sampler, rate = int(options["batch_size"]), options["sampler"], None
+  batch_size, sampler, rate, bucket = int(options["batch_size"]), options["sampler"], None, 0
   if poisson is not None:
-    rate, batch_size = float(poisson[0]), int(poisson[1])
+    rate, batch_size, bucket = float(poisson[0]), int(poisson[1]), int(poisson[2])
     sampler = "poisson"
   batches = TrainBatches(source, global_batch_size=batch_size, seed=seed,
                          num_threads=max(1, int(options["num_workers"])), sampler=sampler,
-                         balance_power=float(options["balance_power"]), poisson_rate=rate)
+                         balance_power=float(options["balance_power"]), poisson_rate=rate,
+                         poisson_bucket=bucket)
   if options["device_crop"]:
     max_gib = options["device_cache_max_gib"]
     return DeviceCrops(batches, mesh, max_bytes=None if max_gib is None else float(max_gib) * 2**30

@@ -59,27 +59,35 @@ def balanced_epoch(seed: int, epoch: int, probabilities: np.ndarray) -> np.ndarr
   return rng.choice(len(probabilities), size=len(probabilities), replace=True, p=probabilities)
 
 
-def poisson_batch(seed: int, step: int, num_examples: int, rate: float, size: int):
+def bucketed_size(drawn, bucket: int, largest: int):
+  """Slots of a Poisson batch that drew `drawn` examples (int or array): the next multiple of `bucket` at or
+  above it (one bucket for an empty draw), at most `largest`, the run's padded batch size."""
+  return np.minimum(-(-np.maximum(drawn, 1) // bucket) * bucket, largest)
+
+
+def poisson_batch(seed: int, step: int, num_examples: int, rate: float, size: int, bucket: int = 0):
   """The Poisson-sampled batch of `step`: every example independently with probability `rate`, as DP-SGD's
-  accounting assumes, padded (or, rarely, truncated) to `size` slots.
+  accounting assumes, padded to a multiple of `bucket` slots (0: always to `size`), at most `size` (beyond it
+  truncated, which the caller makes rare).
 
   The sample is drawn as k ~ Binomial(N, rate) followed by k distinct indices uniformly at random, which is
   the same distribution (jax-privacy's CyclicPoissonSampling draws it the same way); seeded by (seed, step) so
-  a resumed run draws the same batches.
+  a resumed run draws the same batches. The padding does not change the draw.
 
   Returns:
-    (indices (size,) int64, valid (size,) float32 with 1 for sampled slots and 0 for padding, k the number of
+    (indices (slots,) int64, valid (slots,) float32 with 1 for sampled slots and 0 for padding, k the number of
     examples Poisson sampling drew, which exceeds `size` only when the batch was truncated).
   """
   rng = np.random.default_rng([seed, step, 0x9015])
   drawn = int(rng.binomial(num_examples, rate))
   kept = min(drawn, size)
   chosen = rng.choice(num_examples, size=kept, replace=False, shuffle=True) if kept else np.zeros(0, np.int64)
-  indices = np.zeros(size, np.int64)
+  slots = int(bucketed_size(kept, bucket, size)) if bucket else size
+  indices = np.zeros(slots, np.int64)
   indices[:kept] = chosen
-  if kept and kept < size:
+  if kept and kept < slots:
     indices[kept:] = chosen[0]  # padding repeats a sampled example; its weight is 0
-  valid = np.zeros(size, np.float32)
+  valid = np.zeros(slots, np.float32)
   valid[:kept] = 1.0
   return indices, valid, drawn
 

@@ -243,16 +243,28 @@ def _replies(grid: Grid, messages: List[Message], timeout_s: float, what: str) -
   return by_node
 
 
+def _selected(nodes: Sequence[int], positions: Sequence[int], round_index: int) -> List[int]:
+  positions = [int(p) for p in positions]
+  if not positions or len(set(positions)) != len(positions) or not all(0 <= p < len(nodes) for p in positions):
+    raise ValueError(f"Round {round_index}: select returned positions {positions}; expected distinct positions "
+                     f"into the {len(nodes)} connected sites.")
+  return [nodes[p] for p in sorted(positions)]
+
+
 def server_app(initial_weights: Callable[[], Weights], aggregate: AggregateFn, *, num_rounds: int, min_clients: int,
                fingerprint: str, settings: Optional[Mapping[str, Any]] = None, evaluate_every: int = 0,
                round_timeout_s: float = 3600.0, connect_timeout_s: float = 600.0,
-               on_round: Optional[Callable[[int, Weights, Dict[int, Dict[str, float]]], None]] = None) -> ServerApp:
-  """A Flower ServerApp running `num_rounds` rounds over every connected site (at least `min_clients`).
+               on_round: Optional[Callable[[int, Weights, Dict[int, Dict[str, float]]], None]] = None,
+               select: Optional[Callable[[int, int], Sequence[int]]] = None) -> ServerApp:
+  """A Flower ServerApp running `num_rounds` rounds over the connected sites (at least `min_clients`).
 
   Each round sends the weights, the server values and the round config (round, num_rounds, `fingerprint`,
-  `settings` as `setting.<key>` scalars) to each site, collects (update, client_values, num_examples) in the
-  run's site order and calls `aggregate`. With `evaluate_every` = k > 0, every k-th round (and the last) also
-  sends "evaluate" messages. `on_round(round_index, new_weights, {node_id: metrics})` sees each round's result
+  `settings` as `setting.<key>` scalars) to the round's sites, collects (update, client_values, num_examples)
+  in the run's site order and calls `aggregate`. The round's sites are every connected site, or, with
+  `select(round_index, num_connected)`, those at the positions it returns in the run's site order (partial
+  participation; e.g. `simulation.select_clients`, so that the same sites train as in the simulation). With
+  `evaluate_every` = k > 0, every k-th round (and the last) also sends "evaluate" messages to every site.
+  `on_round(round_index, new_weights, {node_id: metrics})` sees each round's result
   (metrics of evaluation rounds under "eval/<name>"). The final weights are left in the context's state under
   "weights" (an ArrayRecord). A site's error or silence stops the run with an error naming its node id.
   """
@@ -268,15 +280,16 @@ def server_app(initial_weights: Callable[[], Weights], aggregate: AggregateFn, *
   def main(grid: Grid, context: Context) -> None:
     weights, server_values = initial_weights(), {}
     for round_index in range(num_rounds):
-      nodes = _ordered(_wait_for_nodes(grid, min_clients, connect_timeout_s), context)
+      everyone = _ordered(_wait_for_nodes(grid, min_clients, connect_timeout_s), context)
+      nodes = everyone if select is None else _selected(everyone, select(round_index, len(everyone)), round_index)
       config = {"round": round_index, "num_rounds": num_rounds, "fingerprint": fingerprint,
                 **{SETTING + k: v for k, v in settings.items()}}
 
-      def messages(kind: str, content: Dict[str, Any]) -> List[Message]:
+      def messages(kind: str, content: Dict[str, Any], to: Sequence[int]) -> List[Message]:
         return [Message(RecordDict({**content, "config": ConfigRecord(dict(config))}), dst_node_id=node,
-                        message_type=kind, group_id=str(round_index)) for node in nodes]
+                        message_type=kind, group_id=str(round_index)) for node in to]
       replies = _replies(grid, messages("train", {"weights": to_record(weights),
-                                                  "server_values": to_record(server_values)}),
+                                                  "server_values": to_record(server_values)}, nodes),
                          round_timeout_s, f"Round {round_index}")
       results, metrics = [], {}
       for node in nodes:
@@ -292,10 +305,10 @@ def server_app(initial_weights: Callable[[], Weights], aggregate: AggregateFn, *
       weights, server_values = aggregate(round_index, weights, server_values, results)
       last = round_index == num_rounds - 1
       if evaluate_every and ((round_index + 1) % evaluate_every == 0 or last):
-        evals = _replies(grid, messages("evaluate", {"weights": to_record(weights)}), round_timeout_s,
+        evals = _replies(grid, messages("evaluate", {"weights": to_record(weights)}, everyone), round_timeout_s,
                          f"Evaluation after round {round_index}")
         for node, reply in evals.items():
-          metrics[node].update({f"eval/{k}": v for k, v in reply.content["metrics"].items()})
+          metrics.setdefault(node, {}).update({f"eval/{k}": v for k, v in reply.content["metrics"].items()})
       if on_round is not None:
         on_round(round_index, weights, metrics)
     context.state["weights"] = to_record(weights)

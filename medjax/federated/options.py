@@ -31,6 +31,7 @@ DEFAULTS = dict(
     secure_aggregation=None,   # dict(threshold=None, dropout_rate=0.0, scale_bits=16)
     simulation="vmap",         # "vmap" (clients in parallel on one device) or "sequential" (one at a time, mesh)
     eval_sites=True,           # evaluate the global model on every site's eval split each evaluation
+    num_sites=None,            # sites of a real federation (Flower); a simulation counts config.data's sites
 )
 SIMULATIONS = ("vmap", "sequential")
 CLIENT_DP_KEYS = ("clip_norm", "noise_multiplier", "target_epsilon", "delta", "accountant")
@@ -52,6 +53,8 @@ def parse(federated: Mapping[str, Any], config: Any = None) -> Dict[str, Any]:
       raise ValueError(f"config.federated.{key} must be > 0, got {options[key]}.")
   if options["clients_per_round"] is not None and int(options["clients_per_round"]) < 1:
     raise ValueError(f"config.federated.clients_per_round must be >= 1, got {options['clients_per_round']}.")
+  if options["num_sites"] is not None and int(options["num_sites"]) < 1:
+    raise ValueError(f"config.federated.num_sites must be >= 1, got {options['num_sites']}.")
   if options["simulation"] not in SIMULATIONS:
     raise ValueError(f"config.federated.simulation must be one of {SIMULATIONS}, got {options['simulation']!r}.")
   if not options["server_lr"] > 0:

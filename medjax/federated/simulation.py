@@ -165,6 +165,10 @@ def run(config: mlc.ConfigDict, workdir: str) -> Dict[str, Any]:
     raise ValueError(f"config.input.batch_size = {batch_size} exceeds the {counts.min()} training examples of "
                      f"site {small}; lower the batch size or use fewer sites (config.data.num_sites).")
   num_sites = len(sites)
+  if options["num_sites"] is not None and int(options["num_sites"]) != num_sites:
+    raise ValueError(f"config.federated.num_sites = {options['num_sites']}, but config.data has {num_sites} "
+                     f"training sites ({', '.join(f'site{j}_train' for j in sites)}); leave num_sites out in a "
+                     "simulation.")
   per_round = min(int(options["clients_per_round"] or num_sites), num_sites)
   num_steps = local_steps(options, counts, batch_size)
   max_steps = int(num_steps.max())

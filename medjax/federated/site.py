@@ -12,8 +12,9 @@ A site keeps its own SCAFFOLD control variate. The server keeps its optimizer st
 
 A site's data: split "site{j}_train" of config.data when the dataset has it (the simulated sites), else the
 split "train" of the site's own config.data (a real site points config.data at its own files).
-Not over Flower yet: simulated secure aggregation (`secure`) and partial participation (every connected site
-takes part in every round).
+Partial participation (config.federated.clients_per_round) picks each round's sites as the simulation does
+(`simulation.select_clients`, by position in the coordinator's site order, i.e. the order of its allowed keys).
+Not over Flower: the simulated secure aggregation (`secure`), which has no network protocol here.
 """
 
 from __future__ import annotations
@@ -148,14 +149,22 @@ def _own_arrays(dataset):
   return images, labels, np.asarray([len(examples)], np.int32)
 
 
-def server_callables(config) -> Tuple[Callable[[], Weights], Callable, int, int]:
-  """(initial_weights, aggregate, num_rounds, clients_per_round) of the coordinator for `config`."""
+def server_callables(config) -> Tuple[Callable[[], Weights], Callable, int, int, Callable[[int, int], np.ndarray]]:
+  """(initial_weights, aggregate, num_rounds, num_sites, select) of the coordinator for `config`: `select(round,
+  num_connected)` gives the positions of the round's sites in the site order (all of them without
+  config.federated.clients_per_round). num_sites: the dataset's simulated sites, else config.federated.num_sites
+  (a real federation); ValueError naming that key when neither is known."""
   dataset = build.dataset(config)
   example = dataset.source(dataset.splits[0])[0]["image"]
   parts = _Parts(config, np.asarray(example, np.float32))
-  num_sites = len(simulation.training_sites(dataset)) if any(s.endswith("_train") and s.startswith("site")
-                                                             for s in dataset.splits) else 2
-  per_round = int(parts.options["clients_per_round"] or num_sites)
+  if any(s.endswith("_train") and s.startswith("site") for s in dataset.splits):
+    num_sites = len(simulation.training_sites(dataset))
+  elif parts.options["num_sites"] is not None:
+    num_sites = int(parts.options["num_sites"])
+  else:
+    raise ValueError("config.federated.num_sites: the data has no simulated sites (site{j}_train splits), so give "
+                     "the number of sites of the real federation (the coordinator's --allowed_keys).")
+  per_round = min(int(parts.options["clients_per_round"] or num_sites), num_sites)
   dp = parts.options["client_dp"]
   noise = 0.0
   if dp:
@@ -190,4 +199,7 @@ def server_callables(config) -> Tuple[Callable[[], Weights], Callable, int, int]
     values = flatten_update({"control": jax.device_get(new.control)}) if parts.algorithm == "scaffold" else {}
     return _weights(new.params, new.model_state), values
 
-  return initial_weights, aggregate, int(config.total_steps), per_round
+  def select(round_index: int, num_connected: int) -> np.ndarray:
+    return simulation.select_clients(int(config.seed), round_index, num_connected, per_round)
+
+  return initial_weights, aggregate, int(config.total_steps), num_sites, select

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax.numpy as jnp
+
 from medjax.registry import Registry
 
 MODELS = Registry("model")
@@ -34,3 +36,19 @@ def submodule_variables(variables: Mapping[str, Any], submodule: str, *, skip: s
     raise ValueError(f"these variables hold no {what}: no params/{submodule} subtree (top-level params: "
                      f"{sorted(variables.get('params', {}))}).")
   return out
+
+
+def pooled_features(aux: Mapping[str, Any], owner: str) -> Any:
+  """Pooled features `(B, F)` float32 for a head on top of a backbone: a classifier's aux["features"] `(B, F)`,
+  or a segmentation model's aux["bottleneck"] `(B, *spatial', F)` averaged over space (the encoder of a U-Net,
+  UNETR or Swin UNETR). Used by the pretext heads and the domain-adversarial head. Raises ValueError naming
+  `owner` (who needs the features) when the model exposes neither."""
+  features = aux.get("features")
+  if features is not None and features.ndim == 2:
+    return features.astype(jnp.float32)
+  bottleneck = aux.get("bottleneck")
+  if bottleneck is not None and bottleneck.ndim > 2:
+    return jnp.mean(bottleneck.astype(jnp.float32), axis=tuple(range(1, bottleneck.ndim - 1)))
+  raise ValueError(f"{owner} needs pooled aux['features'] (B, F) or an aux['bottleneck'] map (B, *spatial, F) "
+                   f"from its model; got aux keys {sorted(aux)} (features "
+                   f"{None if features is None else tuple(features.shape)}).")

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.base import submodule_variables
+from medjax.models.base import pooled_features, submodule_variables
 
 STEP_COLLECTION = "domain_adversarial"
 TASK_MODEL = "model"
@@ -36,7 +36,7 @@ GANIN_GAMMA = 10.0  # Ganin et al. 2016 (their training schedule): lambda_p = 2 
 
 __all__ = [
     "DOMAIN_CLASSIFIER", "GANIN_GAMMA", "SCHEDULES", "STEP_COLLECTION", "TASK_MODEL", "DomainAdversarial",
-    "DomainClassifier", "gradient_reversal", "pooled_features", "reversal_coefficient", "task_model_variables",
+    "DomainClassifier", "gradient_reversal", "reversal_coefficient", "task_model_variables",
 ]
 
 
@@ -80,20 +80,6 @@ def reversal_coefficient(step: jax.Array, total_steps: int, *, schedule: str = "
     raise ValueError(f"DomainAdversarial: total_steps must be positive for the 'ganin' schedule, got {total_steps}.")
   p = jnp.clip(jnp.asarray(step, jnp.float32) / jnp.float32(total_steps), 0.0, 1.0)
   return jnp.float32(coefficient) * (2.0 / (1.0 + jnp.exp(-GANIN_GAMMA * p)) - 1.0)
-
-
-def pooled_features(aux: Mapping[str, Any], model_name: str) -> jax.Array:
-  """Pooled features `(B, F)` float32: a classifier's aux["features"] `(B, F)`, or a segmentation model's
-  aux["bottleneck"] `(B, *spatial', F)` averaged over space. Raises ValueError naming `model_name` otherwise."""
-  features = aux.get("features")
-  if features is not None and features.ndim == 2:
-    return features.astype(jnp.float32)
-  bottleneck = aux.get("bottleneck")
-  if bottleneck is not None and bottleneck.ndim > 2:
-    return jnp.mean(bottleneck.astype(jnp.float32), axis=tuple(range(1, bottleneck.ndim - 1)))
-  raise ValueError(f"DomainAdversarial: model {model_name} exposes neither pooled aux['features'] (B, F) nor an "
-                   f"aux['bottleneck'] map (B, *spatial, F); got aux keys {sorted(aux)} (features "
-                   f"{None if features is None else tuple(features.shape)}).")
 
 
 def task_model_variables(variables: Mapping[str, Any]) -> Dict[str, Any]:
@@ -161,7 +147,7 @@ class DomainAdversarial(nn.Module):
   def __call__(self, x, *, train: bool) -> Tuple[Any, Dict[str, Any]]:
     self._check_fields()
     outputs, aux = self.model(x, train=train)
-    features = pooled_features(aux, type(self.model).__name__)
+    features = pooled_features(aux, f"DomainAdversarial over {type(self.model).__name__}")
     step = self.variable(STEP_COLLECTION, "step", lambda: jnp.zeros((), jnp.int32))
     current = step.value
     if train and not self.is_initializing():

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.base import submodule_variables
+from medjax.models.base import pooled_features, submodule_variables
 from medjax.pretext import corruptions, masking
 
 ENCODER = "encoder"
@@ -46,20 +46,6 @@ def view_key(module: nn.Module, train: bool) -> jax.Array:
 def encoder_variables(variables: Dict[str, Any]) -> Dict[str, Any]:
   """The encoder's own variables `{"params": ..., "batch_stats": ...}` out of a pretext model's variables."""
   return submodule_variables(variables, ENCODER, skip=MOMENTUM, what="pretext encoder")
-
-
-def _pooled_features(aux: Dict[str, Any], encoder: nn.Module) -> jax.Array:
-  """Pooled features `(B, F)`: a classifier's aux["features"], or a segmentation model's bottleneck map
-  averaged over space (the encoder part of a U-Net, UNETR or Swin UNETR)."""
-  features = aux.get("features")
-  if features is not None and features.ndim == 2:
-    return features
-  bottleneck = aux.get("bottleneck")
-  if bottleneck is not None and bottleneck.ndim > 2:
-    return jnp.mean(bottleneck.astype(jnp.float32), axis=tuple(range(1, bottleneck.ndim - 1)))
-  raise ValueError(f"{type(encoder).__name__}: this pretext task needs pooled aux['features'] (B, F) or an "
-                   f"aux['bottleneck'] map from its encoder; got features "
-                   f"{None if features is None else features.shape}.")
 
 
 def _dense_features(aux: Dict[str, Any], encoder: nn.Module, spatial: Tuple[int, ...]) -> jax.Array:
@@ -123,7 +109,7 @@ class Contrastive(nn.Module):
     views = jnp.stack([self.views(key1, x), self.views(key2, x)], axis=1)
     views = views.reshape((2 * batch,) + x.shape[1:])
     _, aux = self.encoder(views, train=train)
-    features = _pooled_features(aux, self.encoder)
+    features = pooled_features(aux, f"{type(self).__name__} over {type(self.encoder).__name__}")
     projector = MLP(self.hidden_dim, self.projection_dim, self.projector_layers, self.dtype, name="projector")
     z = projector(features, train)
     out_aux = {"features": features.reshape(batch, 2, -1)}
@@ -155,7 +141,7 @@ class Contrastive(nn.Module):
       return out
 
     _, target_aux = run(self.encoder, "encoder", views)
-    target_features = _pooled_features(target_aux, self.encoder)
+    target_features = pooled_features(target_aux, f"{type(self).__name__} over {type(self.encoder).__name__}")
     return jax.lax.stop_gradient(run(projector, "projector", target_features)).astype(jnp.float32)
 
 
@@ -185,7 +171,7 @@ class RotationPrediction(nn.Module):
   def __call__(self, x, *, train: bool):
     rotated, classes = corruptions.random_rotations(view_key(self, train), x)
     _, aux = self.encoder(rotated, train=train)
-    features = _pooled_features(aux, self.encoder)
+    features = pooled_features(aux, f"{type(self).__name__} over {type(self.encoder).__name__}")
     logits = nn.Dense(corruptions.num_rotation_classes(x.ndim - 2), dtype=self.dtype,
                       name="rotation_head")(features.astype(self.dtype))
     return logits.astype(jnp.float32), {"rotation": classes}

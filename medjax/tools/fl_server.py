@@ -79,19 +79,19 @@ def main(argv) -> None:  # absl's app.run exits with main's return value
   options = check_flags()
   config = config_lib.load_config(_CONFIG.value)
   from medjax.federated import site  # (the experiment's callables: loaded only to run)
-  initial_weights, aggregate, num_rounds, clients_per_round = site.server_callables(config)
-  if clients_per_round > len(options["allowed_keys"]):
-    raise cli.UsageError(f"The experiment needs {clients_per_round} sites per round; --allowed_keys has only "
+  initial_weights, aggregate, num_rounds, num_sites, select = site.server_callables(config)
+  if num_sites > len(options["allowed_keys"]):
+    raise cli.UsageError(f"The experiment has {num_sites} sites; --allowed_keys has only "
                          f"{len(options['allowed_keys'])}.")
   fingerprint = site.fingerprint(config) if hasattr(site, "fingerprint") else site.site_callables(config, 0)[2]()
 
   def on_round(round_index, weights, metrics):
     logging.info("Round %d/%d: %s", round_index + 1, num_rounds, metrics)
-  app = flower.server_app(initial_weights, aggregate, num_rounds=num_rounds, min_clients=clients_per_round,
+  app = flower.server_app(initial_weights, aggregate, num_rounds=num_rounds, min_clients=num_sites,
                           fingerprint=fingerprint, round_timeout_s=_ROUND_TIMEOUT.value,
-                          connect_timeout_s=_CONNECT_TIMEOUT.value, on_round=on_round)
+                          connect_timeout_s=_CONNECT_TIMEOUT.value, on_round=on_round, select=select)
   with flower_network.FleetServer(**options) as link:
-    logging.info("Fleet API on https://%s; waiting for %d sites.", _ADDRESS.value, clients_per_round)
+    logging.info("Fleet API on https://%s; waiting for %d sites.", _ADDRESS.value, num_sites)
     weights = link.run(app)
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

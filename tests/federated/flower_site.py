@@ -19,7 +19,7 @@ def site_callables(config, site_index: int):
 
 
 def server_callables(config):
-  return ft.initial_weights, ft.aggregate, config.num_rounds, 2
+  return ft.initial_weights, ft.aggregate, config.num_rounds, 2, None
 
 
 def run_tool(argv) -> None:

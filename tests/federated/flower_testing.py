@@ -115,12 +115,14 @@ def aggregate(round_index, weights, server_values, results):
   return new, server_values
 
 
-def plain_loop(num_rounds: int = NUM_ROUNDS, sites: int = 2) -> Dict[str, np.ndarray]:
-  """The same federation as a plain Python loop over the same callables: the reference result."""
+def plain_loop(num_rounds: int = NUM_ROUNDS, sites: int = 2, select=None) -> Dict[str, np.ndarray]:
+  """The same federation as a plain Python loop over the same callables: the reference result. `select(round,
+  sites)`: the positions of the sites that train in a round (all by default)."""
   fits, weights, server_values = [make_fit(k) for k in range(sites)], initial_weights(), {}
   for round_index in range(num_rounds):
     results = []
-    for fit in fits:
+    chosen = range(sites) if select is None else sorted(select(round_index, sites))
+    for fit in [fits[k] for k in chosen]:
       update, client_values, n, _ = fit(weights, round_index, server_values)
       results.append((update, client_values, n))
     weights, server_values = aggregate(round_index, weights, server_values, results)

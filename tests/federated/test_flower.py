@@ -132,6 +132,34 @@ def test_a_server_certificate_from_another_ca_is_refused(federation):
   assert "CERTIFICATE_VERIFY_FAILED" in str(error)
 
 
+def test_partial_participation_trains_only_the_selected_sites(pki):
+  """With `select`, each round's train messages go to the selected sites only (here site r mod 2), and the
+  result is the plain loop's over the same selection, bit for bit; evaluation still reaches every site."""
+  port = portpicker.pick_unused_port()
+  select = lambda round_index, num_sites: [round_index % num_sites]
+  rounds, outcome = [], {}
+  app = flower.server_app(ft.initial_weights, ft.aggregate, num_rounds=ft.NUM_ROUNDS, min_clients=2,
+                          fingerprint=ft.FINGERPRINT, select=select, evaluate_every=ft.NUM_ROUNDS,
+                          on_round=lambda r, w, m: rounds.append({k: dict(v) for k, v in m.items()}))
+  with _server(pki, port) as link:
+    threads = [_site_thread(outcome, k, flower.client_app(ft.make_fit(k), lambda: ft.FINGERPRINT,
+                                                          ft.make_evaluate(k)), port, pki) for k in range(2)]
+    weights = link.run(app)
+    order = list(link.node_ids)
+  for thread in threads:
+    thread.join(30)
+  expected = ft.plain_loop(select=select)
+  assert set(weights) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(weights[name], value)
+  for r, metrics in enumerate(rounds):
+    trained = {node for node, m in metrics.items() if "train_loss" in m}
+    assert trained == {order[r % 2]}
+  assert all("eval/eval_loss" in m for m in rounds[-1].values()) and len(rounds[-1]) == 2
+  with pytest.raises(ValueError, match=r"Round 0: select returned positions \[0, 0\]"):
+    flower._selected([11, 12], [0, 0], 0)
+
+
 def _leaky_fit(weights, round_index, server_values):
   raise KeyError("/data/site0/patient_0042.nii.gz")  # an error whose text names a patient's file
 

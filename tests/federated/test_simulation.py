@@ -87,6 +87,11 @@ def test_more_sites_than_examples_is_refused(tmp_path):
   config.data.num_sites = 500
   with pytest.raises(ValueError, match="num_sites"):
     simulation.run(config, str(tmp_path / "w"))
+  config = _config(num_sites=3)  # the real-federation key, contradicting the simulated sites
+  with pytest.raises(ValueError, match=r"config.federated.num_sites = 3, but config.data has 4 training sites"):
+    simulation.run(config, str(tmp_path / "w2"))
+  with pytest.raises(ValueError, match="config.federated.num_sites must be >= 1"):
+    options.parse(dict(local_steps=1, num_sites=0))
 
 
 def test_secure_sums_equal_plain_sums_of_the_survivors_with_a_dropout():
@@ -118,9 +123,9 @@ def test_site_callables_compute_what_the_simulation_computes(tmp_path, algorithm
   config = _config(algorithm=algorithm, local_steps=1, simulation="sequential")
   config.total_steps, config.eval_every_steps = 2, 2
   simulation.run(config, str(tmp_path / "sim"))
-  initial_weights, aggregate, rounds, per_round = site.server_callables(config)
+  initial_weights, aggregate, rounds, num_sites, select = site.server_callables(config)
   clients = [site.site_callables(config, j) for j in range(4)]
-  assert rounds == 2 and per_round == 4
+  assert rounds == 2 and num_sites == 4 and list(select(0, 4)) == [0, 1, 2, 3]
   assert len({fingerprint() for _, _, fingerprint in clients} | {site.fingerprint(config)}) == 1
   weights, server_values = initial_weights(), {}
   for r in range(rounds):

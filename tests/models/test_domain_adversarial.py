@@ -135,7 +135,7 @@ def test_task_model_variables_strip_the_wrapper():
 
 def test_model_without_features_or_bottleneck_is_named():
   model = DomainAdversarial(NoFeatures(), num_domains=2, total_steps=10)
-  with pytest.raises(ValueError, match=r"model NoFeatures exposes neither pooled aux\['features'\].*'tokens'"):
+  with pytest.raises(ValueError, match=r"DomainAdversarial over NoFeatures needs pooled aux\['features'\].*'tokens'"):
     model.init(KEY, jnp.ones((2, 4, 1)), train=False)
 
 

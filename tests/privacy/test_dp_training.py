@@ -34,6 +34,14 @@ def test_poisson_batches_are_deterministic_padded_and_distinct():
   # every example is equally likely to be sampled
   counts = np.bincount(np.concatenate([d[0][d[1] > 0] for d in draws]), minlength=1000)
   assert counts.mean() == pytest.approx(10, rel=0.05)
+  # buckets pad to the next multiple of the bucket (at most the largest size) and draw the same examples
+  for step, (indices, _, drawn) in enumerate(draws[:40]):
+    b_indices, b_valid, b_drawn = sampling.poisson_batch(0, step, 1000, 0.05, 90, bucket=8)
+    assert b_drawn == drawn and len(b_valid) == min(-(-max(drawn, 1) // 8) * 8, 90)
+    assert len(b_valid) % 8 == 0 and 0 <= len(b_valid) - drawn < 8
+    np.testing.assert_array_equal(b_indices[:drawn], indices[:drawn])
+    assert b_valid[:drawn].sum() == drawn and b_valid[drawn:].sum() == 0
+  np.testing.assert_array_equal(sampling.bucketed_size(np.array([0, 1, 8, 9, 95]), 8, 90), [8, 8, 8, 16, 90])
 
 
 def test_dp_run_reports_epsilon_and_resumes_bit_for_bit(tmp_path, monkeypatch):
@@ -83,6 +91,14 @@ def test_plan_pads_poisson_batches_so_truncation_is_negligible():
   assert plan.physical_batch_size % 8 == 0 and 128 < plan.physical_batch_size <= 200  # 6 sd above 128
   assert plan.delta == pytest.approx(1 / 4708) and plan.steps_per_epoch == 37
   assert plan.epsilon(370) <= 8.0
+  # buckets of about one standard deviation (sqrt(128 * (1 - q)) = 11), rounded up to the data-parallel width
+  assert plan.batch_bucket == 16 and plan.poisson() == (128 / 4708, plan.physical_batch_size, 16)
+  assert 128 < plan.expected_slots() < 128 + 16  # the mean padding is under one bucket, not 5 sd
+  unbucketed = options.plan(options.parse(dict(target_epsilon=8.0, batch_bucket=0)), num_examples=4708,
+                            batch_size=128, total_steps=370, batch_multiple=8)
+  assert unbucketed.batch_bucket == plan.physical_batch_size
+  assert unbucketed.expected_slots() == pytest.approx(plan.physical_batch_size)
+  assert unbucketed.noise_multiplier == plan.noise_multiplier  # the guarantee does not depend on the padding
   shuffled = options.plan(options.parse(dict(noise_multiplier=1.0, sampling="shuffle")), num_examples=4708,
                           batch_size=128, total_steps=10)
   assert shuffled.poisson() is None and shuffled.physical_batch_size == 128
