@@ -12,7 +12,8 @@ experiments/medmnist_resnet.py: subset, model, conv, size, recipe; `seed`) and i
 resumed run; older runs whose wall_s covers only their last session are left out of the mean). Runs are
 grouped by (subset, model, conv, size, recipe; a schedule other than 100 epochs as "improved, 60 epochs",
 mixup as "... + mixup 0.4", class-balanced sampling as "... + balanced^0.5", evaluation with flip TTA as
-"... + flip TTA", runs initialised from another run as "..., from <its workdir's name>", quick-mode runs as
+"... + flip TTA", runs initialised from another run as "..., from <its workdir's name>", students of a
+teacher run as "..., distilled from <its workdir's name>", quick-mode runs as
 "... (quick)"); each cell is the mean ± sample standard deviation
 (n - 1) over the group's seeds. A workdir with a config.json but no results.json yet is listed as
 unfinished. The "commit" column lists the git commits the group's runs were trained at (`env.json`, "+dirty"
@@ -95,6 +96,8 @@ def group_key(config: Mapping[str, Any], where: str) -> GroupKey:
   recipe += f" + balanced^{float(tags['balance']):g}" if tags.get("balance") else ""
   recipe += " + flip TTA" if tags.get("tta") else ""
   recipe += f", from {os.path.basename(os.path.normpath(str(tags['init'])))}" if tags.get("init") else ""
+  recipe += (f", distilled from {os.path.basename(os.path.normpath(str(tags['teacher'])))}"
+             if tags.get("teacher") else "")
   recipe += " (quick)" if tags.get("quick") else ""  # smoke runs never mix in
   return (str(tags["subset"]), str(tags["model"]), str(tags["conv"]), int(tags["size"]), recipe)
 

@@ -24,6 +24,11 @@ Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
             new head (exclude "head"), the best-validation step of a workdir; 2D weights into a "3d" model are
             inflated (I3D average), into "acs" / "2.5d" models loaded as they are, RGB kernels summed for
             1-channel volumes. Relative paths are taken from the repository root.
+  teacher   "" (default) | a trained run's workdir: knowledge distillation (`config.distillation`, Hinton et al.
+            2015): the loss is (1 - kd_alpha) cross-entropy + kd_alpha T^2 KL to the teacher's softened outputs at
+            T = kd_t (defaults 0.9 and 4, the KD baseline of Tian et al. 2020); relative paths from the
+            repository root
+  kd_t, kd_alpha  see `teacher`
   data_dir  folder of the official .npz files; default ../shared/data/medmnist; a relative path is taken
             from the repository root, so a run works from any directory
   random_labels  false (default) | true: the training labels randomly permuted over the training images (seed
@@ -72,6 +77,10 @@ Runs (from the repository root; each writes `results.json` and `config.json` in 
       --workdir runs/mm/breast_vith_improved_s0
   python -m medjax.main --config experiments/medmnist_resnet.py:recipe=improved,epochs=60,mixup=0.4,tta=true \
       --workdir runs/mm/breast_r18_improved_mix_tta_s0
+  python -m medjax.main --config experiments/medmnist_resnet.py:model=resnet50 --workdir runs/kd/r50_s0  # teacher
+  python -m medjax.main --config experiments/medmnist_resnet.py:teacher=runs/kd/r50_s0 --workdir runs/kd/r18_kd_s0
+  python -m medjax.main --config experiments/medmnist_resnet.py:model=resnet50,quick=true --workdir /tmp/t_quick
+  python -m medjax.main --config experiments/medmnist_resnet.py:teacher=/tmp/t_quick,quick=true --workdir /tmp/kd_q
   python -m medjax.main \
       --config experiments/medmnist_resnet.py:recipe=improved,epochs=60,mixup=0.4,tta=true,balance=0.5 \
       --workdir runs/mm/breast_r18_improved_mix_tta_bal05_s0   # beats the published BreastMNIST row (README)
@@ -136,7 +145,7 @@ def _check(arg):
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
                              recipe="official", epochs=0, tta=False, mixup=0.0, balance=0.0, init="",
-                             random_labels=False, data_dir=DEFAULT_DATA_DIR, quick=False)
+                             teacher="", kd_t=4.0, kd_alpha=0.9, random_labels=False, data_dir=DEFAULT_DATA_DIR, quick=False)
   if not arg.epochs:  # the recipe's own length
     arg.epochs = FINETUNE_EPOCHS if arg.recipe == "finetune" else EPOCHS
   dims, conv = _check(arg)
@@ -229,6 +238,10 @@ def get_config(arg=None):
     if conv == "3d":
       c.init_from.inflate = "average"
     c.tags.init = arg.init
+  if arg.teacher:
+    path = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(arg.teacher)))
+    c.distillation = dict(teacher=path, temperature=float(arg.kd_t), alpha=float(arg.kd_alpha))
+    c.tags.teacher = arg.teacher
 
   if arg.quick:
     c.total_steps = 4

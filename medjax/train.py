@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from medjax import atomic, build, checkpoint, config_lib, evaluators, provenance, sharding, steps
+from medjax.compress import pruning
 from medjax.data import pipeline
 from medjax.data.datasets.base import check_labels
 from medjax.metric_writer import MetricWriter, Progress, read_metrics
@@ -176,9 +177,11 @@ def stop_after_evaluation(step: int, metrics: Dict[str, float], early: Optional[
 
 
 def _jsonable(value: Any) -> Any:
-  """Dicts recurse; numbers become Python floats, NaN/inf become None (JSON has neither)."""
+  """Dicts and lists recurse; numbers become Python floats, NaN/inf become None (JSON has neither)."""
   if isinstance(value, Mapping):
     return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
   if isinstance(value, (bool, str, int)) or value is None:
     return value
   value = float(value)
@@ -300,11 +303,16 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
       early.replay(evaluation_history(workdir, ckpt, early.metric, start_step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    variables = None
     pretrained = checkpoint.initial_variables(config, state.variables())
     if pretrained is not None:  # config.init_from: the fresh state with the pretrained weights merged in
       variables, init_report = pretrained
-      state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed), variables)
       logging.info("%s", init_report.summary())
+    if config.get("distillation"):  # the teacher's weights into the state, once
+      variables, teacher_from = checkpoint.with_teacher(config, state.variables() if variables is None else variables)
+      logging.info("Distillation teacher: %s.", teacher_from)
+    if variables is not None:
+      state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed), variables)
   if is_main:
     checkpoint.record_config(workdir, config, step=start_step, allow_change=allow_config_change)
     provenance.write(workdir)
@@ -426,6 +434,11 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
              "resumed_from_step": start_step}
   if dp is not None:
     results["privacy"] = dict(dp.plan.summary(last_step), per_example_norms_method=dp.norms)
+  if config.get("pruning"):  # exact zeros per layer of the final weights (sparsity_report.md has every layer)
+    rows = build.sparsity_report(config, state.params)
+    results["sparsity"] = {row["name"]: row for row in rows if row["name"] in ("prunable", "total")}
+    if is_main:
+      atomic.write_text_atomically(os.path.join(workdir, "sparsity_report.md"), pruning.format_report(rows))
   path = write_results(workdir, results)
   if is_main:
     print(_summary_line(status, last_step, total_steps, last_eval, best, test, test_best, early,

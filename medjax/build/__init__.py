@@ -18,7 +18,8 @@ mesh, train step), `evaluation` (whole cases and the evaluation forward passes),
 from medjax.build.evaluation import (CaseEvaluation, case_evaluation, eval_apply_fn, inference_options,
                                      validation_mode, whole_cases)
 from medjax.build.parts import (augment_fn, dataset, differential_privacy, eval_batch_size, evaluator, init_state_fn,
-                                jit_train_step, mesh, model, objective, optimizer, split_source, train_apply_fn)
+                                jit_train_step, mesh, model, objective, optimizer, sparsity_report, split_source,
+                                train_apply_fn)
 from medjax.build.run_settings import (BEST_MODES, COMPUTE_DTYPES, DEFAULT_MESH, PSEUDO_PREFIX, VALIDATION_MODES,
                                        CheckpointSettings, InitFrom, Settings, init_from, settings)
 from medjax.build.validation import early_stopping_options, validate
@@ -28,5 +29,5 @@ __all__ = [
     "CheckpointSettings", "InitFrom", "Settings", "augment_fn", "case_evaluation", "dataset",
     "differential_privacy", "early_stopping_options", "eval_apply_fn", "eval_batch_size", "evaluator",
     "inference_options", "init_from", "init_state_fn", "jit_train_step", "mesh", "model", "objective", "optimizer",
-    "settings", "split_source", "train_apply_fn", "validate", "validation_mode", "whole_cases",
+    "settings", "sparsity_report", "split_source", "train_apply_fn", "validate", "validation_mode", "whole_cases",
 ]

@@ -12,6 +12,7 @@ import ml_collections as mlc
 import numpy as np
 
 from medjax import augment, evaluators, losses, models, optim, pretext, privacy, sharding, steps
+from medjax.compress import distillation, pruning, quantize
 from medjax.build.run_settings import DEFAULT_MESH, settings
 from medjax.config_lib import ConfigError, named
 from medjax.data import datasets
@@ -45,12 +46,20 @@ def model(config: mlc.ConfigDict):
   """The config's model (`config.model_name`, keywords `config.model`) computing in `config.compute_dtype`;
   parameters stay float32. With `config.pretext`, that model is the encoder inside the pretext task's model
   (medjax.pretext.tasks); with `config.domain_adversarial`, the task model inside DANN's wrapper (a domain
-  classifier behind gradient reversal, medjax.models.domain_adversarial)."""
+  classifier behind gradient reversal, medjax.models.domain_adversarial); with `config.distillation`, the
+  student beside its teacher (the teacher run's model, `medjax.compress.distillation`). With
+  `config.quantization.mode == "qat"`, the model's convolutions and dense layers are fake-quantized
+  (`medjax.compress.quantize`, Qwix); mode "ptq" changes nothing in training."""
   kwargs = dict(config.get("model") or {})
   if "dtype" in kwargs:
     raise ConfigError("Set the compute dtype with config.compute_dtype, not config.model.dtype.")
   kwargs["dtype"] = jnp.dtype(settings(config).compute_dtype)
   built = models.build_model(config.model_name, kwargs)
+  if config.get("quantization") and quantize.parse(config.quantization)["mode"] == "qat":
+    built = quantize.qat_model(built, config.quantization)  # fake-quantized convs and dense layers (STE)
+  if config.get("distillation"):
+    options = distillation.check_config(config)
+    return distillation.wrap(built, model(distillation.teacher_config(options)), options)
   if config.get("pretext"):
     return pretext.tasks.wrap(config.pretext, built)
   if config.get("domain_adversarial"):
@@ -82,6 +91,8 @@ def objective(config: mlc.ConfigDict) -> losses.Objective:
   if config.get("pretext"):
     return pretext.tasks.objective(config.pretext)
   task = losses.make_objective(*named(settings(config).loss, "loss"))
+  if config.get("distillation"):
+    return distillation.objective(task, distillation.check_config(config))
   if config.get("domain_adversarial"):
     options = domain_adversarial_options(config)
     return domain_losses.domain_adversarial_objective(
@@ -91,8 +102,18 @@ def objective(config: mlc.ConfigDict) -> losses.Objective:
 
 
 def optimizer(config: mlc.ConfigDict):
-  """`(tx, schedule_fn)` from config.optim / lr / schedule / total_steps / grad_clip_norm."""
-  return optim.make_optimizer(config)
+  """`(tx, schedule_fn)` from config.optim / lr / schedule / total_steps / grad_clip_norm; with `config.pruning`,
+  the magnitude-pruning masks last in the chain (`medjax.compress.pruning`)."""
+  tx, schedule = optim.make_optimizer(config)
+  if config.get("pruning"):
+    tx = pruning.wrap_optimizer(tx, config.pruning, int(config.total_steps))
+  return tx, schedule
+
+
+def sparsity_report(config: mlc.ConfigDict, params: Any) -> list:
+  """`compress.pruning.sparsity_report` rows of `params` (exact zeros per layer, then the "prunable" weights
+  config.pruning targets and the "total")."""
+  return pruning.sparsity_report(params, exclude=pruning.parse(config.pruning)["exclude"])
 
 
 def augment_fn(config: mlc.ConfigDict) -> Optional[Callable]:

@@ -14,6 +14,7 @@ from medjax.build.evaluation import inference_options
 from medjax.build.parts import augment_fn, domain_adversarial_options, model
 from medjax.build.run_settings import (BEST_MODES, COMPUTE_DTYPES, INIT_SOURCES, INIT_STEPS, PSEUDO_PREFIX,
                                        VALIDATION_MODES, Settings, init_from, settings)
+from medjax.compress import distillation, pruning, quantize
 from medjax.config_lib import ConfigError, named, suggest
 from medjax.data import datasets, pipeline
 
@@ -32,6 +33,8 @@ _OPTIONAL_TYPES: Tuple[Tuple[str, Any], ...] = (
     ("validation", str), ("freeze_batch_stats", bool), ("init_from", (str, dict, mlc.ConfigDict, type(None))),
     ("pretext", (str, dict, mlc.ConfigDict, type(None))), ("privacy", (dict, mlc.ConfigDict, type(None))),
     ("federated", (dict, mlc.ConfigDict, type(None))), ("domain_adversarial", (dict, mlc.ConfigDict, type(None))),
+    ("distillation", (dict, mlc.ConfigDict, type(None))), ("pruning", (dict, mlc.ConfigDict, type(None))),
+    ("quantization", (dict, mlc.ConfigDict, type(None))),
 )
 _EARLY_STOPPING_KEYS = ("metric", "mode", "patience", "min_delta")
 
@@ -199,6 +202,21 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
   _as_config_error(lambda: optim.validate_optim_config(config))
   if config.get("domain_adversarial"):
     domain_adversarial_options(config)
+  if config.get("distillation"):  # the teacher workdir is read when the model is built (at run start)
+    distillation.check_config(config)
+  if config.get("quantization"):
+    mode = _as_config_error(lambda: quantize.parse(config.quantization))["mode"]
+    for key in ("privacy", "federated", "pretext"):
+      if mode == "qat" and config.get(key):
+        raise ConfigError(f"config.quantization.mode='qat' cannot be combined with config.{key}.")
+  if config.get("pruning"):
+    _as_config_error(lambda: pruning.parse(config.pruning))
+    if run.ema_decay > 0:
+      raise ConfigError("config.pruning with config.ema_decay > 0: the average of a pruned weight is not zero; set "
+                        "ema_decay to 0 (or prune without an EMA and fine-tune after).")
+    if config.get("federated") or config.get("pretext"):
+      raise ConfigError(f"config.pruning cannot be combined with config."
+                        f"{'federated' if config.get('federated') else 'pretext'}.")
   if config.get("privacy"):
     _as_config_error(lambda: privacy.options.parse(config.privacy))
     _as_config_error(lambda: privacy.options.check_config(config, run.grad_accum_steps))

@@ -35,7 +35,7 @@ its history), `runs` (for_run, load), `ranking` (metrics and best steps), `state
 from medjax.checkpoint.config_history import (ARCHITECTURE_KEYS, CONFIG_FILE, CONFIG_HISTORY_FILE, check_config,
                                               config_diff, load_config, read_config_history, record_config,
                                               save_config)
-from medjax.checkpoint.init_from import INIT_REPORT_FILE, initial_variables, pretrained_variables
+from medjax.checkpoint.init_from import INIT_REPORT_FILE, initial_variables, pretrained_variables, with_teacher
 from medjax.checkpoint.integrity import (CheckpointError, CheckpointNotFoundError, DamagedCheckpointError,
                                          DamagedCheckpointWarning, step_damage)
 from medjax.checkpoint.manager import BEST_MODES, Checkpointer
@@ -68,4 +68,5 @@ __all__ = [
                                               "record_config",
                                               "save_config",
                                               "step_damage",
+                                              "with_teacher",
 ]

@@ -12,9 +12,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import ml_collections as mlc
+import numpy as np
 
 from medjax import build, transfer
 from medjax.checkpoint.runs import model_weights
+from medjax.compress import distillation
+from medjax.models.distillation import TEACHER_COLLECTION
 
 INIT_REPORT_FILE = "init_report.json"
 
@@ -73,3 +76,27 @@ def initial_variables(config: mlc.ConfigDict, fresh: Mapping[str, Any]
   return transfer.merge(jax.device_get(fresh), source, exclude=options.exclude, inflate=options.inflate,
                         adapt_channels=options.adapt_channels, allow_missing=options.allow_missing,
                         source_name=description)
+
+
+def with_teacher(config: mlc.ConfigDict, variables: Mapping[str, Any]) -> Tuple[Dict[str, Any], str]:
+  """`variables` (a fresh Distilled model's, nested dicts) with the "teacher" collection replaced by the weights of
+  `config.distillation.teacher`'s checkpoint, and where they came from. Called when a distilled run starts; a
+  resumed run restores them from its own checkpoint. Raises transfer.WeightMismatchError naming every teacher
+  variable whose name or shape differs from the teacher model's (e.g. a workdir retrained with another model)."""
+  options = distillation.check_config(config)
+  teacher, where = model_weights(os.path.expanduser(str(options["teacher"])), options["step"],
+                                 use_ema=options["use_ema"])
+  teacher = jax.device_get(teacher)
+  expected = jax.device_get(variables[TEACHER_COLLECTION]["variables"])
+  shapes = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+                         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  have, want = shapes(teacher), shapes(expected)
+  if have != want:
+    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    raise transfer.WeightMismatchError(
+        f"config.distillation.teacher: the weights of {where} do not fit the teacher model built from its "
+        f"config.json: {len(differ)} variable(s) differ, e.g. " + "; ".join(
+            f"{k}: checkpoint {have.get(k)}, model {want.get(k)}" for k in differ[:5]) + ".")
+  out = dict(variables)
+  out[TEACHER_COLLECTION] = {"variables": jax.tree.map(lambda v, e: np.asarray(v, e.dtype), teacher, expected)}
+  return out, where

@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from medjax import build, pretext
-from medjax.models import domain_adversarial
+from medjax.models import distillation, domain_adversarial
 from medjax.checkpoint.config_history import load_config
 from medjax.checkpoint.integrity import CheckpointError
 from medjax.checkpoint.manager import Checkpointer
@@ -64,6 +64,9 @@ def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
       message names it and lists the intact steps. Both are CheckpointErrors (ValueErrors) with one line.
   """
   config = load_config(workdir)
+  distilled = bool(config.get("distillation"))
+  if distilled:  # the student alone: the teacher only served training (its weights are in the checkpoint)
+    config = _student_config(config)
   model = build.model(config)
   if use_ema is None:
     use_ema = build.settings(config).use_ema_for_eval
@@ -79,8 +82,17 @@ def load(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,
   params, model_state = part["params"], part.get("model_state")
   if use_ema and part.get("ema_params"):
     params, model_state = part["ema_params"], part.get("ema_model_state") or model_state
-  return Loaded(config=config, model=model, variables={"params": params, **dict(model_state or {})}, step=step,
-                selected=selected, metrics=metrics)
+  variables = {"params": params, **dict(model_state or {})}
+  if distilled:
+    variables = distillation.student_variables(variables)
+  return Loaded(config=config, model=model, variables=variables, step=step, selected=selected, metrics=metrics)
+
+
+def _student_config(config: Any) -> Any:
+  """A distilled run's config without the teacher: what builds its student (config.json keeps the teacher)."""
+  student = config.copy_and_resolve_references()
+  student.distillation = None
+  return student
 
 
 def model_weights(workdir: str | os.PathLike, step: Union[int, str, None] = None, *,

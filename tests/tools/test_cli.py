@@ -173,7 +173,7 @@ def test_plan_mistakes(capsys, tmp_path):
 
 def test_each_tool_fails_in_one_line_from_the_command_line(tmp_path):
   """`python -m medjax.tools.X` with a mistake: exit status 2 and exactly one line on stderr, naming it. The
-  five start in parallel (most of each is importing JAX)."""
+  six start in parallel (most of each is importing JAX)."""
   env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="")
   (tmp_path / "runs" / "demo").mkdir(parents=True)
   missing = tmp_path / "runs" / "dmeo"
@@ -183,6 +183,8 @@ def test_each_tool_fails_in_one_line_from_the_command_line(tmp_path):
       "summary": (["--model=unte", "--input_shape=8,8,1"], "Unknown model 'unte'. Did you mean 'unet' or 'unetr'?"),
       "benchmark": (["--model=unet", "--input_shape=8,8,8,1", "--modes=trian"], "--modes: unknown mode 'trian';"),
       "plan": (["--dataset=synthetic_phantom", f"--out={tmp_path}"], "Unknown dataset 'synthetic_phantom'."),
+      "export": ([f"--workdir={missing}", f"--out={tmp_path}/m"], f"--workdir {missing} does not exist. Did you mean "
+                 "'demo'?"),
   }
 
   def launch(tool):
