@@ -215,7 +215,7 @@ def test_frozen_params_need_no_layer_group():
      r"config\.optim\.freeze=\('stem',\) and config\.optim\.train_only=\('head',\) are mutually exclusive"),
     (dict(freez=("stem",)), ValueError, r"config\.optim: unknown key 'freez'.*Did you mean 'freeze'\?"),
     (dict(layer_decy=0.5), ValueError, r"unknown key 'layer_decy'.*Did you mean 'layer_decay'\?"),
-    (dict(freeze=("stem", 3)), ValueError, r"config\.optim\.freeze must be a non-empty string"),
+    (dict(freeze=("stem", 3)), ValueError, r"config\.optim\.freeze must be a non-empty pattern string"),
     (dict(lr_multipliers={"head": -1.0}), ValueError, r"config\.optim\.lr_multipliers\['head'\] must be a number"),
     (dict(lr_multipliers=("head", 0.1)), ValueError, r"config\.optim\.lr_multipliers must be a \{pattern"),
     (dict(layer_decay=0.5), ValueError, r"layer_decay and config\.optim\.layer_groups must be given together"),

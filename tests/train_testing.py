@@ -1,8 +1,12 @@
 """Shared helpers for the training-loop tests."""
 
+import os
+
 import pytest
 
-from medjax import checkpoint, train
+from medjax import checkpoint, config_lib, train
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
 
 class Preempted(Exception):
@@ -46,3 +50,17 @@ def run_straight_and_resumed(config, tmp_path, monkeypatch, at_step: int):
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
   train.main(config, resumed)
   return straight, resumed
+
+
+def train_experiment(path, spec: str, *, model=None, eval_flips=None, **data):
+  """Trains `experiments/<spec>` ("file.py:args") on one device in `path`, with `data` as config.data overrides,
+  `model` as (model_name, model kwargs) and `eval_flips` when given; returns `train.main`'s metrics."""
+  config = config_lib.load_config(os.path.join(EXPERIMENTS, spec))
+  config.mesh = (("data", 1),)
+  if eval_flips:
+    config.eval_flips = eval_flips
+  for key, value in data.items():
+    config.data[key] = value
+  if model:
+    config.model_name, config.model = model
+  return train.main(config, str(path))

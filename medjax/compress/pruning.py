@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.param_paths import path_str, selects
+from medjax.param_paths import path_str, patterns, selects
 from medjax.registry import merge_options
 
 PyTree = Any
@@ -65,13 +65,6 @@ WHERE = "config.pruning"
 
 
 # ------------------------------------------------------------------------------------------------ options
-
-def _patterns(value: Any, where: str) -> Tuple[str, ...]:
-  value = (value,) if isinstance(value, str) else tuple(value or ())
-  if not all(isinstance(v, str) and v for v in value):
-    raise ValueError(f"{where} must be a non-empty pattern string or a sequence of them, got {value!r}.")
-  return value
-
 
 def _integer(options: Mapping[str, Any], key: str, minimum: int) -> int:
   value = options[key]
@@ -109,7 +102,7 @@ def parse(pruning: Mapping[str, Any]) -> Dict[str, Any]:
   options["frequency"] = _integer(options, "frequency", 1)
   if options["end_step"] is not None:
     options["end_step"] = _integer(options, "end_step", options["begin_step"])
-  options["exclude"] = _patterns(options["exclude"], f"{WHERE}.exclude")
+  options["exclude"] = patterns(options["exclude"], f"{WHERE}.exclude")
   return options
 
 
@@ -150,7 +143,7 @@ def prunable_paths(params: PyTree, *, exclude: Sequence[str] = (), prunable: Pru
   """Paths of the leaves `prunable` accepts and no `exclude` pattern selects, in tree order. Raises
   ValueError naming `where` for a pattern that selects no parameter, or when nothing is left to prune."""
   paths = [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
-  exclude = _patterns(exclude, where)
+  exclude = patterns(exclude, where)
   for pattern in exclude:
     if not any(selects(pattern, path) for path, _ in paths):
       shown = ", ".join(path for path, _ in paths[:8]) + (", ..." if len(paths) > 8 else "")

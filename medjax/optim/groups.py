@@ -4,24 +4,17 @@ multipliers by pattern and layer-wise lr decay, as one optax transformation arou
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from medjax.optim.config_values import as_dict, number
-from medjax.param_paths import path_str, selects
+from medjax.param_paths import path_str, patterns, selects
 
 GROUP_KEYS = ("freeze", "train_only", "lr_multipliers", "layer_decay", "layer_groups", "unfreeze")
 _FROZEN = "frozen"
-
-
-def _strings(value: Any, where: str) -> Tuple[str, ...]:
-  value = (value,) if isinstance(value, str) else tuple(value or ())
-  if not all(isinstance(v, str) and v for v in value):
-    raise ValueError(f"{where} must be a non-empty string or a sequence of them, got {value!r}.")
-  return value
 
 
 def resolve_groups(optim: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -29,8 +22,8 @@ def resolve_groups(optim: Dict[str, Any]) -> Optional[Dict[str, Any]]:
   given = {k: optim.pop(k) for k in GROUP_KEYS if k in optim}
   if all(v is None or (hasattr(v, "__len__") and not len(v)) for v in given.values()):
     return None  # the plain transformation, so runs without groups keep their optimizer state layout
-  freeze = _strings(given.get("freeze"), "config.optim.freeze")
-  train_only = _strings(given.get("train_only"), "config.optim.train_only")
+  freeze = patterns(given.get("freeze"), "config.optim.freeze")
+  train_only = patterns(given.get("train_only"), "config.optim.train_only")
   if freeze and train_only:
     raise ValueError(f"config.optim.freeze={freeze} and config.optim.train_only={train_only} are mutually "
                      "exclusive: train_only freezes everything it does not match.")
@@ -41,7 +34,7 @@ def resolve_groups(optim: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     raise ValueError("config.optim.lr_multipliers must be a {pattern: multiplier} mapping or a sequence of "
                      f"(pattern, multiplier) pairs, got {mults!r}.")
   pairs = tuple((p, number(m, f"config.optim.lr_multipliers[{p!r}]")) for p, m in pairs)
-  decay, layers = given.get("layer_decay"), _strings(given.get("layer_groups"), "config.optim.layer_groups")
+  decay, layers = given.get("layer_decay"), patterns(given.get("layer_groups"), "config.optim.layer_groups")
   if (decay is None) != (not layers):
     raise ValueError("config.optim.layer_decay and config.optim.layer_groups must be given together, got "
                      f"layer_decay={decay!r}, layer_groups={layers!r}.")
@@ -84,9 +77,9 @@ def _group_labels(g: Mapping[str, Any], params: Any) -> Any:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path_str(p) for p, _ in leaves]
   frozen_key = "train_only" if g["train_only"] else "freeze"
-  for key, patterns in ((frozen_key, g["frozen_patterns"]), ("lr_multipliers", [p for p, _ in g["pairs"]]),
-                        ("unfreeze", [p for p, _ in g["unfreeze"]])):
-    for pattern in patterns:
+  for key, given in ((frozen_key, g["frozen_patterns"]), ("lr_multipliers", [p for p, _ in g["pairs"]]),
+                     ("unfreeze", [p for p, _ in g["unfreeze"]])):
+    for pattern in given:
       if not any(selects(pattern, path) for path in paths):
         raise _no_match_error(key, pattern, paths)
   labels = []

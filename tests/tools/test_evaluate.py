@@ -12,23 +12,15 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from medjax import checkpoint, config_lib, train
+from medjax import checkpoint, config_lib
 from medjax.data import datasets
 from medjax.tools import cli, evaluate
+from tests.train_testing import train_experiment
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
-def _train(path, spec, model=None, eval_flips=None, **data):
-  config = config_lib.load_config(os.path.join(ROOT, "experiments", spec))
-  config.mesh = (("data", 1),)
-  if eval_flips:
-    config.eval_flips = eval_flips
-  for key, value in data.items():
-    config.data[key] = value
-  if model:
-    config.model_name, config.model = model
-  return train.main(config, str(path))
+_train = train_experiment
 
 
 @pytest.fixture(scope="module")

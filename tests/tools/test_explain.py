@@ -11,21 +11,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medjax import build, checkpoint, config_lib, interpret, train
+from medjax import build, checkpoint, interpret
 from medjax.interpret import figures
 from medjax.tools import cli, evaluate, explain
+from tests.train_testing import train_experiment
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
-def _train(path, spec, model=None, **data):
-  config = config_lib.load_config(os.path.join(ROOT, "experiments", spec))
-  config.mesh = (("data", 1),)
-  for key, value in data.items():
-    config.data[key] = value
-  if model:
-    config.model_name, config.model = model
-  train.main(config, str(path))
+def _train(path, spec, **kwargs):
+  train_experiment(path, spec, **kwargs)
   return str(path)
 
 

@@ -9,27 +9,20 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medjax import build, checkpoint, config_lib, provenance, train
+from medjax import build, checkpoint, provenance
 from medjax.compress import predictor_loader
 from medjax.data import datasets
 from medjax.data.datasets import medmnist as mm
 from medjax.tools import cli, export as export_tool
 from tests.data.test_medmnist import write_fake
+from tests.train_testing import train_experiment
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 PROG = "medjax.tools.export: error: "
 
 
-def _train(path, spec, model=None, eval_flips=None, **data):
-  config = config_lib.load_config(os.path.join(ROOT, "experiments", spec))
-  config.mesh = (("data", 1),)
-  if eval_flips:
-    config.eval_flips = eval_flips
-  for key, value in data.items():
-    config.data[key] = value
-  if model:
-    config.model_name, config.model = model
-  train.main(config, str(path))
+def _train(path, spec, **kwargs):
+  train_experiment(path, spec, **kwargs)
   return str(path)
 
 
