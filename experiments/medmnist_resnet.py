@@ -29,6 +29,14 @@ Arguments (`--config experiments/medmnist_resnet.py:k=v,...`):
             T = kd_t (defaults 0.9 and 4, the KD baseline of Tian et al. 2020); relative paths from the
             repository root
   kd_t, kd_alpha  see `teacher`
+  sparsity  0 (default: dense) | s in (0, 1): gradual global magnitude pruning to s of the conv and dense kernels
+            (stem and head kept dense) during the run (`config.pruning`, Zhu & Gupta 2017: cubic schedule,
+            masks updated every epoch, `s` reached after 3/4 of the run, then fine-tuned with the masks
+            fixed); EMA weights are off (they would not stay sparse)
+  qat       false (default) | true: quantization-aware training, every conv and dense layer fake-quantized to
+            int8 weights and activations (`config.quantization`, Qwix, straight-through gradients)
+  init_head false (default) | true: with `init`, also load the head (compressing a model for its own task:
+            prune or quantize a trained run, then fine-tune it with recipe=finetune)
   data_dir  folder of the official .npz files; default ../shared/data/medmnist; a relative path is taken
             from the repository root, so a run works from any directory
   random_labels  false (default) | true: the training labels randomly permuted over the training images (seed
@@ -81,6 +89,11 @@ Runs (from the repository root; each writes `results.json` and `config.json` in 
   python -m medjax.main --config experiments/medmnist_resnet.py:teacher=runs/kd/r50_s0 --workdir runs/kd/r18_kd_s0
   python -m medjax.main --config experiments/medmnist_resnet.py:model=resnet50,quick=true --workdir /tmp/t_quick
   python -m medjax.main --config experiments/medmnist_resnet.py:teacher=/tmp/t_quick,quick=true --workdir /tmp/kd_q
+Compression by fine-tuning a trained run (README "Compression"; 20 epochs each):
+  python -m medjax.main --config experiments/medmnist_resnet.py:recipe=finetune,init=runs/tl/breast_official_scratch_s0,init_head=true,sparsity=0.8 \
+      --workdir runs/compress/breast_prune80_ft
+  python -m medjax.main --config experiments/medmnist_resnet.py:recipe=finetune,init=runs/tl/breast_official_scratch_s0,init_head=true,qat=true \
+      --workdir runs/compress/breast_qat_ft
   python -m medjax.main \
       --config experiments/medmnist_resnet.py:recipe=improved,epochs=60,mixup=0.4,tta=true,balance=0.5 \
       --workdir runs/mm/breast_r18_improved_mix_tta_bal05_s0   # beats the published BreastMNIST row (README)
@@ -145,7 +158,8 @@ def _check(arg):
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subset="breastmnist", model="resnet18", conv="auto", size=28, seed=0,
                              recipe="official", epochs=0, tta=False, mixup=0.0, balance=0.0, init="",
-                             teacher="", kd_t=4.0, kd_alpha=0.9, random_labels=False, data_dir=DEFAULT_DATA_DIR, quick=False)
+                             teacher="", kd_t=4.0, kd_alpha=0.9, sparsity=0.0, qat=False, init_head=False,
+                             random_labels=False, data_dir=DEFAULT_DATA_DIR, quick=False)
   if not arg.epochs:  # the recipe's own length
     arg.epochs = FINETUNE_EPOCHS if arg.recipe == "finetune" else EPOCHS
   dims, conv = _check(arg)
@@ -161,6 +175,12 @@ def get_config(arg=None):
     raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: balance={arg.balance} needs recipe=improved "
                                  "and a power in [0, 1] (0 is off); the official protocol samples every image "
                                  "once per epoch.")
+  if not 0 <= arg.sparsity < 1:
+    raise config_lib.ConfigError(f"experiments/medmnist_resnet.py: sparsity must be in [0, 1) (0 is dense), got "
+                                 f"{arg.sparsity}.")
+  if arg.init_head and not arg.init:
+    raise config_lib.ConfigError("experiments/medmnist_resnet.py: init_head=true needs init (the run whose head "
+                                 "to load).")
   num_classes, num_train = SUBSETS[arg.subset][1:]
   batch = BATCH[dims]
   steps_per_epoch = math.ceil(num_train / batch)
@@ -234,7 +254,8 @@ def get_config(arg=None):
 
   if arg.init:
     path = os.path.expanduser(arg.init)
-    c.init_from = dict(path=os.path.normpath(os.path.join(REPO_ROOT, path)), exclude=("head",))
+    c.init_from = dict(path=os.path.normpath(os.path.join(REPO_ROOT, path)),
+                       exclude=() if arg.init_head else ("head",))
     if conv == "3d":
       c.init_from.inflate = "average"
     c.tags.init = arg.init
@@ -242,11 +263,23 @@ def get_config(arg=None):
     path = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(arg.teacher)))
     c.distillation = dict(teacher=path, temperature=float(arg.kd_t), alpha=float(arg.kd_alpha))
     c.tags.teacher = arg.teacher
+  if arg.sparsity:
+    # Masks recomputed once an epoch; the last quarter fine-tunes the final mask. EMA off: pruned weights' EMA
+    # only decays towards zero (medjax.compress.pruning), and the run refuses the combination.
+    c.pruning = dict(target=float(arg.sparsity), scope="global", exclude=("stem_conv", "head"),
+                     frequency=steps_per_epoch, end_step=max(1, (3 * c.total_steps) // 4))
+    c.ema_decay = 0.0
+    c.tags.sparsity = float(arg.sparsity)
+  if arg.qat:
+    c.quantization = dict(mode="qat")
+    c.tags.qat = True
 
   if arg.quick:
     c.total_steps = 4
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
     c.input.batch_size, c.input.eval_batch_size = 8, 8
+    if arg.sparsity:
+      c.pruning.update(frequency=1, end_step=3)
     if arg.init:
       pass  # the pretrained model's architecture: only the run is short
     elif arg.model == "vit_hybrid":

@@ -3,8 +3,9 @@
   python -m medjax.tools.compress_report --workdir runs/breast_r18 --ptq --prune 0.5,0.8 --filters 0.5 --export
   python -m medjax.tools.compress_report --workdir runs/breast_r18 --variants runs/breast_qat,runs/breast_kd
 
-Rows: the original (`--workdir`, its best checkpoint), each `--variants` run as it is (a distilled student, a QAT
-or pruned run: its own model and weights), and variants of the original made here: `--ptq` int8 post-training
+Rows: the original (`--workdir`, its best checkpoint), each `--variants` run with its own model and weights (a
+distilled student or a pruned run as it is; a QAT run as the int8 model it trained for, calibrated and
+quantized as `--ptq` is), and variants of the original made here: `--ptq` int8 post-training
 quantization (`medjax.compress.quantize`, calibrated on `--calibration_batches` un-augmented training batches),
 `--prune` one-shot global magnitude pruning at each sparsity (no fine-tuning), `--filters` structured filter
 pruning keeping that fraction of each inner ResNet convolution (no fine-tuning: its accuracy is reported as it
@@ -113,6 +114,23 @@ def _model_row(name, what, model, variables, config, split, repeats, *, params=N
       size=quantize.size_bytes(variables), repeats=repeats)
 
 
+def _qat_as_ptq(config, calibration_batches: int):
+  """For a QAT run (`config.quantization.mode == "qat"` with equal weight and activation bits): its float model
+  (Qwix's PTQ starts from the unwrapped one) and the PTQ options of the same bits; None for any other run, and
+  for weight-only or mixed-width QAT, which Qwix's int8 convolution cannot run (evaluated fake-quantized)."""
+  given = config.get("quantization")
+  if not given or quantize.parse(given)["mode"] != "qat":
+    return None
+  try:
+    options = quantize.parse({**(given.to_dict() if hasattr(given, "to_dict") else dict(given)), "mode": "ptq", "calibration_batches": calibration_batches})
+  except ValueError:
+    return None
+  float_config = config.copy_and_resolve_references()
+  with float_config.unlocked():
+    del float_config["quantization"]
+  return build.model(float_config), options
+
+
 def _fractions(values: Optional[Sequence[str]], flag: str, *, low_open: bool) -> List[float]:
   out = []
   for value in values or ():
@@ -193,19 +211,31 @@ def run(workdir: str, *, variants: Sequence[str] = (), ptq: bool = False, calibr
 
   rows = [_model_row("original", f"float run {os.path.basename(workdir)} (step {loaded.step})", model, variables,
                      config, data, repeats)]
-  for path in variants:
-    other = checkpoint.load(os.path.abspath(path), step="best")
-    rows.append(_model_row(os.path.basename(os.path.normpath(path)), f"run {path} (step {other.step})", other.model,
-                           other.variables, other.config, data, repeats))
-  if ptq:
-    options = quantize.parse(dict(mode="ptq", calibration_batches=calibration_batches))
-    train_source = cli.split_source(dataset, build.settings(config).train_split, "--ptq (the training split)")
+  train_source = None
+  def int8_row(name, what, model, variables, config, options):
+    nonlocal train_source
+    if train_source is None:
+      train_source = cli.split_source(dataset, build.settings(config).train_split, "--ptq (the training split)")
     calibration = pipeline.eval_batches(train_source, global_batch_size=data.batch_size)
     qmodel, qvars = quantize.calibrate_and_quantize(model, variables, calibration, options)
-    used = min(calibration_batches, -(-len(train_source) // data.batch_size))  # calibration stops at the split's end
-    rows.append(_model_row("ptq int8", f"int8 weights and activations (per-channel weight scales), calibrated on "
-                           f"{used} training batch(es) of {data.batch_size}",
-                           qmodel, qvars, config, data, repeats, params=float_params, nonzero=float_nonzero))
+    used = min(options["calibration_batches"], -(-len(train_source) // data.batch_size))  # stops at the split's end
+    return _model_row(name, f"{what}int8 weights and activations (per-channel weight scales), calibrated on {used} "
+                      f"training batch(es) of {data.batch_size}", qmodel, qvars, config, data, repeats,
+                      params=structured.param_count(variables["params"]),
+                      nonzero=report.count_nonzero(variables["params"]))
+
+  for path in variants:
+    other = checkpoint.load(os.path.abspath(path), step="best")
+    name, what = os.path.basename(os.path.normpath(path)), f"run {path} (step {other.step})"
+    int8 = _qat_as_ptq(other.config, calibration_batches)
+    if int8 is None:
+      rows.append(_model_row(name, what, other.model, other.variables, other.config, data, repeats))
+    else:  # a QAT run ends in the int8 model its training simulated
+      float_model, options = int8
+      rows.append(int8_row(f"{name} int8", f"{what}, QAT: ", float_model, other.variables, other.config, options))
+  if ptq:
+    options = quantize.parse(dict(mode="ptq", calibration_batches=calibration_batches))
+    rows.append(int8_row("ptq int8", "", model, variables, config, options))
   for sparsity in sparsities:
     masks = pruning.magnitude_masks(variables["params"], sparsity)
     pruned = {**variables, "params": pruning.apply_masks(variables["params"], masks)}

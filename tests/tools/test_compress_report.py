@@ -110,3 +110,21 @@ def test_cli_prints_the_table_with_a_variant_run_and_the_export(run_dir, tmp_pat
   # The exported predictor computes the same function: the same AUC up to float rounding of the logits.
   assert exported["metrics"]["auc"] == pytest.approx(original["metrics"]["auc"], abs=1e-6)
   assert exported["size"] > 0 and exported["params"] == original["params"]
+
+
+def test_a_qat_variant_is_reported_as_the_int8_model_it_trained_for(result, tmp_path):
+  config = config_lib.load_config(EXPERIMENT + ":quick=true,eps=0")
+  config.mesh = (("data", 1),)
+  config.model.norm = "batch"
+  config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 2, 2
+  config.quantization = dict(mode="qat")
+  qat_dir = str(tmp_path / "qat")
+  train.main(config, qat_dir)
+  rows = compress_report.run(qat_dir, variants=[qat_dir], calibration_batches=2, repeats=1,
+                             out=str(tmp_path / "out"))["rows"]
+  ptq = next(r for r in json.load(open(os.path.join(result[0], "report.json")))["rows"] if r["name"] == "ptq int8")
+  assert [r["name"] for r in rows] == ["original", "qat int8"]
+  # The same architecture as the fixture's float run: the int8 storage of its PTQ row, a quarter of float32's
+  # bytes for the kernels.
+  assert rows[1]["size"] == ptq["size"] < rows[0]["size"] / 3
+  assert rows[1]["params"] == rows[0]["params"] and 0 <= rows[1]["metrics"]["auc"] <= 1
