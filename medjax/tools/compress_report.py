@@ -122,7 +122,8 @@ def _qat_as_ptq(config, calibration_batches: int):
   if not given or quantize.parse(given)["mode"] != "qat":
     return None
   try:
-    options = quantize.parse({**(given.to_dict() if hasattr(given, "to_dict") else dict(given)), "mode": "ptq", "calibration_batches": calibration_batches})
+    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+    options = quantize.parse({**given, "mode": "ptq", "calibration_batches": calibration_batches})
   except ValueError:
     return None
   float_config = config.copy_and_resolve_references()
