@@ -123,22 +123,24 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "config.inp
     raise ValueError(f"{what}={global_batch_size} is not divisible by the {processes} processes.")
 
 
-def host_to_global(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+def host_to_global(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
   """Assembles this process's slice of a batch into global arrays sharded along the data axis.
 
   Args:
-    host_batch: arrays of shape (global_batch // process_count, ...), this process's examples.
+    host_batch: arrays of shape (global_batch // process_count, ...), this process's examples; a value may be a
+      nested dict of such arrays (a multimodal "image").
     mesh: the global mesh.
   Returns:
-    dict of `jax.Array` of shape (global_batch, ...), leading axis split over the data axis.
+    the same structure of `jax.Array` of shape (global_batch, ...), leading axis split over the data axis.
   """
   sharding = batch_sharding(mesh)
-  out = {}
-  for key, value in host_batch.items():
+
+  def place(path, value):
+    value = np.asarray(value)
     global_shape = (value.shape[0] * jax.process_count(),) + tuple(value.shape[1:])
-    check_batch_size(global_shape[0], mesh, what=f"batch[{key!r}] leading size")
-    out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape)
-  return out
+    check_batch_size(global_shape[0], mesh, what=f"batch{jax.tree_util.keystr(path)} leading size")
+    return jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return jax.tree_util.tree_map_with_path(place, dict(host_batch))
 
 
 def host_to_replicated(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
@@ -148,5 +150,6 @@ def host_to_replicated(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict
   split over the devices instead (`inference.sliding_window_inference(mesh=...)`).
   """
   target = replicated(mesh)
-  return {key: jax.make_array_from_process_local_data(target, np.asarray(value), np.shape(value))
-          for key, value in host_batch.items()}
+  return jax.tree_util.tree_map(
+      lambda value: jax.make_array_from_process_local_data(target, np.asarray(value), np.shape(value)),
+      dict(host_batch))

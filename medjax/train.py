@@ -259,6 +259,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   mesh = build.mesh(config)
   sharding.check_batch_size(batch_size, mesh)
   dataset = build.dataset(config)
+  build.check_model_inputs(config, dataset.info)
   # Patches cut from whole cases when config.input.patch_size is set (see pipeline.prepare_source).
   prepare = functools.partial(pipeline.prepare_source, input_config=config.input, seed=config.seed,
                               num_classes=dataset.info.num_classes)
@@ -364,7 +365,8 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
       if stopped:
         break
       batch = next(train_batches)
-      shapes = tuple((key, value.shape) for key, value in sorted(batch.items()))
+      shapes = tuple((jax.tree_util.keystr(path), leaf.shape)
+                     for path, leaf in jax.tree_util.tree_leaves_with_path(batch))
       compiled = executables.get(shapes)
       if compiled is None:
         t0 = time.perf_counter()

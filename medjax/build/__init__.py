@@ -22,11 +22,11 @@ from medjax.build.parts import (augment_fn, dataset, differential_privacy, eval_
                                 train_apply_fn)
 from medjax.build.run_settings import (BEST_MODES, COMPUTE_DTYPES, DEFAULT_MESH, PSEUDO_PREFIX, VALIDATION_MODES,
                                        CheckpointSettings, InitFrom, Settings, init_from, settings)
-from medjax.build.validation import early_stopping_options, validate
+from medjax.build.validation import check_model_inputs, early_stopping_options, validate
 
 __all__ = [
     "BEST_MODES", "COMPUTE_DTYPES", "DEFAULT_MESH", "PSEUDO_PREFIX", "VALIDATION_MODES", "CaseEvaluation",
-    "CheckpointSettings", "InitFrom", "Settings", "augment_fn", "case_evaluation", "dataset",
+    "CheckpointSettings", "InitFrom", "Settings", "augment_fn", "case_evaluation", "check_model_inputs", "dataset",
     "differential_privacy", "early_stopping_options", "eval_apply_fn", "eval_batch_size", "evaluator",
     "inference_options", "init_from", "init_state_fn", "jit_train_step", "mesh", "model", "objective", "optimizer",
     "settings", "sparsity_report", "split_source", "train_apply_fn", "validate", "validation_mode", "whole_cases",

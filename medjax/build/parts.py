@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from medjax import augment, evaluators, losses, models, optim, pretext, privacy, sharding, steps
+from medjax import augment_modalities, evaluators, losses, models, optim, pretext, privacy, sharding, steps
 from medjax.compress import distillation, pruning, quantize
 from medjax.build.run_settings import DEFAULT_MESH, settings
 from medjax.config_lib import ConfigError, named
@@ -121,7 +121,7 @@ def augment_fn(config: mlc.ConfigDict) -> Optional[Callable]:
   options = config.get("augment")
   if not options:
     return None
-  return augment.make_augment(options.to_dict() if hasattr(options, "to_dict") else dict(options))
+  return augment_modalities.make_augment(options)
 
 
 def evaluator(config: mlc.ConfigDict, info: datasets.DatasetInfo, **overrides: Any):
@@ -159,15 +159,18 @@ def eval_batch_size(config: mlc.ConfigDict, mesh: Any, *, round_up: bool = False
   return batch
 
 
-def init_state_fn(model: Any, tx: Any, example_image: np.ndarray, use_ema: bool):
+def init_state_fn(model: Any, tx: Any, example_image: Any, use_ema: bool):
   """Returns `init(rng, variables=None) -> TrainState` for a batch-1 dummy input shaped like `example_image`
-  (*spatial, C). Given `variables` (e.g. pretrained ones merged by `checkpoint.initial_variables`), the state
-  starts from them instead of the model's initialisation; the state's rng is the same either way."""
+  (*spatial, C), or like every leaf of a multimodal example's input dict (zeros of each leaf's dtype). Given
+  `variables` (e.g. pretrained ones merged by `checkpoint.initial_variables`), the state starts from them instead
+  of the model's initialisation; the state's rng is the same either way."""
 
   def init(rng, variables=None):
     init_rng, state_rng = jax.random.split(rng)
     if variables is None:
-      dummy = jnp.zeros((1,) + tuple(example_image.shape), jnp.float32)
+      dummy = jax.tree_util.tree_map(
+          lambda a: jnp.zeros((1,) + tuple(np.shape(a)), np.asarray(a).dtype if isinstance(example_image, dict)
+                              else jnp.float32), example_image)
       variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
     return TrainState.create(variables=variables, tx=tx, rng=state_rng, use_ema=use_ema)
 

@@ -165,6 +165,39 @@ def _check_init_from(config: mlc.ConfigDict) -> None:
     _resolve(models.MODELS, options.model_name, "init_from.model_name")
 
 
+MULTIMODAL_MODELS = ("fusion",)  # models whose input is a multimodal example's dict (medjax.models.fusion)
+
+
+def check_model_inputs(config: mlc.ConfigDict, info: datasets.DatasetInfo) -> None:
+  """Raises ConfigError when the model and the data disagree on what an example holds: a multimodal dataset
+  with a one-image model (or the reverse), or a fusion model whose modalities, numeric columns or categorical
+  vocabulary sizes are not the dataset's (`info.multimodal`); the message names the key and both values."""
+  multimodal = info.multimodal
+  takes_dict = config.model_name in MULTIMODAL_MODELS
+  if multimodal is None and takes_dict:
+    raise ConfigError(f"config.model_name={config.model_name!r} fuses named modalities, but config.data holds one "
+                      "image per example; use a multimodal dataset (e.g. 'synthetic_multimodal').")
+  if multimodal is not None and not takes_dict:
+    raise ConfigError(f"config.data holds multimodal examples (modalities {multimodal.modalities}, tabular columns "
+                      f"{multimodal.numeric + multimodal.categorical}); config.model_name={config.model_name!r} "
+                      f"takes one image: use one of {MULTIMODAL_MODELS}.")
+  if multimodal is None:
+    return
+  model = config.get("model") or {}
+  unknown = [m for m in model.get("modalities", ()) if m not in multimodal.modalities]
+  if unknown:
+    raise ConfigError(f"config.model.modalities: {unknown} not among the dataset's modalities "
+                      f"{multimodal.modalities}.")
+  numeric, sizes = int(model.get("num_numeric", 0)), tuple(model.get("categorical_sizes", ()))
+  if numeric not in (0, len(multimodal.numeric)):
+    raise ConfigError(f"config.model.num_numeric={numeric}, but the dataset has {len(multimodal.numeric)} numeric "
+                      f"columns {multimodal.numeric} (0 ignores them).")
+  if sizes not in ((), tuple(multimodal.categorical_sizes)):
+    raise ConfigError(f"config.model.categorical_sizes={sizes}, but the dataset's categorical columns "
+                      f"{multimodal.categorical} have {tuple(multimodal.categorical_sizes)} indices (vocabulary + 1 "
+                      "for unknown) fitted on its training split (() ignores them).")
+
+
 def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
   """Checks a config end to end before any data loads or anything compiles.
 
@@ -217,6 +250,12 @@ def validate(config: mlc.ConfigDict) -> mlc.ConfigDict:
     if config.get("federated") or config.get("pretext"):
       raise ConfigError(f"config.pruning cannot be combined with config."
                         f"{'federated' if config.get('federated') else 'pretext'}.")
+  if config.model_name in MULTIMODAL_MODELS:
+    for key in ("privacy", "federated", "pretext", "distillation", "domain_adversarial", "quantization",
+                "eval_flips"):
+      if config.get(key):
+        raise ConfigError(f"config.{key} is not supported with the multimodal model {config.model_name!r} yet "
+                          "(its input is a dict of modalities, presence flags and a record, not one image).")
   if config.get("privacy"):
     _as_config_error(lambda: privacy.options.parse(config.privacy))
     _as_config_error(lambda: privacy.options.check_config(config, run.grad_accum_steps))

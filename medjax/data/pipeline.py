@@ -35,13 +35,19 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_examples)
 
 
-def collate(examples: Sequence[Mapping[str, Any]]) -> Dict[str, np.ndarray]:
-  """Stacks a list of example dicts into a dict of arrays with a leading batch axis."""
-  keys = examples[0].keys()
-  for i, example in enumerate(examples):
-    if example.keys() != keys:
-      raise ValueError(f"collate: example {i} has keys {sorted(example)}, expected {sorted(keys)}.")
-  return {key: np.stack([np.asarray(e[key]) for e in examples]) for key in keys}
+def collate(examples: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+  """Stacks a list of example dicts into a dict of arrays with a leading batch axis. A value that is itself a
+  dict (a multimodal example's "image": modalities, presence flags, tabular arrays) is stacked leaf by leaf."""
+  def stack(values: Sequence[Any], where: str) -> Any:
+    if isinstance(values[0], Mapping):
+      keys = values[0].keys()
+      for i, value in enumerate(values):
+        if not isinstance(value, Mapping) or value.keys() != keys:
+          got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+          raise ValueError(f"collate: example {i} has {where}keys {got}, expected {sorted(keys)}.")
+      return {key: stack([v[key] for v in values], f"{where}{key!r} ") for key in keys}
+    return np.stack([np.asarray(v) for v in values])
+  return stack(list(examples), "")
 
 
 def _process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:

@@ -10,6 +10,7 @@ from medjax.models.base import MODELS, build_model
 # Imported for their registrations (each file registers its models in MODELS).
 from medjax.models import (acs, densenet, efficientnet, graph, inception, mobilenet, resnet, sequence,  # noqa: F401
                            shufflenet, swin_unetr, transunet, unet, unetr, vgg, vit)
+from medjax.models import fusion  # noqa: F401  (registers "fusion"; its encoders are looked up by name at call time)
 from medjax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50, ResNet101
 from medjax.models.unet import UNet
 

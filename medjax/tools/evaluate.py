@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -40,6 +40,7 @@ from absl import flags
 
 from medjax import atomic, build, checkpoint, config_lib, evaluators, inference, provenance, sharding
 from medjax.data import pipeline
+from medjax.data.datasets import multimodal
 from medjax.evaluators import plots, render, reporting
 from medjax.tools import cli
 
@@ -113,7 +114,7 @@ def _write_plots(report, evaluator, out, overlay_fn) -> List[str]:
 
 def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional[str] = None,
         num_samples: int = 1000, seed: int = 0, surface_metrics: bool = True, html: bool = False,
-        explain: Optional[str] = None, explain_cases: int = 8) -> dict:
+        explain: Optional[str] = None, explain_cases: int = 8, absent: Sequence[str] = ()) -> dict:
   """Evaluates `workdir`'s checkpoint `which` on `split`; writes the report files into `out`.
 
   Args:
@@ -127,17 +128,27 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
     html: also write report.html.
     explain: an attribution method (`medjax.tools.explain`, e.g. "gradcam"): also explain `explain_cases` cases of the
       split into `out/explain/`; the report links their overview figure and lists them under "explain".
+    absent: multimodal runs: sources (image modality names, "tabular") made missing in every case of the split
+      (`multimodal.WithAbsent`), to measure what the model loses without them; the default `out` becomes
+      `workdir/eval_<split>_without_<names>`.
   Returns: the report dict as written to report.json.
   Raises: cli.UsageError (a ValueError) naming the splits for an unknown `split`; what `checkpoint.load`
     raises for a missing workdir or checkpoint step; ConfigError for a config `build` refuses.
   """
   workdir = os.path.abspath(workdir)
-  out = os.path.abspath(out or os.path.join(workdir, f"eval_{split}"))
+  absent = tuple(absent or ())
+  suffix = f"_without_{'_'.join(absent)}" if absent else ""
+  out = os.path.abspath(out or os.path.join(workdir, f"eval_{split}{suffix}"))
   # The split first, from the config alone: a mistyped --split fails before any weights are read.
   run_config = checkpoint.load_config(workdir)
   cli.refuse_pretext_run(run_config, workdir, "evaluate")
   dataset = build.dataset(run_config)
   source = cli.split_source(dataset, split, "--split")
+  if absent:
+    try:
+      source = multimodal.WithAbsent(source, absent)
+    except ValueError as e:
+      raise cli.UsageError(f"--absent: {e}") from None
   loaded = checkpoint.load(workdir, step=str(which))  # the run's model, compute dtype and EMA choice
   config, model, step = loaded.config, loaded.model, loaded.step
   evaluator = build.evaluator(config, dataset.info, surface_metrics=surface_metrics)
@@ -167,7 +178,7 @@ def run(workdir: str, *, split: str = "test", which: str = "best", out: Optional
     device_batches = pipeline.device_batches(iter(recorder), mesh)
   stats = evaluators.collect(functools.partial(eval_step, variables), device_batches)
   report = evaluator.report(stats, recorder.ids, recorder.metadata or None, num_samples=num_samples, seed=seed)
-  report.update(workdir=workdir, split=split, config=_config_summary(config),
+  report.update(workdir=workdir, split=split, absent=list(absent), out=out, config=_config_summary(config),
                 checkpoint={"step": step, "selected": loaded.selected,
                             "saved_metrics": reporting.json_safe(loaded.metrics)},
                 env=provenance.read(workdir))
@@ -221,6 +232,8 @@ _HTML = flags.DEFINE_bool("html", False, "Also write report.html.", flag_values=
 _EXPLAIN = flags.DEFINE_string("explain", None, "Also explain cases with this attribution method (e.g. gradcam) into "
                                "OUT/explain (medjax.tools.explain).", flag_values=_FLAGS)
 _EXPLAIN_CASES = flags.DEFINE_integer("explain_cases", 8, "Cases --explain shows.", lower_bound=1, flag_values=_FLAGS)
+_ABSENT = flags.DEFINE_list("absent", [], "Multimodal runs: sources made missing in every case (e.g. t2,tabular).",
+                            flag_values=_FLAGS)
 
 
 def main(argv):
@@ -228,8 +241,8 @@ def main(argv):
   cli.check_workdir(_WORKDIR.value)
   report = run(_WORKDIR.value, split=_SPLIT.value, which=_CHECKPOINT.value, out=_OUT.value,
                num_samples=_BOOTSTRAP.value, seed=_SEED.value, surface_metrics=_SURFACE.value, html=_HTML.value,
-               explain=_EXPLAIN.value, explain_cases=_EXPLAIN_CASES.value)
-  out = _OUT.value or os.path.join(os.path.abspath(_WORKDIR.value), f"eval_{_SPLIT.value}")
+               explain=_EXPLAIN.value, explain_cases=_EXPLAIN_CASES.value, absent=_ABSENT.value)
+  out = report["out"]
   shown = {k: v for k, v in report["metrics"].items() if k != "num_cases"}
   for name, entry in shown.items():
     ci = f" [{entry['low']:.4f}, {entry['high']:.4f}]" if entry["low"] is not None else ""

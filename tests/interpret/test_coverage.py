@@ -50,7 +50,8 @@ def _family(name):
   raise AssertionError(f"registered classification model {name!r} has no tiny settings in this test: add its family")
 
 
-CLASSIFIERS = sorted(n for n in models.MODELS.names() if n not in SEGMENTATION)
+NOT_IMAGE_INPUT = {"fusion"}  # takes a multimodal dict (images, presence flags, a record), not one image array
+CLASSIFIERS = sorted(n for n in models.MODELS.names() if n not in SEGMENTATION | NOT_IMAGE_INPUT)
 CASES = [(name, dims) for name in CLASSIFIERS for dims in sorted(_family(name)[1])]
 
 

@@ -16,6 +16,7 @@ from medjax.data.datasets import nifti_folder  # noqa: F401  (image_folder's fir
 from medjax.data.datasets import synthetic  # noqa: F401  (registers synthetic_phantoms, synthetic_lesions)
 from medjax.data.datasets import pooled  # noqa: F401  (registers pooled_images)
 from medjax.data.datasets import sited  # noqa: F401
+from medjax.data.datasets import multimodal  # noqa: F401  (registers synthetic_multimodal)
 from medjax.data.datasets import folds
 
 __all__ = ["DATASETS", "DataSource", "Dataset", "DatasetInfo", "GeneratedSource", "build_dataset"]

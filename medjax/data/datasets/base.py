@@ -4,7 +4,8 @@ A builder (registered in `medjax.data.datasets.DATASETS`) takes keyword argument
 static metadata (`info`) plus one random-access `DataSource` per split. `src[i]` is a dict of numpy arrays:
 
   "id"          int64 scalar, a stable example id, unique across the dataset's splits
-  "image"       float32 (*spatial, C)
+  "image"       float32 (*spatial, C); for a multimodal dataset (`DatasetInfo.multimodal`) a dict of named image
+                modalities, presence flags and tabular arrays (`medjax.data.datasets.multimodal`)
   "label"       int32 (*spatial) for segmentation ("map"), int32 scalar for classification ("class")
   "spacing_mm"  float32 (spatial_dims,), voxel size in mm in the spatial order (z, y, x) / (y, x)
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from typing import Any, Callable, Dict, Mapping, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -34,6 +35,34 @@ ID_STRIDE = 10**9  # id = split_code * ID_STRIDE + index
 
 
 @dataclasses.dataclass(frozen=True)
+class MultimodalInfo:
+  """What a multimodal case holds, for models and validation.
+
+  modalities: image modality names, in the order models see them; shapes / channels: each one's spatial shape
+  and channel count; numeric / categorical: tabular column names; categorical_sizes: vocabulary size + 1 (index
+  0 = missing/unknown) per categorical column; may_be_missing: modalities a case may lack (others are required).
+  """
+  modalities: Tuple[str, ...]
+  shapes: Tuple[Tuple[int, ...], ...]
+  channels: Tuple[int, ...]
+  numeric: Tuple[str, ...] = ()
+  categorical: Tuple[str, ...] = ()
+  categorical_sizes: Tuple[int, ...] = ()
+  may_be_missing: Tuple[str, ...] = ()
+
+
+def check_present(present: Mapping[str, float], info: MultimodalInfo, case: str) -> None:
+  """Raises ValueError naming `case` and the modality when a modality outside `info.may_be_missing` is absent,
+  or when a case holds no image modality at all."""
+  for name in info.modalities:
+    if not present.get(name) and name not in info.may_be_missing:
+      raise ValueError(f"case {case}: modality {name!r} is missing, and the dataset declares it required (add it "
+                       f"to the modalities that may be missing to accept such cases).")
+  if info.modalities and not any(present.get(name) for name in info.modalities):
+    raise ValueError(f"case {case}: none of the image modalities {info.modalities} is present.")
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """Static description of a dataset, known before any example is generated or read.
 
@@ -45,6 +74,9 @@ class DatasetInfo:
     num_classes: number of label classes (background included for segmentation).
     class_names: one name per class; index 0 is "background" for segmentation.
     label_kind: "map" (segmentation, int32 (*spatial)) or "class" (classification, int32 scalar).
+    multimodal: None for one image per example; else what each example's "image" dict holds
+      (`MultimodalInfo`: named image modalities, a presence flag each, preprocessed tabular columns), and then
+      image_shape / num_channels are those of the first modality.
   """
   task: str
   spatial_dims: int
@@ -53,6 +85,7 @@ class DatasetInfo:
   num_classes: int
   class_names: Tuple[str, ...]
   label_kind: str
+  multimodal: Optional[MultimodalInfo] = None
 
   def __post_init__(self):
     if self.task not in TASKS:
