@@ -280,6 +280,7 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
   tx, schedule_fn = build.optimizer(config)
   evaluator = build.evaluator(config, dataset.info)
   early = make_early_stopping(config)
+  selectable_from = build.first_selectable_step(config)
 
   # ---- 3. state: restore or initialise straight into its shardings
   init_fn = build.init_state_fn(model, tx, train_source[0]["image"], use_ema=run.ema_decay > 0)
@@ -405,7 +406,10 @@ def main(config: mlc.ConfigDict, workdir: str, *, on_eval: Optional[OnEval] = No
         progress.log(step, last_eval, prefix="eval ")
       if do_ckpt or do_eval:
         writer.write(step, {"wall_s": wall_before + time.perf_counter() - started})
-        ckpt.save(step, state, metrics=last_eval if do_eval else None)
+        saved = last_eval if do_eval else None
+        if saved and step < selectable_from:  # kept out of the best-checkpoint ranking (build.first_selectable_step)
+          saved = {k: v for k, v in saved.items() if k != run.best_metric}
+        ckpt.save(step, state, metrics=saved)
       if do_eval:
         stopped = stop_after_evaluation(step, last_eval, early, on_eval, is_main)
       if do_eval or do_ckpt:

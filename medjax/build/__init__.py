@@ -17,9 +17,9 @@ mesh, train step), `evaluation` (whole cases and the evaluation forward passes),
 
 from medjax.build.evaluation import (CaseEvaluation, case_evaluation, eval_apply_fn, inference_options,
                                      validation_mode, whole_cases)
-from medjax.build.parts import (augment_fn, dataset, differential_privacy, eval_batch_size, evaluator, init_state_fn,
-                                jit_train_step, mesh, model, objective, optimizer, sparsity_report, split_source,
-                                train_apply_fn)
+from medjax.build.parts import (augment_fn, dataset, differential_privacy, eval_batch_size, evaluator,
+                                first_selectable_step, init_state_fn, jit_train_step, mesh, model, objective,
+                                optimizer, sparsity_report, split_source, train_apply_fn)
 from medjax.build.run_settings import (BEST_MODES, COMPUTE_DTYPES, DEFAULT_MESH, PSEUDO_PREFIX, VALIDATION_MODES,
                                        CheckpointSettings, InitFrom, Settings, init_from, settings)
 from medjax.build.validation import check_model_inputs, early_stopping_options, validate
@@ -28,6 +28,7 @@ __all__ = [
     "BEST_MODES", "COMPUTE_DTYPES", "DEFAULT_MESH", "PSEUDO_PREFIX", "VALIDATION_MODES", "CaseEvaluation",
     "CheckpointSettings", "InitFrom", "Settings", "augment_fn", "case_evaluation", "check_model_inputs", "dataset",
     "differential_privacy", "early_stopping_options", "eval_apply_fn", "eval_batch_size", "evaluator",
-    "inference_options", "init_from", "init_state_fn", "jit_train_step", "mesh", "model", "objective", "optimizer",
-    "settings", "sparsity_report", "split_source", "train_apply_fn", "validate", "validation_mode", "whole_cases",
+    "first_selectable_step", "inference_options", "init_from", "init_state_fn", "jit_train_step", "mesh", "model",
+    "objective", "optimizer", "settings", "sparsity_report", "split_source", "train_apply_fn", "validate",
+    "validation_mode", "whole_cases",
 ]

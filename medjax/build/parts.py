@@ -116,6 +116,16 @@ def sparsity_report(config: mlc.ConfigDict, params: Any) -> list:
   return pruning.sparsity_report(params, exclude=pruning.parse(config.pruning)["exclude"])
 
 
+def first_selectable_step(config: mlc.ConfigDict) -> int:
+  """The first step whose checkpoint may become the run's best: with `config.pruning` its end_step (the masks
+  reach the target sparsity there; an earlier, denser checkpoint would win the selection without being the
+  pruned model), else 0."""
+  if not config.get("pruning"):
+    return 0
+  end_step = pruning.parse(config.pruning)["end_step"]
+  return int(config.total_steps if end_step is None else end_step)
+
+
 def augment_fn(config: mlc.ConfigDict) -> Optional[Callable]:
   """The on-device augmentation chain of `config.augment`; None without one."""
   options = config.get("augment")

@@ -29,6 +29,8 @@ def test_pruned_run_keeps_exact_zeros_through_resume_and_reports_sparsity(tmp_pa
   straight, resumed = run_straight_and_resumed(_config(), tmp_path, monkeypatch, at_step=2)
   results = json.load(open(os.path.join(straight, "results.json")))
   assert results["final"] == json.load(open(os.path.join(resumed, "results.json")))["final"]
+  # The best checkpoint is chosen among steps at the target sparsity (end_step = total_steps = 4) only.
+  assert results["best"]["step"] == 4
   prunable = results["sparsity"]["prunable"]
   # end_step = total_steps: the target, up to the float32 sparsity inside the step (one weight in 2^23)
   assert abs(prunable["zeros"] - round(0.6 * prunable["params"])) <= max(1, prunable["params"] // 2**23)

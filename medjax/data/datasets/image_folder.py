@@ -16,6 +16,9 @@ Layout:
     ...         any other column (site, sex, age, scanner) is metadata: `metadata(split)` returns it as
                 arrays aligned with the split's examples, for subgroup reports.
   2D data (spatial_dims=2) are one-slice volumes (I, J, 1); the singleton axis is dropped.
+  Several named images per case (classification): `modalities=["t1", "t2", ...]` reads
+  <data_dir>/images/<modality>/<case><suffix> and, with `tabular`, CSV columns as a clinical record; see
+  `multimodal_folder`.
 
 Splits: the CSV's split column when present; otherwise a patient-level k-fold (`fold` of `num_folds`, `fold_seed`,
 stratified by class for classification) or, with num_folds=1, a hold-out of `val_fraction`; fold="all" puts
@@ -33,7 +36,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from medjax.data import io, splits as splits_lib
-from medjax.data.datasets import volumes
+from medjax.data.datasets import multimodal_folder, volumes
 from medjax.data.datasets.base import DATASETS, Dataset, DatasetInfo
 
 NAME = "image_folder"
@@ -102,6 +105,25 @@ def _class_labels(rows, class_names, path: str):
   return np.asarray(labels, np.int64), class_names
 
 
+def _split_indices(rows, class_labels, csv_path, where: str, *, fold, num_folds, fold_seed,
+                   val_fraction) -> Dict[str, np.ndarray]:
+  """{split: indices into `rows`}: the CSV's split column when any row sets it, else a patient-level k-fold or
+  hold-out (`volumes.split_indices`, stratified by `class_labels` unless None); a patient in two splits raises."""
+  patients = np.asarray([r.get("patient_id") or r["case"] for r in rows], dtype=str)
+  if any(r.get("split", "") for r in rows):
+    names = [r.get("split", "") for r in rows]
+    bad = [(r["case"], s) for r, s in zip(rows, names) if s not in ("train", "val", "test")]
+    if bad:
+      raise ValueError(f"{where}: {csv_path} split column must be train, val or test for every case; got "
+                       f"{bad[:5]} (case, split).")
+    idx = {s: np.flatnonzero(np.asarray(names) == s) for s in ("train", "val", "test") if s in names}
+    splits_lib.check_no_leakage(idx, patients)
+    return idx
+  strata = None if class_labels is None else np.asarray(class_labels)
+  return volumes.split_indices(patients, strata, fold=fold, num_folds=num_folds, seed=fold_seed,
+                               val_fraction=val_fraction, where=where)
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageFolderDataset(Dataset):
   """A `Dataset` that also answers `metadata(split)`: the CSV's extra columns for the split's examples."""
@@ -138,7 +160,9 @@ def image_folder(*, data_dir: str, csv_path: Optional[str] = None, class_names: 
                  normalization: Union[str, Sequence[str]] = "zscore", intensity_stats=None,
                  crop_nonzero: bool = False, image_order: int = 3, fold: Union[int, str] = 0,
                  num_folds: int = 5, val_fraction: float = 0.2, fold_seed: int = 0,
-                 cache_dir: Optional[str] = None) -> Dataset:
+                 cache_dir: Optional[str] = None, modalities: Optional[Sequence[str]] = None,
+                 optional_modalities: Sequence[str] = (), tabular: Optional[Mapping[str, Sequence[str]]] = None
+                 ) -> Dataset:
   """A folder of image cases (module doc) with "train", "val" (and, from a CSV split column, "test").
 
   Args:
@@ -153,12 +177,35 @@ def image_folder(*, data_dir: str, csv_path: Optional[str] = None, class_names: 
     fold / num_folds / val_fraction / fold_seed: as for "msd".
     normalization: "zscore" (default), "ct", "none", a CT window name, or one per channel (`volumes`).
     cache_dir: folder for preprocessed cases; default `<data_dir>/medjax_cache`.
+    modalities / optional_modalities / tabular: several named images per case (images/<modality>/<case><suffix>)
+      and CSV columns as a clinical record, for classification (`multimodal_folder`); then num_channels,
+      patch_size (required), target_spacing_mm, plan_path, normalization and intensity_stats may each be a
+      dict modality -> value. None (default): one image per case.
   """
   root = os.path.expanduser(os.fspath(data_dir))
   where = f"{_WHERE} ({root})"
   image_dir, label_dir = os.path.join(root, "images"), os.path.join(root, "labels")
+  cache_dir = os.path.join(root, "medjax_cache") if cache_dir is None else os.path.expanduser(os.fspath(cache_dir))
+  per_modality = dict(num_channels=num_channels, patch_size=patch_size, target_spacing_mm=target_spacing_mm,
+                      plan_path=plan_path, normalization=normalization, intensity_stats=intensity_stats)
+  if modalities is None:
+    multimodal_folder.check_single_image(where, optional_modalities=optional_modalities, tabular=tabular,
+                                         **per_modality)
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f"{where}: folder {image_dir} not found. Expected layout: {LAYOUT}.")
+  if modalities is not None:  # several named images per case and a record: files and sources in multimodal_folder
+    multimodal_folder.check_request(root, csv_path, where)
+    table = {r["case"]: r for r in read_csv(os.fspath(csv_path))}
+    rows = [table[name] for name in sorted(table)]
+    class_labels, class_names = _class_labels(rows, class_names, os.fspath(csv_path))
+    idx = _split_indices(rows, class_labels, csv_path, where, fold=fold, num_folds=num_folds, fold_seed=fold_seed,
+                         val_fraction=val_fraction)
+    info, sources = multimodal_folder.build(
+        root=root, where=where, csv_path=os.fspath(csv_path), rows=rows, class_labels=class_labels,
+        class_names=class_names, splits=idx, modalities=modalities, optional_modalities=optional_modalities,
+        tabular=tabular, spatial_dims=spatial_dims, crop_nonzero=crop_nonzero, image_order=image_order,
+        cache_dir=cache_dir, **per_modality)
+    return ImageFolderDataset(info=info, sources=sources, table=table)
   images = _list_images(image_dir)
   if not images:
     raise ValueError(f"{where}: no image files ({', '.join(SUFFIXES)}) in {image_dir}. Expected layout: {LAYOUT}.")
@@ -208,20 +255,8 @@ def image_folder(*, data_dir: str, csv_path: Optional[str] = None, class_names: 
                               num_classes=len(class_names), segmentation=segmentation, target_spacing_mm=target,
                               crop_nonzero=bool(crop_nonzero), image_order=int(image_order), schemes=schemes)
 
-  patients = np.asarray([c.patient_id for c in cases], dtype=str)
-  if any(r.get("split", "") for r in rows):
-    names = [r.get("split", "") for r in rows]
-    bad = [(r["case"], s) for r, s in zip(rows, names) if s not in ("train", "val", "test")]
-    if bad:
-      raise ValueError(f"{where}: {csv_path} split column must be train, val or test for every case; got "
-                       f"{bad[:5]} (case, split).")
-    idx = {s: np.flatnonzero(np.asarray(names) == s) for s in ("train", "val", "test") if s in names}
-    splits_lib.check_no_leakage(idx, patients)
-  else:
-    strata = None if segmentation else np.asarray(class_labels)
-    idx = volumes.split_indices(patients, strata, fold=fold, num_folds=num_folds, seed=fold_seed,
-                                val_fraction=val_fraction, where=where)
-  cache_dir = os.path.join(root, "medjax_cache") if cache_dir is None else os.path.expanduser(os.fspath(cache_dir))
+  idx = _split_indices(rows, None if segmentation else class_labels, csv_path, where, fold=fold, num_folds=num_folds,
+                       fold_seed=fold_seed, val_fraction=val_fraction)
   stats = None
   if "ct" in schemes:
     stats = (volumes.read_intensity_stats(intensity_stats, num_channels, where) if intensity_stats is not None

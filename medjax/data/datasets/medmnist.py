@@ -17,6 +17,16 @@ Examples (dicts of numpy arrays), as the official experiments feed them:
   "id"          int64 split_code * 10**9 + index (train 0, val 1, test 2).
   "spacing_mm"  float32 ones (spatial_dims,): MedMNIST images are resized, their physical spacing is lost.
 
+Two (or more) resolutions as image modalities (`sizes=(28, 64)`; issue 24's "two image modalities made from the
+same case"): the files of one subset at several sizes hold the same cases in the same order (checked: equal split
+lengths and identical label arrays, else ValueError naming both files and the first mismatching index), so each
+case becomes a multimodal example (`medjax.data.datasets.multimodal`, `DatasetInfo.multimodal`):
+  "image"       {"images": {"px28": float32 (28,)*d + (C,), "px64": float32 (64,)*d + (C,)}, "present":
+                {"px28": float32 1.0, "px64": float32 1.0}}: modality "px{size}" per size, in the order of
+                `sizes`, each preprocessed as the single image at that size; every modality of every case is
+                present (the files hold no missing images) and there is no "tabular" (the files hold no
+                clinical metadata). "label", "id" and "spacing_mm" as above (the label is the shared one).
+
 The MedMNIST task type (which `DatasetInfo` does not carry) is `TASKS[subset]` / `task_type(subset)`.
 Each file is opened once per `Dataset` and its arrays are loaded lazily on first use and shared by the
 three splits (memory-mapped where the zip member is stored uncompressed; the official files are deflated,
@@ -36,11 +46,12 @@ import hashlib
 import os
 import threading
 import zipfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from medjax.data.datasets.base import DATASETS, ID_STRIDE, SPLIT_CODES, Dataset, DatasetInfo, check_index
+from medjax.data.datasets.base import (DATASETS, ID_STRIDE, SPLIT_CODES, Dataset, DatasetInfo, MultimodalInfo,
+                                       check_index)
 
 SPLITS = ("train", "val", "test")
 SIZES_2D = (28, 64, 128, 224)
@@ -376,9 +387,89 @@ def find_file(subset: str, size: int, data_dir: str) -> str:
   return path
 
 
+def modality_name(size: int) -> str:
+  """Name of the image modality at `size` px in a multi-resolution set (`medmnist(sizes=...)`): "px{size}"."""
+  return f"px{int(size)}"
+
+
+class MultiSizeSource:
+  """One split of a multi-resolution set: the same case from one `MedMNISTSource` per size, as one multimodal
+  example (module doc). `sources` maps modality name -> source, in the order the modalities are declared."""
+
+  def __init__(self, sources: Mapping[str, MedMNISTSource]):
+    self.sources = dict(sources)
+    first = next(iter(self.sources.values()))
+    self.split, self.length = first.split, len(first)
+
+  def __len__(self) -> int:
+    return self.length
+
+  def labels(self) -> np.ndarray:
+    """All labels of the split (identical in every file: checked when the set was built); see
+    `MedMNISTSource.labels`."""
+    return next(iter(self.sources.values())).labels()
+
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    i = check_index(index, self.length, self.split)
+    examples = {name: source[i] for name, source in self.sources.items()}
+    first = next(iter(examples.values()))
+    return {
+        "image": {"images": {name: ex["image"] for name, ex in examples.items()},
+                  # Every case has every resolution: the files hold no missing images.
+                  "present": {name: np.asarray(1.0, np.float32) for name in examples}},
+        "label": first["label"], "id": first["id"], "spacing_mm": first["spacing_mm"],
+    }
+
+  def __iter__(self):
+    for i in range(self.length):
+      yield self[i]
+
+  def __repr__(self) -> str:
+    first = next(iter(self.sources.values()))
+    return (f"MultiSizeSource({first.info.name!r}, split={self.split!r}, n={self.length}, "
+            f"{[s.arrays.path for s in self.sources.values()]})")
+
+
+def _open_file(info: SubsetInfo, size: int, data_dir: str, verify_md5: bool) -> Tuple[NpzArrays, Dict[str, int]]:
+  """The checked `NpzArrays` of (subset, size) and its split lengths; headers only, no array data read."""
+  path = find_file(info.name, size, data_dir)
+  if verify_md5:
+    verify_file_md5(path)
+  try:
+    arrays = NpzArrays(path)
+  except (zipfile.BadZipFile, ValueError, OSError) as e:
+    raise ValueError(f"MedMNIST file {path} is not a readable .npz: {e}") from e
+  return arrays, _check_file(arrays, info, size)
+
+
+def check_same_cases(first: NpzArrays, other: NpzArrays) -> None:
+  """Raises ValueError naming both files, the split and the first mismatching index unless `first` and `other`
+  (two sizes of one subset) have the same split lengths and identical label arrays in every split: the evidence
+  available without reading images that they hold the same cases in the same order. Reads the label arrays
+  only."""
+  for split in SPLITS:
+    key = f"{split}_labels"
+    a, b = first.get(key), other.get(key)
+    # (N, 1) and (N,) hold the same labels; the width is the subset's (`_check_file`), so the shapes agree.
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.any(a[:n] != b[:n], axis=1))
+    if differ.size:
+      i = int(differ[0])
+      detail = f"{key}[{i}] is {a[i].tolist()} in one and {b[i].tolist()} in the other"
+    elif len(a) != len(b):
+      i = n
+      detail = f"{split} has {len(a)} cases in one and {len(b)} in the other"
+    else:
+      continue
+    raise ValueError(f"MedMNIST files {first.path} and {other.path} do not hold the same cases in the same order "
+                     f"(first mismatching {split} index {i}: {detail}); use files of one MedMNIST release.")
+
+
 @DATASETS.register("medmnist")
 def medmnist(*, subset: str, data_dir: str, size: int = 28, channels: Optional[int] = None,
-             verify_md5: bool = True, permute_train_labels: Optional[int] = None) -> Dataset:
+             verify_md5: bool = True, permute_train_labels: Optional[int] = None,
+             sizes: Optional[Sequence[int]] = None) -> Dataset:
   """A MedMNIST subset from its official `.npz` in `data_dir` (module doc), with train/val/test sources.
 
   Args:
@@ -391,30 +482,38 @@ def medmnist(*, subset: str, data_dir: str, size: int = 28, channels: Optional[i
     permute_train_labels: None, or a seed: the train split's labels are randomly permuted over its images
       (class counts kept, the image-label link destroyed; val and test untouched), for the data
       randomisation sanity check of saliency maps (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
+    sizes: None (one image per example, at `size`), or distinct sizes, e.g. (28, 64): multimodal examples with
+      one image modality "px{size}" per size (module doc; `modality_name`), read from one file per size;
+      `info.image_shape` / `num_channels` are those of sizes[0], and `size` must then be left at its default
+      or equal sizes[0]. One size gives a one-modality set (a single-resolution baseline for fusion models).
 
   Raises FileNotFoundError (expected path and where to get it) for a missing file, ValueError for a bad
-  argument, an MD5 mismatch or a file whose arrays do not have the official layout.
+  argument, an MD5 mismatch, a file whose arrays do not have the official layout, or files of several sizes
+  that do not hold the same cases in the same order.
   """
   info = subset_info(subset)
-  if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size not in info.sizes:
-    raise ValueError(f"dataset 'medmnist': size for {subset!r} must be one of {info.sizes}, got {size!r}.")
-  size = int(size)
+  if sizes is not None:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes or \
+        len(set(sizes)) != len(sizes):
+      raise ValueError(f"dataset 'medmnist': sizes must be None or a non-empty sequence of distinct sizes from "
+                       f"{info.sizes} for {subset!r}, got {sizes!r}.")
+    if size not in (28, sizes[0]):
+      raise ValueError(f"dataset 'medmnist': size={size!r} and sizes={tuple(sizes)!r} disagree; with sizes, leave "
+                       f"size at its default (the first modality's size is sizes[0]).")
+  all_sizes = tuple(sizes) if sizes is not None else (size,)
+  for each in all_sizes:
+    if not isinstance(each, (int, np.integer)) or isinstance(each, bool) or each not in info.sizes:
+      what = "sizes" if sizes is not None else "size"
+      raise ValueError(f"dataset 'medmnist': {what} for {subset!r} must be one of {info.sizes}, got {each!r}.")
+  all_sizes = tuple(int(s) for s in all_sizes)
   if channels not in (None, 1, 3) or isinstance(channels, bool) or (channels == 1 and info.num_channels == 3):
     raise ValueError(f"dataset 'medmnist': channels must be None or 3 (or 1 for a grayscale subset); "
                      f"{subset!r} has {info.num_channels}, got {channels!r}.")
   channels = info.num_channels if channels is None else max(int(channels), info.num_channels)
-  path = find_file(subset, size, data_dir)
-  if verify_md5:
-    verify_file_md5(path)
-  try:
-    arrays = NpzArrays(path)
-  except (zipfile.BadZipFile, ValueError, OSError) as e:
-    raise ValueError(f"MedMNIST file {path} is not a readable .npz: {e}") from e
-  lengths = _check_file(arrays, info, size)
-  dataset_info = DatasetInfo(task="classification", spatial_dims=info.spatial_dims,
-                             image_shape=(size,) * info.spatial_dims, num_channels=channels,
-                             num_classes=len(info.class_names), class_names=info.class_names,
-                             label_kind="class")
+  opened = [_open_file(info, s, data_dir, verify_md5) for s in all_sizes]
+  arrays, lengths = opened[0]
+  for other, _ in opened[1:]:
+    check_same_cases(arrays, other)
   if permute_train_labels is not None and (isinstance(permute_train_labels, bool)
                                            or not isinstance(permute_train_labels, (int, np.integer))):
     raise ValueError(f"dataset 'medmnist': permute_train_labels must be None or an integer seed, "
@@ -422,8 +521,22 @@ def medmnist(*, subset: str, data_dir: str, size: int = 28, channels: Optional[i
   orders = dict.fromkeys(SPLITS)
   if permute_train_labels is not None:
     orders["train"] = np.random.default_rng(int(permute_train_labels)).permutation(lengths["train"])
-  sources = {split: MedMNISTSource(arrays, split, info, channels, lengths[split], orders[split])
-             for split in SPLITS}
+  dims = info.spatial_dims
+  multimodal = None
+  if sizes is None:
+    sources = {split: MedMNISTSource(arrays, split, info, channels, lengths[split], orders[split])
+               for split in SPLITS}
+  else:
+    names = tuple(modality_name(s) for s in all_sizes)
+    # The same permutation for every size: it permutes the (shared) labels, the images stay where they are.
+    sources = {split: MultiSizeSource({name: MedMNISTSource(a, split, info, channels, lengths[split], orders[split])
+                                       for name, (a, _) in zip(names, opened)})
+               for split in SPLITS}
+    multimodal = MultimodalInfo(modalities=names, shapes=tuple((s,) * dims for s in all_sizes),
+                                channels=(channels,) * len(names))
+  dataset_info = DatasetInfo(task="classification", spatial_dims=dims, image_shape=(all_sizes[0],) * dims,
+                             num_channels=channels, num_classes=len(info.class_names), class_names=info.class_names,
+                             label_kind="class", multimodal=multimodal)
   return Dataset(info=dataset_info, sources=sources)
 
 
