@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks.hospital_tables import _metric, _read, _table
+from benchmarks.hospital_tables import _metric, _read, _table, print_tables
 from benchmarks.paper_table import find_runs
 
 ABSENT_REPORT = os.path.join("eval_test_without_t2", "report.json")
@@ -59,12 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if tags.get("experiment") == "synthetic_fusion" and not tags.get("quick"):
       runs.append(run)
   lines = ["Multimodal fusion (experiments/synthetic_fusion.py), test split, best-validation checkpoint:", ""]
-  lines += fusion_table(runs) + [""]
-  if unfinished:
-    lines.append("Unfinished (no results.json yet): " + ", ".join(unfinished) + ".")
-  text = "\n".join(lines) + "\n"
-  print(text, end="")
-  return text
+  return print_tables(lines + fusion_table(runs) + [""], unfinished)
 
 
 if __name__ == "__main__":

@@ -105,8 +105,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   if by_experiment.get("sites_dann"):
     lines += ["Scanner shift (experiments/sites_dann.py), test split:", ""] + shift_table(by_experiment["sites_dann"])
     lines += [""]
+  return print_tables(lines, unfinished)
+
+
+def print_tables(lines: List[str], unfinished: Sequence[str]) -> str:
+  """Prints and returns the tables' lines, then the workdirs still running (no results.json yet)."""
   if unfinished:
-    lines.append("Unfinished (no results.json yet): " + ", ".join(unfinished) + ".")
+    lines = lines + ["Unfinished (no results.json yet): " + ", ".join(unfinished) + "."]
   text = "\n".join(lines) + "\n"
   print(text, end="")
   return text

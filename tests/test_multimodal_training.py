@@ -55,6 +55,10 @@ def test_model_and_data_must_agree():
   with pytest.raises(config_lib.ConfigError, match="fuses named modalities, but config.data holds one image"):
     build.check_model_inputs(_config(), one_image)
   config = _config()
+  config.input.patch_size = (16, 16)
+  with pytest.raises(config_lib.ConfigError, match="config.input.patch_size: patches are not cut from multimodal"):
+    build.check_model_inputs(config, info)
+  config = _config()
   config.eval_flips = ((), (1,))
   with pytest.raises(config_lib.ConfigError, match="config.eval_flips is not supported with the multimodal model"):
     build.validate(config)

@@ -183,6 +183,9 @@ def check_model_inputs(config: mlc.ConfigDict, info: datasets.DatasetInfo) -> No
                       f"takes one image: use one of {MULTIMODAL_MODELS}.")
   if multimodal is None:
     return
+  if (config.get("input") or {}).get("patch_size"):
+    raise ConfigError("config.input.patch_size: patches are not cut from multimodal cases (each modality comes at "
+                      "its own fixed shape from the dataset: set the dataset's patch_size instead).")
   model = config.get("model") or {}
   unknown = [m for m in model.get("modalities", ()) if m not in multimodal.modalities]
   if unknown:
