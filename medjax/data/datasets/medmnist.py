@@ -454,12 +454,13 @@ def check_same_cases(first: NpzArrays, other: NpzArrays) -> None:
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     n = min(len(a), len(b))
     differ = np.flatnonzero(np.any(a[:n] != b[:n], axis=1))
+    name_a, name_b = os.path.basename(first.path), os.path.basename(other.path)
     if differ.size:
       i = int(differ[0])
-      detail = f"{key}[{i}] is {a[i].tolist()} in one and {b[i].tolist()} in the other"
+      detail = f"{key}[{i}] is {a[i].tolist()} in {name_a} and {b[i].tolist()} in {name_b}"
     elif len(a) != len(b):
       i = n
-      detail = f"{split} has {len(a)} cases in one and {len(b)} in the other"
+      detail = f"{split} has {len(a)} cases in {name_a} and {len(b)} in {name_b}"
     else:
       continue
     raise ValueError(f"MedMNIST files {first.path} and {other.path} do not hold the same cases in the same order "
