@@ -10,7 +10,7 @@ Arguments (`--config experiments/medmnist_dp.py:k=v,...`):
   width     32: the ResNet-18's first-stage channels (64 is torchvision's; 32 keeps 3 seeds x 3 settings x 2
             datasets within CPU hours, as in experiments/medmnist_federated.py; benchmarks/dp_speed.py uses 64)
   lr        1e-3 (Adam); seed  0; data_dir  ../shared/data/medmnist
-  quick     true: synthetic lesions (no data needed), 4 steps
+  quick     true: synthetic lesions (no data needed), 4 steps, a ResNet-18 of width 8 with one block a stage
 
 DP runs sample Poisson batches (each image with probability 128 / N per step, padded to a bucket of ~1 sd; the
 step compiles once per bucket), clip every example's gradient
@@ -74,7 +74,7 @@ def get_config(arg=None):
   if arg.quick:
     c.data = dict(name="synthetic_lesions", spatial_dims=2, image_size=16, num_classes=3, num_train=64, num_val=16,
                   num_test=16)
-    c.model = dict(num_classes=3, small_input=True, norm="group", width=8)
+    c.model = dict(num_classes=3, small_input=True, norm="group", width=8, stage_sizes=(1, 1, 1, 1))
     c.input = dict(batch_size=16, eval_batch_size=16)
     c.total_steps = 4
     c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 4, 2

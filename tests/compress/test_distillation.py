@@ -112,7 +112,6 @@ def _config(eps_quick_width):
   config = config_lib.load_config(EXPERIMENT + ":quick=true,eps=0")
   config.mesh = (("data", 1),)
   config.model.width = eps_quick_width
-  config.model.stage_sizes = (1, 1, 1, 1)  # one block a stage: less to compile
   return config
 
 

@@ -18,7 +18,6 @@ EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", 
 def _config(**options):
   config = config_lib.load_config(EXPERIMENT + ":quick=true,eps=0")
   config.mesh = (("data", 1),)
-  config.model.stage_sizes = (1, 1, 1, 1)  # one block a stage: a quarter of the compile time
   config.pruning = dict(target=0.6, begin_step=1, frequency=1, exclude=("head",), **options)
   config.checkpoint.max_to_keep, config.checkpoint.keep_best = 3, 0
   return config

@@ -16,7 +16,6 @@ EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", 
 def _config(**options):
   config = config_lib.load_config(EXPERIMENT + ":quick=true,eps=0")
   config.mesh = (("data", 1),)
-  config.model.stage_sizes = (1, 1, 1, 1)  # one block a stage: less to compile
   config.quantization = dict(mode="qat", **options)
   return config
 

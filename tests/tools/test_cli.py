@@ -162,7 +162,7 @@ def test_summary_and_benchmark_mistakes(capsys):
 def test_plan_mistakes(capsys, tmp_path):
   out = f"--out={tmp_path}"
   assert _tool_error(capsys, plan, ["plan", "--dataset=synthetic_phantom", out]).startswith(
-      "Unknown dataset 'synthetic_phantom'. Did you mean 'synthetic_phantoms' or 'synthetic_lesions'?")
+      "Unknown dataset 'synthetic_phantom'. Did you mean 'synthetic_phantoms' or 'synthetic_lesions'")
   assert _tool_error(capsys, plan, ["plan", "--dataset=synthetic_phantoms", "--kwargs=image_size=8,num_train=2",
                                     "--split=trian", out]) == (
       "--split: the dataset has no split 'trian'; it has 'train', 'val', 'test'. Did you mean 'train'?")

@@ -19,7 +19,6 @@ def run_dir(tmp_path_factory):
   config = config_lib.load_config(EXPERIMENT + ":quick=true,eps=0")  # synthetic lesions, ResNet-18 of width 8
   config.mesh = (("data", 1),)
   config.model.norm = "batch"  # filter pruning keeps every channel of a group-norm conv narrower than 32
-  config.model.stage_sizes = (1, 1, 1, 1)  # one block a stage: less to compile
   config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 2, 2
   path = str(tmp_path_factory.mktemp("float"))
   train.main(config, path)
@@ -117,7 +116,6 @@ def test_a_qat_variant_is_reported_as_the_int8_model_it_trained_for(result, tmp_
   config = config_lib.load_config(EXPERIMENT + ":quick=true,eps=0")
   config.mesh = (("data", 1),)
   config.model.norm = "batch"
-  config.model.stage_sizes = (1, 1, 1, 1)
   config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 2, 2
   config.quantization = dict(mode="qat")
   qat_dir = str(tmp_path / "qat")

@@ -7,7 +7,10 @@ The builder (`builder_class("msd")`, imported lazily: no tensorflow_datasets imp
 medjax dataset from its keyword arguments and writes every split's examples, normalised, with variable-shape
 features (zlib-compressed): "image" float32 (*spatial, C), "label" int32 (*spatial) (an empty (0, ..., 0)
 array for unlabelled cases, e.g. the MSD test split) or int64 scalar (classification), "spacing_mm" float32
-and "id" int64. Records are stored in key-hash order, so "id" is the link to the case. The builder config
+and "id" int64. A multimodal "image_folder" (`modalities`) stores its examples' nested "image" as they are:
+"images" {m: float32 (*patch_m, C_m)}, "present" {m: float32}, "tabular" {"numeric", "missing", "categorical"}
+(the record preprocessed with the training split's statistics, fitted when the builder builds the dataset), and no
+"spacing_mm". Records are stored in key-hash order, so "id" is the link to the case. The builder config
 is named by a hash of the keyword arguments: other arguments (another fold) write another dataset.
 Building and reading need tensorflow_datasets and array_record, not TensorFlow.
 """
@@ -61,14 +64,18 @@ def _make_builder_class(dataset_name: str):
       zlib = tfds.features.Encoding.ZLIB
       label = (tfds.features.Tensor(shape=(None,) * nd, dtype=np.int32, encoding=zlib)
                if info.label_kind == "map" else tfds.features.Scalar(dtype=np.int64))
+      if info.multimodal is None:
+        image = tfds.features.Tensor(shape=(None,) * nd + (info.num_channels,), dtype=np.float32, encoding=zlib)
+        geometry = {"spacing_mm": tfds.features.Tensor(shape=(nd,), dtype=np.float32)}
+      else:
+        image, geometry = _multimodal_features(tfds, info.multimodal, zlib), {}
       return tfds.core.DatasetInfo(
           builder=self,
           description=f"medjax {dataset_name!r} preprocessed cases ({info.task}).",
           features=tfds.features.FeaturesDict({
-              "image": tfds.features.Tensor(shape=(None,) * nd + (info.num_channels,), dtype=np.float32,
-                                            encoding=zlib),
+              "image": image,
               "label": label,
-              "spacing_mm": tfds.features.Tensor(shape=(nd,), dtype=np.float32),
+              **geometry,
               "id": tfds.features.Scalar(dtype=np.int64),
           }))
 
@@ -84,11 +91,34 @@ def _make_builder_class(dataset_name: str):
           label = ex["label"] if info.label_kind == "map" else np.int64(ex["label"])
         else:
           label = np.zeros((0,) * info.spatial_dims, np.int32)
-        yield int(ex["id"]), {"image": ex["image"], "label": label, "spacing_mm": ex["spacing_mm"],
-                              "id": np.int64(ex["id"])}
+        geometry = {"spacing_mm": ex["spacing_mm"]} if info.multimodal is None else {}
+        yield int(ex["id"]), {"image": ex["image"], "label": label, **geometry, "id": np.int64(ex["id"])}
 
   VolumeBuilder.__name__ = VolumeBuilder.__qualname__ = f"{dataset_name.title().replace('_', '')}Builder"
   return VolumeBuilder
+
+
+def _multimodal_features(tfds, multimodal, encoding):
+  """The FeaturesDict of a multimodal example's "image" (module doc)."""
+  images = {m: tfds.features.Tensor(shape=tuple(shape) + (channels,), dtype=np.float32, encoding=encoding)
+            for m, shape, channels in zip(multimodal.modalities, multimodal.shapes, multimodal.channels)}
+  present = {m: tfds.features.Scalar(dtype=np.float32) for m in multimodal.modalities}
+  numeric, categorical = len(multimodal.numeric), len(multimodal.categorical)
+  tabular = {"numeric": tfds.features.Tensor(shape=(numeric,), dtype=np.float32),
+             "missing": tfds.features.Tensor(shape=(numeric,), dtype=np.float32),
+             "categorical": tfds.features.Tensor(shape=(categorical,), dtype=np.int32)}
+  features = {"images": tfds.features.FeaturesDict(images), "present": tfds.features.FeaturesDict(present)}
+  if numeric or categorical:
+    features["tabular"] = tfds.features.FeaturesDict(tabular)
+  return tfds.features.FeaturesDict(features)
+
+
+def _as_example_image(value):
+  """A record's "image" as the medjax example holds it: an array, or nested dicts of arrays (multimodal)."""
+  if isinstance(value, dict):
+    return {key: _as_example_image(v) for key, v in value.items()}
+  array = np.asarray(value)
+  return array.astype(np.float32) if array.dtype.kind == "f" else array
 
 
 class TfdsVolumeSource:
@@ -102,9 +132,9 @@ class TfdsVolumeSource:
 
   def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
     record = self.source[check_index(index, len(self), "tfds")]
-    example = {"image": np.asarray(record["image"], np.float32),
-               "spacing_mm": np.asarray(record["spacing_mm"], np.float32),
-               "id": np.asarray(record["id"], np.int64)}
+    example = {"image": _as_example_image(record["image"]), "id": np.asarray(record["id"], np.int64)}
+    if "spacing_mm" in record:
+      example["spacing_mm"] = np.asarray(record["spacing_mm"], np.float32)
     label = np.asarray(record["label"])
     if label.size or self.label_kind == "class":
       example["label"] = label.astype(np.int32)

@@ -269,3 +269,36 @@ def test_fit_to_shape_crops_the_centre_and_pads_symmetrically():
   same, cropped = multimodal_folder.fit_to_shape(image, (5, 2))
   assert not cropped
   np.testing.assert_array_equal(same, image)
+
+
+def test_tfds_array_record_round_trip_of_multimodal_cases(folder):
+  pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("array_record")
+  from medjax.data.datasets import volumes_tfds
+  root = folder[0]
+  kwargs = options(root)
+  direct = datasets.build_dataset("nifti_folder", kwargs)
+  ds = volumes_tfds.tfds_sources("nifti_folder", tfds_dir=str(root / "tfds"), **kwargs)
+  assert ds.info == direct.info and ds.splits == direct.splits
+  flat = lambda ex: {"/".join(path): leaf for path, leaf in _leaves(ex)}
+  for split in direct.splits:
+    want = {int(e["id"]): flat(e) for e in (direct.source(split)[i] for i in range(len(direct.source(split))))}
+    got = {int(e["id"]): flat(e) for e in (ds.source(split)[i] for i in range(len(ds.source(split))))}
+    assert sorted(got) == sorted(want)
+    for key, ex in want.items():
+      assert got[key].keys() == ex.keys()
+      for name, value in ex.items():
+        np.testing.assert_array_equal(got[key][name], value)
+        assert np.asarray(got[key][name]).dtype == np.asarray(value).dtype, name
+  # The optional flair of case c1 (train) stays absent: zeros with present 0.
+  absent = [flat(e) for e in (ds.source("train")[i] for i in range(len(ds.source("train")))) if not
+            e["image"]["present"]["flair"]]
+  assert len(absent) == 1 and not np.any(absent[0]["image/images/flair"])
+
+
+def _leaves(tree, prefix=()):
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _leaves(value, prefix + (key,))
+  else:
+    yield prefix, tree
